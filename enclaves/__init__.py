@@ -1,0 +1,3 @@
+"""Enclaves: a self-hosted, end-to-end encrypted instant messenger on Twisted."""
+
+__version__ = "0.1.0"

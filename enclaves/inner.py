@@ -1,0 +1,334 @@
+"""Sans-IO codec for the inner messages carried inside SEALED frames (docs/protocol.rst).
+
+Each inner message is ``u32 length || u8 kind || fields`` where ``length``
+counts the kind byte and the fields.  A sealed frame carries one or more.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Union
+
+from attrs import field, frozen
+
+from enclaves.frames import ErrorCode
+
+__all__ = [
+    "Kind",
+    "InnerError",
+    "NO_MSG_ID",
+    "Send",
+    "Deliver",
+    "Accepted",
+    "Received",
+    "Delivered",
+    "Rotate",
+    "Rotated",
+    "Directory",
+    "Joined",
+    "Removed",
+    "Invite",
+    "InviteToken",
+    "Error",
+    "Ping",
+    "Pong",
+    "InnerMessage",
+    "encode",
+    "encode_all",
+    "decode_all",
+]
+
+MSG_ID_SIZE = 16
+NO_MSG_ID = bytes(MSG_ID_SIZE)
+_LEN = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
+
+
+class Kind(enum.IntEnum):
+    SEND = 0x01
+    DELIVER = 0x02
+    ACCEPTED = 0x03
+    RECEIVED = 0x04
+    DELIVERED = 0x05
+    ROTATE = 0x06
+    ROTATED = 0x07
+    DIRECTORY = 0x08
+    JOINED = 0x09
+    REMOVED = 0x0A
+    INVITE = 0x0B
+    INVITE_TOKEN = 0x0C
+    ERROR = 0x0D
+    PING = 0x0E
+    PONG = 0x0F
+
+
+class InnerError(Exception):
+    """A malformed inner message; ``code`` is the ERROR to answer with."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_MESSAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _msg_id(_inst: object, _attr: object, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != MSG_ID_SIZE:
+        raise ValueError("msg_id must be 16 bytes")
+
+
+def _user_id(_inst: object, _attr: object, value: int) -> None:
+    if not 0 <= value < 1 << 64:
+        raise ValueError("user id out of range")
+
+
+@frozen
+class Send:
+    """Client asks the server to route ``blob`` to ``recipient``."""
+
+    msg_id: bytes = field(validator=_msg_id)
+    recipient: int = field(validator=_user_id)
+    blob: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+
+
+@frozen
+class Deliver:
+    """Server hands the recipient a message from ``sender``."""
+
+    msg_id: bytes = field(validator=_msg_id)
+    sender: int = field(validator=_user_id)
+    blob: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+
+
+@frozen
+class Accepted:
+    """Server to sender: delivered to and acknowledged by, or fsynced for, the recipient."""
+
+    msg_id: bytes = field(validator=_msg_id)
+
+
+@frozen
+class Received:
+    """Recipient to server: this DELIVER is processed and saved."""
+
+    msg_id: bytes = field(validator=_msg_id)
+
+
+@frozen
+class Delivered:
+    """Server to sender: the recipient acknowledged this message."""
+
+    msg_id: bytes = field(validator=_msg_id)
+
+
+def _key32(_inst: object, _attr: object, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise ValueError("key must be 32 bytes")
+
+
+@frozen
+class Rotate:
+    """Client replaces its user-server key pair with a fresh one it made."""
+
+    enc: bytes = field(repr=False, validator=_key32)
+    auth: bytes = field(repr=False, validator=_key32)
+
+
+@frozen
+class Rotated:
+    """Server: the new key pair is stored durably; the old one is dead."""
+
+
+@frozen
+class Directory:
+    """Server: every user id, in ascending order."""
+
+    user_ids: tuple[int, ...]
+
+
+@frozen
+class Joined:
+    user_id: int = field(validator=_user_id)
+
+
+@frozen
+class Removed:
+    user_id: int = field(validator=_user_id)
+
+
+@frozen
+class Invite:
+    """Client asks for an enrollment token for a newcomer."""
+
+
+@frozen
+class InviteToken:
+    """Server: a fresh enrollment token, the new user's id and its expiry (unix ms)."""
+
+    user_id: int = field(validator=_user_id)
+    expires_ms: int
+    token: str = field(repr=False)
+
+
+@frozen
+class Error:
+    """An error about one message (``msg_id``) or the session (``NO_MSG_ID``)."""
+
+    code: int
+    msg_id: bytes = field(validator=_msg_id)
+    text: str
+
+
+@frozen
+class Ping:
+    nonce: int
+
+
+@frozen
+class Pong:
+    nonce: int
+
+
+InnerMessage = Union[  # noqa: UP007 (a runtime Union keeps __args__)
+    Send,
+    Deliver,
+    Accepted,
+    Received,
+    Delivered,
+    Rotate,
+    Rotated,
+    Directory,
+    Joined,
+    Removed,
+    Invite,
+    InviteToken,
+    Error,
+    Ping,
+    Pong,
+]
+
+
+def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
+    match message:
+        case Send(msg_id, recipient, blob):
+            return Kind.SEND, msg_id + _U64.pack(recipient) + blob
+        case Deliver(msg_id, sender, blob):
+            return Kind.DELIVER, msg_id + _U64.pack(sender) + blob
+        case Accepted(msg_id):
+            return Kind.ACCEPTED, msg_id
+        case Received(msg_id):
+            return Kind.RECEIVED, msg_id
+        case Delivered(msg_id):
+            return Kind.DELIVERED, msg_id
+        case Rotate(enc, auth):
+            return Kind.ROTATE, enc + auth
+        case Rotated():
+            return Kind.ROTATED, b""
+        case Directory(user_ids):
+            return Kind.DIRECTORY, struct.pack(f">I{len(user_ids)}Q", len(user_ids), *user_ids)
+        case Joined(user_id):
+            return Kind.JOINED, _U64.pack(user_id)
+        case Removed(user_id):
+            return Kind.REMOVED, _U64.pack(user_id)
+        case Invite():
+            return Kind.INVITE, b""
+        case InviteToken(user_id, expires_ms, token):
+            return Kind.INVITE_TOKEN, _U64.pack(user_id) + _U64.pack(expires_ms) + token.encode()
+        case Error(code, msg_id, text):
+            return Kind.ERROR, _U16.pack(code) + msg_id + text.encode("utf-8")[:1024]
+        case Ping(nonce):
+            return Kind.PING, _U64.pack(nonce)
+        case Pong(nonce):
+            return Kind.PONG, _U64.pack(nonce)
+    raise TypeError(f"not an inner message: {type(message).__name__}")
+
+
+def encode(message: InnerMessage) -> bytes:
+    """One inner message with its length prefix."""
+    kind, fields = _fields(message)
+    return _LEN.pack(len(fields) + 1) + bytes((kind,)) + fields
+
+
+def encode_all(messages: list[InnerMessage]) -> bytes:
+    return b"".join(encode(m) for m in messages)
+
+
+def _need(fields: bytes, size: int, kind: Kind) -> None:
+    if len(fields) != size:
+        raise InnerError(f"{kind.name} must carry {size} bytes, not {len(fields)}")
+
+
+def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:
+    try:
+        kind = Kind(kind_byte)
+    except ValueError:
+        raise InnerError(
+            f"unknown inner message kind 0x{kind_byte:02x}", ErrorCode.UNKNOWN_KIND
+        ) from None
+    if kind in (Kind.SEND, Kind.DELIVER):
+        if len(fields) < MSG_ID_SIZE + 8:
+            raise InnerError(f"{kind.name} is too short")
+        (peer,) = _U64.unpack_from(fields, MSG_ID_SIZE)
+        cls = Send if kind is Kind.SEND else Deliver
+        return cls(fields[:MSG_ID_SIZE], peer, fields[MSG_ID_SIZE + 8 :])
+    if kind in (Kind.ACCEPTED, Kind.RECEIVED, Kind.DELIVERED):
+        _need(fields, MSG_ID_SIZE, kind)
+        return {Kind.ACCEPTED: Accepted, Kind.RECEIVED: Received, Kind.DELIVERED: Delivered}[kind](
+            fields
+        )
+    if kind is Kind.ROTATE:
+        _need(fields, 64, kind)
+        if fields[:32] == fields[32:]:
+            raise InnerError("ROTATE keys must differ")
+        return Rotate(fields[:32], fields[32:])
+    if kind in (Kind.ROTATED, Kind.INVITE):
+        _need(fields, 0, kind)
+        return Rotated() if kind is Kind.ROTATED else Invite()
+    if kind is Kind.DIRECTORY:
+        if len(fields) < 4:
+            raise InnerError("DIRECTORY is too short")
+        (count,) = _LEN.unpack_from(fields)
+        _need(fields, 4 + 8 * count, kind)
+        return Directory(struct.unpack_from(f">{count}Q", fields, 4))
+    if kind in (Kind.JOINED, Kind.REMOVED, Kind.PING, Kind.PONG):
+        _need(fields, 8, kind)
+        (value,) = _U64.unpack(fields)
+        return {Kind.JOINED: Joined, Kind.REMOVED: Removed, Kind.PING: Ping, Kind.PONG: Pong}[kind](
+            value
+        )
+    if kind is Kind.INVITE_TOKEN:
+        if len(fields) < 16:
+            raise InnerError("INVITE_TOKEN is too short")
+        user_id, expires = struct.unpack_from(">QQ", fields)
+        return InviteToken(user_id, expires, _text(fields[16:]))
+    # Kind.ERROR
+    if len(fields) < 2 + MSG_ID_SIZE:
+        raise InnerError("ERROR is too short")
+    (code,) = _U16.unpack_from(fields)
+    return Error(code, fields[2 : 2 + MSG_ID_SIZE], _text(fields[2 + MSG_ID_SIZE :]))
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InnerError("text is not UTF-8") from None
+
+
+def decode_all(data: bytes) -> list[InnerMessage]:
+    """Every inner message in ``data``; raises :class:`InnerError` on any defect."""
+    messages: list[InnerMessage] = []
+    offset = 0
+    end = len(data)
+    if end == 0:
+        raise InnerError("sealed frame carries no inner message")
+    while offset < end:
+        if end - offset < 5:
+            raise InnerError("truncated inner message header")
+        (size,) = _LEN.unpack_from(data, offset)
+        if size < 1 or offset + 4 + size > end:
+            raise InnerError("inner message length does not fit the frame")
+        kind_byte = data[offset + 4]
+        messages.append(_decode_one(kind_byte, bytes(data[offset + 5 : offset + 4 + size])))
+        offset += 4 + size
+    return messages

@@ -1,0 +1,1 @@
+"""The routing server: Twisted adapters over the sans-IO core."""

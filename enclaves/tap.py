@@ -1,0 +1,109 @@
+"""``twistd enclaves``: command-line options and service wiring, nothing more."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from enclaves.frames import DEFAULT_MAX_FRAME
+from enclaves.server.lifecycle import CleanExitOnSignals
+from enclaves.server.protocol import ServerFactory
+from enclaves.serverkey import StartupError, open_server_key
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+
+def _positive_int(name: str, minimum: int = 1, maximum: int = 1 << 31) -> Any:
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, not {value!r}") from None
+        if not minimum <= number <= maximum:
+            raise ValueError(f"{name} must be between {minimum} and {maximum}")
+        return number
+
+    coerce.coerceDoc = f"An integer from {minimum} to {maximum}."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """Options of ``twistd enclaves``; see docs/admin.rst."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run an Enclaves routing server. The server stores and routes only "
+        "end-to-end encrypted messages; its own files are encrypted at rest "
+        "with the server key."
+    )
+    optParameters = [
+        ["listen", "l", "tcp:7500", "Client endpoint (strports), e.g. tcp:7500 or ssl:7500:..."],
+        ["data-dir", "d", "enclaves-data", "Directory for users, pending messages and keys."],
+        ["key-file", "k", None, "Server key file (default: DATA-DIR/server.key)."],
+        [
+            "max-frame",
+            None,
+            DEFAULT_MAX_FRAME,
+            "Largest frame accepted, in bytes.",
+            _positive_int("max-frame", 1024, 16 * 1024 * 1024),
+        ],
+        [
+            "manhole",
+            None,
+            "tcp:7522:interface=127.0.0.1",
+            "SSH admin shell endpoint (on only with --admin-keys).",
+        ],
+        ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
+    ]
+
+    def postOptions(self) -> None:
+        self["data-dir"] = Path(self["data-dir"]).absolute()
+        if self["key-file"] is not None:
+            self["key-file"] = Path(self["key-file"]).absolute()
+        if self["admin-keys"] is not None:
+            path = Path(self["admin-keys"]).absolute()
+            if not path.is_file():
+                raise usage.UsageError(f"--admin-keys: no such file: {path}")
+            self["admin-keys"] = path
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """Wire the server's services; refuse to start with a one-line error."""
+    try:
+        _keys, created = open_server_key(options["data-dir"], options["key-file"])
+    except StartupError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
+    key_path = options["key-file"] or options["data-dir"] / "server.key"
+    if created:
+        log.info(
+            "created data directory {data_dir} and server key {key_file}",
+            data_dir=str(options["data-dir"]),
+            key_file=str(key_path),
+        )
+    else:
+        log.info(
+            "data directory {data_dir}, server key {key_file}",
+            data_dir=str(options["data-dir"]),
+            key_file=str(key_path),
+        )
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MultiService()
+    CleanExitOnSignals(reactor).setServiceParent(top)
+    factory = ServerFactory(max_frame=options["max-frame"])
+    listener = strports.service(options["listen"], factory, reactor=reactor)
+    listener.setServiceParent(top)
+    if options["admin-keys"] is None:
+        log.info("admin shell is off: start with --admin-keys FILE to turn it on")
+    return top

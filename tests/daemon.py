@@ -1,0 +1,105 @@
+"""Run a real ``twistd -n enclaves`` subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def twistd_command() -> list[str]:
+    twistd = Path(sys.executable).with_name("twistd")
+    if twistd.exists():
+        return [str(twistd)]
+    return [sys.executable, "-m", "twisted"]
+
+
+class Daemon:
+    """A ``twistd -n enclaves`` child with its own data directory and log file."""
+
+    def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.data_dir = self.workdir / "data"
+        self.port = port or free_port()
+        self.log_path = self.workdir / "twistd.log"
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [
+            *twistd_command(),
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.log_path}",
+            "enclaves",
+            f"--listen=tcp:{self.port}:interface=127.0.0.1",
+            f"--data-dir={self.data_dir}",
+            *self.extra,
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Test the source tree, dropin included.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        return env
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.process = subprocess.Popen(
+            self.argv(),
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.wait_listening(timeout)
+
+    def wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                out, err = self.process.communicate()
+                raise RuntimeError(
+                    f"twistd exited with {self.process.returncode}: {err.decode()} "
+                    f"{out.decode()} {self.log_text()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"twistd did not listen within {timeout}s: {self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        self.process.communicate()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)

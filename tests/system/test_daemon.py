@@ -1,0 +1,138 @@
+"""A real ``twistd -n enclaves`` subprocess: start-up, framing limits, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from enclaves.frames import ErrorCode, FrameDecoder, FrameType, decode_error
+from tests.daemon import Daemon, twistd_command
+
+pytestmark = pytest.mark.system
+
+
+def _read_until_closed(sock: socket.socket, limit: float = 10.0) -> bytes:
+    sock.settimeout(limit)
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_oversize_frame_dropped_then_reconnect_and_sigterm(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    daemon.start()
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">I", 65537))
+            reply = _read_until_closed(sock)
+        (frame,) = FrameDecoder().feed(reply)
+        assert frame.type is FrameType.ERROR
+        assert decode_error(frame.payload)[0] == ErrorCode.FRAME_TOO_LARGE
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">I", 0xFFFFFFFF))
+            assert _read_until_closed(sock)
+        # The server is still serving.
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10):
+            pass
+    finally:
+        status = daemon.stop(signal.SIGTERM)
+    assert status == 0, daemon.log_text()
+    key = daemon.data_dir / "server.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_bytes()) == 64
+    log = daemon.log_text()
+    assert "server key" in log and str(key) in log
+    assert key.read_bytes().hex() not in log
+
+
+def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    daemon.start()
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    daemon = Daemon(tmp_path)
+    return subprocess.run(
+        [*twistd_command(), "-n", "--pidfile=", "enclaves", *args],
+        cwd=tmp_path,
+        env=daemon.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_key_from_another_data_dir_is_refused(tmp_path: Path) -> None:
+    first = Daemon(tmp_path)
+    first.start()
+    assert first.stop() == 0
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(64))
+    other.chmod(0o600)
+    result = _run(tmp_path, f"--data-dir={first.data_dir}", f"--key-file={other}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"enclaves: error: key file {other} does not belong to data directory {first.data_dir}"
+    ]
+
+
+def test_missing_key_for_initialised_dir_is_refused(tmp_path: Path) -> None:
+    first = Daemon(tmp_path)
+    first.start()
+    assert first.stop() == 0
+    (first.data_dir / "server.key").unlink()
+    result = _run(tmp_path, f"--data-dir={first.data_dir}", "--listen=tcp:0")
+    assert result.returncode == 1
+    assert "is missing" in result.stderr and "Traceback" not in result.stderr
+    assert not (first.data_dir / "server.key").exists()
+
+
+def test_help_documents_every_option(tmp_path: Path) -> None:
+    result = _run(tmp_path, "--help")
+    assert result.returncode == 0
+    for option in (
+        "--listen",
+        "--data-dir",
+        "--key-file",
+        "--max-frame",
+        "--manhole",
+        "--admin-keys",
+    ):
+        assert option in result.stdout
+
+
+def test_daemonizes_with_pidfile(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    pidfile = tmp_path / "twistd.pid"
+    argv = daemon.argv()
+    argv.remove("-n")
+    argv[argv.index("--pidfile=")] = f"--pidfile={pidfile}"
+    result = subprocess.run(argv, cwd=tmp_path, env=daemon.env(), timeout=60)
+    assert result.returncode == 0
+    daemon.wait_listening_without_child = None  # type: ignore[attr-defined]
+    import time
+
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10):
+            pass
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not pidfile.exists()

@@ -1,0 +1,202 @@
+"""Properties of seal/open, the MAC and the safety numbers."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enclaves import crypto
+
+KEYS = crypto.KeyPair(bytes(range(32)), bytes(range(32, 64)))
+SEALER = crypto.Sealer(KEYS)
+
+
+def _raw_cbc_mac(key: bytes, msg: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.CBC(bytes(16))).encryptor()
+    return (enc.update(msg) + enc.finalize())[-16:]
+
+
+def test_raw_cbc_mac_forgery_fails() -> None:
+    key = os.urandom(32)
+    m = os.urandom(16)
+    # The forgery works against raw CBC-MAC...
+    t_raw = _raw_cbc_mac(key, m)
+    forged = m + bytes(a ^ b for a, b in zip(m, t_raw, strict=True))
+    assert _raw_cbc_mac(key, forged) == t_raw
+    # ...and not against the project's MAC.
+    t = crypto.cmac_tag(key, m)
+    forged = m + bytes(a ^ b for a, b in zip(m, t, strict=True))
+    with pytest.raises(crypto.CryptoError):
+        crypto.cmac_verify(key, forged, t)
+    sealer = crypto.Sealer(crypto.KeyPair(os.urandom(32), key))
+    with pytest.raises(crypto.CryptoError):
+        sealer.verify(sealer.mac(m), forged)
+
+
+def test_padding_never_inspected_when_tag_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real_unpad = crypto._unpad
+
+    def spy(padded: bytes) -> bytes:
+        calls.append(padded)
+        return real_unpad(padded)
+
+    monkeypatch.setattr(crypto, "_unpad", spy)
+    blob = SEALER.seal(b"aad", b"hello")
+    assert SEALER.open(b"aad", blob) == b"hello"
+    assert len(calls) == 1
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(b"aad", tampered)
+    assert len(calls) == 1
+
+
+def test_bad_padding_under_valid_tag_is_the_same_error() -> None:
+    iv = os.urandom(16)
+    enc = Cipher(algorithms.AES(KEYS.enc), modes.CBC(iv)).encryptor()
+    body = enc.update(b"x" * 15 + b"\x07") + enc.finalize()  # invalid PKCS#7
+    tag = SEALER.mac(struct.pack(">H", 0), b"", iv, body)
+    with pytest.raises(crypto.CryptoError) as bad_padding:
+        SEALER.open(b"", iv + body + tag)
+    with pytest.raises(crypto.CryptoError) as bad_tag:
+        SEALER.open(b"", iv + body + bytes(16))
+    assert str(bad_padding.value) == str(bad_tag.value)
+
+
+def test_sealing_twice_differs() -> None:
+    assert SEALER.seal(b"a", b"same") != SEALER.seal(b"a", b"same")
+
+
+def test_aad_is_bound() -> None:
+    blob = SEALER.seal(b"one", b"msg")
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(b"two", blob)
+    # The aad length prefix keeps aad and IV from sliding into each other.
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(b"one" + blob[:1], blob[1:])
+
+
+def test_wrong_key_fails() -> None:
+    blob = SEALER.seal(b"", b"msg")
+    with pytest.raises(crypto.CryptoError):
+        crypto.open_sealed(crypto.KeyPair.generate(), b"", blob)
+
+
+def test_keypair_rules() -> None:
+    with pytest.raises(ValueError):
+        crypto.KeyPair(bytes(32), bytes(32))
+    with pytest.raises(ValueError):
+        crypto.KeyPair(bytes(31), bytes(32))
+    assert "enc" not in repr(KEYS) or KEYS.enc.hex() not in repr(KEYS)
+    assert crypto.KeyPair.from_bytes(KEYS.to_bytes()) == KEYS
+
+
+def test_low_order_point_refused() -> None:
+    private, _ = crypto.x25519_keypair()
+    with pytest.raises(crypto.CryptoError):
+        crypto.x25519(private, bytes(32))
+
+
+@settings(max_examples=300)
+@given(aad=st.binary(max_size=300), plaintext=st.binary(max_size=2000))
+def test_round_trip(aad: bytes, plaintext: bytes) -> None:
+    assert SEALER.open(aad, SEALER.seal(aad, plaintext)) == plaintext
+    assert crypto.open_sealed(KEYS, aad, crypto.seal(KEYS, aad, plaintext)) == plaintext
+
+
+@settings(max_examples=200)
+@given(
+    aad=st.binary(max_size=64),
+    plaintext=st.binary(max_size=200),
+    data=st.data(),
+)
+def test_every_single_bit_flip_is_rejected(
+    aad: bytes, plaintext: bytes, data: st.DataObject
+) -> None:
+    blob = SEALER.seal(aad, plaintext)
+    bit = data.draw(st.integers(0, len(blob) * 8 - 1))
+    flipped = bytearray(blob)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(aad, bytes(flipped))
+
+
+def test_every_bit_of_one_blob_is_covered() -> None:
+    blob = SEALER.seal(b"aad", b"exhaustive")
+    for bit in range(len(blob) * 8):
+        flipped = bytearray(blob)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(crypto.CryptoError):
+            SEALER.open(b"aad", bytes(flipped))
+
+
+@given(plaintext=st.binary(max_size=200), data=st.data())
+def test_truncation_and_extension_rejected(plaintext: bytes, data: st.DataObject) -> None:
+    blob = SEALER.seal(b"", plaintext)
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(b"", blob[:cut])
+    extra = data.draw(st.binary(min_size=1, max_size=48))
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(b"", blob + extra)
+
+
+@given(blob=st.binary(max_size=200), aad=st.binary(max_size=20))
+def test_open_never_raises_anything_else(blob: bytes, aad: bytes) -> None:
+    with pytest.raises(crypto.CryptoError):
+        SEALER.open(aad, blob)
+
+
+# -- safety numbers -------------------------------------------------------------
+
+# Fixed vector (computed with this implementation and committed, so a second
+# implementation can check itself): IK = 32 bytes 0x01..0x20, id = 1.
+IK_A = bytes(range(1, 33))
+IK_B = bytes(range(33, 65))
+
+
+def test_fingerprint_shape_and_stability() -> None:
+    fp = crypto.fingerprint(IK_A, 1)
+    assert len(fp) == 30 and fp.isdigit()
+    assert fp == crypto.fingerprint(IK_A, 1)
+    assert fp != crypto.fingerprint(IK_A, 2)
+    assert fp != crypto.fingerprint(IK_B, 1)
+
+
+def test_fingerprint_matches_the_libsignal_algorithm() -> None:
+    import hashlib
+
+    digest = struct.pack(">H", 0) + IK_A + struct.pack(">Q", 1)
+    for _ in range(5200):
+        digest = hashlib.sha512(digest + IK_A).digest()
+    expected = "".join(
+        f"{int.from_bytes(digest[i : i + 5], 'big') % 100000:05d}" for i in range(0, 30, 5)
+    )
+    assert crypto.fingerprint(IK_A, 1) == expected
+    assert crypto.fingerprint(IK_A, 1) == FINGERPRINT_VECTOR
+
+
+FINGERPRINT_VECTOR = "504547818253006795785552558685"
+
+
+def test_safety_number_is_symmetric() -> None:
+    ab = crypto.safety_number(IK_A, 1, IK_B, 2)
+    ba = crypto.safety_number(IK_B, 2, IK_A, 1)
+    assert ab == ba and len(ab) == 60
+    assert ab in (
+        crypto.fingerprint(IK_A, 1) + crypto.fingerprint(IK_B, 2),
+        crypto.fingerprint(IK_B, 2) + crypto.fingerprint(IK_A, 1),
+    )
+    assert ab[:30] <= ab[30:]
+    grouped = crypto.format_digits(ab)
+    assert len(grouped.split()) == 12
+
+
+def test_safety_number_changes_with_a_substituted_key() -> None:
+    mallory = bytes(range(100, 132))
+    assert crypto.safety_number(IK_A, 1, IK_B, 2) != crypto.safety_number(IK_A, 1, mallory, 2)

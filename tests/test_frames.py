@@ -1,0 +1,149 @@
+"""The outer frame codec and the inner message codec."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from enclaves import inner
+from enclaves.frames import (
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameTooLarge,
+    FrameType,
+    decode_error,
+    encode_error,
+    encode_frame,
+)
+
+
+def test_round_trip_byte_by_byte() -> None:
+    wire = encode_frame(FrameType.HELLO, b"abc") + encode_frame(FrameType.SEALED, b"")
+    assert wire[:4] == struct.pack(">I", 5) and wire[4:6] == b"\x01\x01"
+    decoder = FrameDecoder(100)
+    frames = []
+    for i in range(len(wire)):
+        frames += decoder.feed(wire[i : i + 1])
+    assert frames == [Frame(FrameType.HELLO, b"abc"), Frame(FrameType.SEALED, b"")]
+    assert frames[0].body == b"\x01\x01abc"
+    assert decoder.buffered == 0
+
+
+def test_oversize_refused_from_the_prefix_alone() -> None:
+    decoder = FrameDecoder(1024)
+    with pytest.raises(FrameTooLarge) as error:
+        decoder.feed(struct.pack(">I", 1025))
+    assert error.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert decoder.buffered == 0
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(b"more")
+
+
+def test_exact_limit_accepted() -> None:
+    decoder = FrameDecoder(1024)
+    frames = decoder.feed(encode_frame(FrameType.SEALED, bytes(1022)))
+    assert len(frames) == 1 and len(frames[0].payload) == 1022
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\x01", b"\x02\x01", b"\x01\x99", b"\x00\x10"],
+    ids=["empty", "short", "version", "type", "version0"],
+)
+def test_malformed_bodies(body: bytes) -> None:
+    with pytest.raises(FrameError) as error:
+        FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+    assert error.value.code is ErrorCode.BAD_FRAME
+
+
+def test_max_length_prefix() -> None:
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder().feed(b"\xff\xff\xff\xff")
+
+
+def test_error_payload() -> None:
+    payload = encode_error(ErrorCode.AUTH_FAILED, "no")
+    assert decode_error(payload) == (3, "no")
+    assert len(encode_error(1, "é" * 2000)) <= 1026
+    with pytest.raises(FrameError):
+        decode_error(b"\x00")
+    with pytest.raises(FrameError):
+        decode_error(b"\x00\x01\xff")
+
+
+@given(st.binary(max_size=600), st.integers(2, 300))
+def test_decoder_never_raises_anything_else(data: bytes, limit: int) -> None:
+    decoder = FrameDecoder(limit)
+    try:
+        decoder.feed(data[: len(data) // 2])
+        decoder.feed(data[len(data) // 2 :])
+    except FrameError:
+        pass
+
+
+# -- inner messages -----------------------------------------------------------------
+
+MSG_ID = bytes(range(16))
+SAMPLES: list[inner.InnerMessage] = [
+    inner.Send(MSG_ID, 7, b"blob"),
+    inner.Deliver(MSG_ID, 2**64 - 1, b""),
+    inner.Accepted(MSG_ID),
+    inner.Received(MSG_ID),
+    inner.Delivered(MSG_ID),
+    inner.Rotate(bytes(32), bytes([1]) * 32),
+    inner.Rotated(),
+    inner.Directory((1, 2, 3)),
+    inner.Directory(()),
+    inner.Joined(5),
+    inner.Removed(6),
+    inner.Invite(),
+    inner.InviteToken(9, 1234, "enclaves1:abc"),
+    inner.Error(ErrorCode.QUOTA_EXCEEDED, MSG_ID, "full"),
+    inner.Ping(1),
+    inner.Pong(2),
+]
+
+
+def test_inner_round_trip() -> None:
+    assert inner.decode_all(inner.encode_all(SAMPLES)) == SAMPLES
+    assert {type(m) for m in SAMPLES} == set(inner.InnerMessage.__args__)  # type: ignore[attr-defined]
+
+
+def test_inner_layout() -> None:
+    assert inner.encode(inner.Accepted(MSG_ID)) == b"\x00\x00\x00\x11\x03" + MSG_ID
+    assert inner.encode(inner.Send(MSG_ID, 7, b"x")) == (
+        struct.pack(">I", 26) + b"\x01" + MSG_ID + struct.pack(">Q", 7) + b"x"
+    )
+
+
+def test_inner_unknown_kind() -> None:
+    with pytest.raises(inner.InnerError) as error:
+        inner.decode_all(b"\x00\x00\x00\x01\x77")
+    assert error.value.code is ErrorCode.UNKNOWN_KIND
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00\x00\x00\x00\x01", b"\x00\x00\x00\x05\x03", b"\x00\x00\x00\x02\x03\x00"],
+)
+def test_inner_malformed(data: bytes) -> None:
+    with pytest.raises(inner.InnerError):
+        inner.decode_all(data)
+
+
+@given(st.binary(max_size=400))
+def test_inner_decoder_never_raises_anything_else(data: bytes) -> None:
+    try:
+        inner.decode_all(data)
+    except inner.InnerError:
+        pass
+
+
+@given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=10))
+def test_inner_coalesced(messages: list[inner.InnerMessage]) -> None:
+    assert inner.decode_all(inner.encode_all(messages)) == messages
