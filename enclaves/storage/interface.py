@@ -1,0 +1,129 @@
+"""The storage interface: every method returns a Deferred; see docs/storage.rst."""
+
+from __future__ import annotations
+
+from attrs import field, frozen
+from zope.interface import Attribute, Interface
+
+from enclaves.crypto import KeyPair
+
+__all__ = [
+    "IStorage",
+    "InventoryEntry",
+    "PendingSummary",
+    "QuotaExceeded",
+    "StorageError",
+    "StorageFailed",
+    "StoredMessage",
+    "UnknownUser",
+    "UserExists",
+    "UserRecord",
+]
+
+
+class StorageError(Exception):
+    """Base of every storage failure; the message is safe to show a user or admin."""
+
+
+class StorageFailed(StorageError):
+    """The disk refused (full, read-only, permission): nothing was stored."""
+
+
+class QuotaExceeded(StorageError):
+    """The recipient's pending-message quota (count or bytes) is full."""
+
+
+class UnknownUser(StorageError):
+    """No user with this id."""
+
+
+class UserExists(StorageError):
+    """A user with this id already exists."""
+
+
+@frozen
+class UserRecord:
+    """A user's current user-server key pair and, while enrolling, its token expiry."""
+
+    user_id: int
+    keys: KeyPair = field(repr=False)
+    #: Unix milliseconds after which the enrollment token is dead; ``None``
+    #: once the user has rotated (enrolled).
+    enrollment_expires_ms: int | None = None
+
+    @property
+    def enrolling(self) -> bool:
+        return self.enrollment_expires_ms is not None
+
+
+@frozen
+class StoredMessage:
+    """A pending message as stored for an offline recipient."""
+
+    file_id: int
+    recipient: int
+    sender: int
+    msg_id: bytes
+    blob: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
+
+
+@frozen
+class PendingSummary:
+    """How many pending messages, and how many bytes of e2e blobs, a recipient has."""
+
+    count: int
+    size: int
+
+
+@frozen
+class InventoryEntry:
+    """One file the server holds, for the admin's ``inventory()``."""
+
+    name: str
+    size: int
+    description: str
+
+
+class IStorage(Interface):
+    """Users and pending messages, encrypted at rest.
+
+    Every method returns a ``Deferred``; failures are :class:`StorageError`
+    subclasses.  A storage service is also an ``IService``: it is usable
+    between ``startService`` and ``stopService``.
+    """
+
+    max_pending_count = Attribute("Per-recipient limit on pending messages.")
+    max_pending_bytes = Attribute("Per-recipient limit on pending e2e blob bytes.")
+
+    def add_user(user_id: int, keys: KeyPair, enrollment_expires_ms: int | None) -> object:
+        """Store a new user durably.  Fires with None; UserExists if taken."""
+
+    def load_user(user_id: int) -> object:
+        """Fires with the :class:`UserRecord`, or None for an unknown id."""
+
+    def replace_user_keys(user_id: int, keys: KeyPair) -> object:
+        """Rotate: store ``keys`` durably and end enrollment.  Fires with None."""
+
+    def remove_user(user_id: int) -> object:
+        """Delete the user and its pending messages.  Fires with the number of
+        messages deleted; UnknownUser if there is no such user."""
+
+    def list_users() -> object:
+        """Fires with a sorted list of every user id."""
+
+    def store_message(recipient: int, sender: int, msg_id: bytes, blob: bytes) -> object:
+        """Store a pending message durably (fsynced before the Deferred fires).
+        Fires with its file id; QuotaExceeded, UnknownUser or StorageFailed
+        otherwise, and then nothing is stored."""
+
+    def pending_for(recipient: int) -> object:
+        """Fires with the recipient's :class:`StoredMessage` list in arrival order."""
+
+    def remove_message(file_id: int) -> object:
+        """Delete one pending message durably.  Fires with None (also if absent)."""
+
+    def pending_summary() -> object:
+        """Fires with a dict: recipient id -> :class:`PendingSummary`."""
+
+    def inventory() -> object:
+        """Fires with a list of :class:`InventoryEntry`, one per file held."""
