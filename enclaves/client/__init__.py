@@ -1,0 +1,1 @@
+"""The Enclaves client: connection, end-to-end layer, keystore and line-mode UI."""
