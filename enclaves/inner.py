@@ -273,9 +273,9 @@ def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:
         return cls(fields[:MSG_ID_SIZE], peer, fields[MSG_ID_SIZE + 8 :])
     if kind in (Kind.ACCEPTED, Kind.RECEIVED, Kind.DELIVERED):
         _need(fields, MSG_ID_SIZE, kind)
-        return {Kind.ACCEPTED: Accepted, Kind.RECEIVED: Received, Kind.DELIVERED: Delivered}[kind](
-            fields
-        )
+        if kind is Kind.ACCEPTED:
+            return Accepted(fields)
+        return Received(fields) if kind is Kind.RECEIVED else Delivered(fields)
     if kind is Kind.ROTATE:
         _need(fields, 64, kind)
         if fields[:32] == fields[32:]:
@@ -293,9 +293,11 @@ def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:
     if kind in (Kind.JOINED, Kind.REMOVED, Kind.PING, Kind.PONG):
         _need(fields, 8, kind)
         (value,) = _U64.unpack(fields)
-        return {Kind.JOINED: Joined, Kind.REMOVED: Removed, Kind.PING: Ping, Kind.PONG: Pong}[kind](
-            value
-        )
+        if kind is Kind.JOINED:
+            return Joined(value)
+        if kind is Kind.REMOVED:
+            return Removed(value)
+        return Ping(value) if kind is Kind.PING else Pong(value)
     if kind is Kind.INVITE_TOKEN:
         if len(fields) < 16:
             raise InnerError("INVITE_TOKEN is too short")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attrs import field, frozen
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from enclaves.crypto import KeyPair
@@ -95,35 +96,35 @@ class IStorage(Interface):
     max_pending_count = Attribute("Per-recipient limit on pending messages.")
     max_pending_bytes = Attribute("Per-recipient limit on pending e2e blob bytes.")
 
-    def add_user(user_id: int, keys: KeyPair, enrollment_expires_ms: int | None) -> object:
+    def add_user(user_id: int, keys: KeyPair, enrollment_expires_ms: int | None) -> Deferred[None]:
         """Store a new user durably.  Fires with None; UserExists if taken."""
 
-    def load_user(user_id: int) -> object:
+    def load_user(user_id: int) -> Deferred[UserRecord | None]:
         """Fires with the :class:`UserRecord`, or None for an unknown id."""
 
-    def replace_user_keys(user_id: int, keys: KeyPair) -> object:
+    def replace_user_keys(user_id: int, keys: KeyPair) -> Deferred[None]:
         """Rotate: store ``keys`` durably and end enrollment.  Fires with None."""
 
-    def remove_user(user_id: int) -> object:
+    def remove_user(user_id: int) -> Deferred[int]:
         """Delete the user and its pending messages.  Fires with the number of
         messages deleted; UnknownUser if there is no such user."""
 
-    def list_users() -> object:
+    def list_users() -> Deferred[list[int]]:
         """Fires with a sorted list of every user id."""
 
-    def store_message(recipient: int, sender: int, msg_id: bytes, blob: bytes) -> object:
+    def store_message(recipient: int, sender: int, msg_id: bytes, blob: bytes) -> Deferred[int]:
         """Store a pending message durably (fsynced before the Deferred fires).
         Fires with its file id; QuotaExceeded, UnknownUser or StorageFailed
         otherwise, and then nothing is stored."""
 
-    def pending_for(recipient: int) -> object:
+    def pending_for(recipient: int) -> Deferred[list[StoredMessage]]:
         """Fires with the recipient's :class:`StoredMessage` list in arrival order."""
 
-    def remove_message(file_id: int) -> object:
+    def remove_message(file_id: int) -> Deferred[None]:
         """Delete one pending message durably.  Fires with None (also if absent)."""
 
-    def pending_summary() -> object:
+    def pending_summary() -> Deferred[dict[int, PendingSummary]]:
         """Fires with a dict: recipient id -> :class:`PendingSummary`."""
 
-    def inventory() -> object:
+    def inventory() -> Deferred[list[InventoryEntry]]:
         """Fires with a list of :class:`InventoryEntry`, one per file held."""
