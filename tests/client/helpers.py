@@ -13,8 +13,8 @@ def identity(user_id: int, seed: bytes) -> Identity:
     return Identity.from_private_bytes(user_id, SeededEntropy(seed).random_bytes(32))
 
 
-def make_core(user_id: int, **options: float) -> ClientCore:
-    entropy = SeededEntropy(b"core-%d" % user_id)
+def make_core(user_id: int, seed: bytes = b"", **options: float) -> ClientCore:
+    entropy = SeededEntropy(b"core-%d" % user_id + seed)
     keys = KeyPair(bytes([1]) * 32, bytes([2]) * 32)
     return ClientCore.new(user_id, keys, "tcp:127.0.0.1:1", entropy=entropy, **options)
 
