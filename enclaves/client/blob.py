@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 
 from attrs import field, frozen
 
@@ -51,7 +52,7 @@ class BlobError(Exception):
     """A malformed e2e blob.  The text names the defect, never any content."""
 
 
-def _sized(size: int) -> object:
+def _sized(size: int) -> Callable[[object, object, bytes], None]:
     def check(_inst: object, _attr: object, value: bytes) -> None:
         if not isinstance(value, bytes) or len(value) != size:
             raise ValueError(f"expected {size} bytes")

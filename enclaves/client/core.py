@@ -538,7 +538,8 @@ class ClientCore:
                 f"{contact.name}'s identity key changed; sending is blocked until you "
                 "check the new safety number and accept it",
             )
-        if contact.current is None:
+        current = contact.current
+        if current is None:
             return Refused(
                 user_id, "no keys", f"the key exchange with {contact.name} is not complete yet"
             )
@@ -555,7 +556,6 @@ class ClientCore:
         if len(body) > MAX_TEXT:
             return Refused(user_id, "too long", f"a message is at most {MAX_TEXT} bytes")
         counter = contact.send_counter + 1
-        current = contact.current
         unix_ms = int(now * 1000)
         blob = seal_message(
             self._sealer(user_id, current.epoch, current.keys),

@@ -331,8 +331,8 @@ def on_offer(
     if offer.epoch <= current_epoch:
         if state.pending is not None:
             return KexStep(state, "stale")
-        pending = make_offer(identity, current_epoch + 1, entropy, now)
-        return KexStep(evolve(state, pending=pending), "resync", send=pending.blob)
+        fresh = make_offer(identity, current_epoch + 1, entropy, now)
+        return KexStep(evolve(state, pending=fresh), "resync", send=fresh.blob)
     pending = state.pending
     if pending is None or pending.epoch < offer.epoch:
         outcome = "answered" if pending is None else "crossing lost"
