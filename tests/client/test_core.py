@@ -279,3 +279,21 @@ def test_garbage_blobs_never_raise() -> None:
         events = a.handle_blob(B, bytes([i]) * 16, junk, 1.0)
         assert len(events) == 1 and isinstance(events[0], BlobDropped)
     assert a.handle_blob(A, b"s" * 16, b"\x01", 1.0)[0].reason == "bad sender"
+
+
+def test_restored_backup_resynchronises_with_rekey() -> None:
+    a, b, relay = pair()
+    backup = encode_state(a.state())  # A's keystore copy at epoch 1
+    for now in (2.0, 3.0):
+        relay.post(B, b.start_kex(A, now))
+        relay.flush(now)
+    assert b.contact(A).epoch == 3
+    restored = ClientCore(decode_state(backup))
+    relay.cores[A] = restored
+    relay.post(A, restored.start_kex(B, 4.0))  # offers epoch 2: stale for B
+    relay.flush(5.0)
+    assert restored.contact(B).epoch == b.contact(A).epoch == 4
+    assert restored.contact(B).current.keys == b.contact(A).current.keys
+    send(restored, relay, B, "back", 6.0)
+    relay.flush(6.0)
+    assert received(relay, B) == ["back"]
