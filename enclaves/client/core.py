@@ -392,10 +392,14 @@ class ClientCore:
             events += self._apply(contact, step, now)
         return events
 
-    def _apply(self, contact: Contact, step: KexStep, now: float) -> list[Event]:
+    def _apply(
+        self, contact: Contact, step: KexStep, now: float, learned_ik: bytes | None = None
+    ) -> list[Event]:
         events: list[Event] = []
         pending = contact.kex.pending
         contact = evolve(contact, kex=step.state)
+        if learned_ik is not None:
+            contact = evolve(contact, ik=learned_ik)
         if step.new_keys is not None and step.new_epoch is not None:
             first = contact.current is None
             contact = contact.with_keys(step.new_epoch, step.new_keys, now)
@@ -412,6 +416,11 @@ class ClientCore:
         elif step.outcome == "confirm failed":
             log.warn("key confirmation failed for {peer}", peer=contact.user_id)
             events.append(KexFailed(contact.user_id, epoch, "key confirmation failed"))
+        elif step.outcome == "bad offer":
+            log.warn("unusable key exchange offer from {peer}", peer=contact.user_id)
+            events.append(KexFailed(contact.user_id, epoch, "unusable offer"))
+        elif step.outcome == "epochs exhausted":
+            events.append(KexFailed(contact.user_id, epoch, "no more rekeys possible"))
         if step.new_keys is not None:
             events += self._replay_held(contact.user_id, now)
         return events
@@ -445,9 +454,8 @@ class ClientCore:
         if isinstance(parsed, MessageBlob):
             return self._message(contact, msg_id, raw, parsed, now)
         events: list[Event] = []
-        if contact.ik is None:
-            contact = self._put(evolve(contact, ik=parsed.ik))
-        if not hmac.compare_digest(contact.ik or b"", parsed.ik):
+        first_ik = contact.ik is None
+        if not first_ik and not hmac.compare_digest(contact.ik or b"", parsed.ik):
             if contact.pending_ik is None or not hmac.compare_digest(contact.pending_ik, parsed.ik):
                 contact = self._put(evolve(contact, pending_ik=parsed.ik))
                 log.warn("identity key of {peer} changed", peer=sender)
@@ -461,7 +469,9 @@ class ClientCore:
             )
         else:
             step = kex.on_accept(contact.kex, self.identity, sender, parsed)
-        return events + self._apply(contact, step, now)
+        # First contact: the key is learned only from an exchange that completed.
+        learned = parsed.ik if first_ik and step.new_keys is not None else None
+        return events + self._apply(contact, step, now, learned)
 
     def _message(
         self, contact: Contact, msg_id: bytes, raw: bytes, blob: MessageBlob, now: float

@@ -31,6 +31,7 @@ __all__ = [
     "CONFIRM_LABEL",
     "KEX_TIMEOUT",
     "KEX_MAX_OFFERS",
+    "MAX_EPOCH_JUMP",
     "KexError",
     "Entropy",
     "SeededEntropy",
@@ -54,6 +55,7 @@ PAIR_INFO = b"enclaves/v1/pair"
 CONFIRM_LABEL = b"enclaves/v1/confirm"
 KEX_TIMEOUT = 600.0  # seconds before an unanswered OFFER is sent again
 KEX_MAX_OFFERS = 3  # copies of one OFFER sent in all before it is reported stuck
+MAX_EPOCH_JUMP = 1024  # an OFFER may skip at most this many epochs ahead of ours
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -268,8 +270,9 @@ class KexStep:
     ``outcome`` is one of: ``offered``, ``already pending``, ``answered``,
     ``answer resent``, ``crossing lost`` (we dropped our offer and answered),
     ``crossing won`` (their offer ignored: ours stands), ``resync`` (a stale
-    offer answered by a fresh offer of ours), ``stale`` (ignored), ``completed``,
-    ``confirm failed``, ``retry``, ``stuck`` (reported once), ``idle``.
+    offer answered by a fresh offer of ours), ``stale`` (ignored), ``bad offer``
+    (dropped), ``completed``, ``confirm failed``, ``retry``, ``stuck`` (reported
+    once), ``idle``, ``epochs exhausted`` (2**32 - 1 reached: no more rekeys).
     """
 
     state: KexState
@@ -285,6 +288,8 @@ def start(
     """Begin a KEX (first or rekey) at ``current_epoch + 1`` unless one is pending."""
     if state.pending is not None:
         return KexStep(state, "already pending", send=state.pending.blob)
+    if current_epoch >= MAX_EPOCH:
+        return KexStep(state, "epochs exhausted")
     pending = make_offer(identity, current_epoch + 1, entropy, now)
     return KexStep(evolve(state, pending=pending), "offered", send=pending.blob)
 
@@ -298,7 +303,10 @@ def _answer(
     entropy: Entropy,
     outcome: str,
 ) -> KexStep:
-    accept, keys = answer_offer(identity, peer_id, offer, entropy)
+    try:
+        accept, keys = answer_offer(identity, peer_id, offer, entropy)
+    except KexError:
+        return KexStep(state, "bad offer")
     blob = accept.to_bytes()
     new_state = KexState(pending=None, answered_digest=sha256(raw), answered_blob=blob)
     return KexStep(new_state, outcome, send=blob, new_epoch=offer.epoch, new_keys=keys)
@@ -321,15 +329,19 @@ def on_offer(
       wins; the other side drops its own offer and answers;
     - epoch not above ours (stale or replayed, or a peer restored from a
       backup): answered with a fresh OFFER of ours (``resync``) if none is
-      pending; never by changing our keys.
+      pending; never by changing our keys;
+    - an OFFER more than :data:`MAX_EPOCH_JUMP` epochs ahead, or one whose keys
+      are unusable (low-order point, malformed ML-KEM key): ``bad offer``.
     """
     raw = offer.to_bytes()
     if state.answered_digest is not None and hmac.compare_digest(
         state.answered_digest, sha256(raw)
     ):
         return KexStep(state, "answer resent", send=state.answered_blob)
+    if offer.epoch > current_epoch + 1 + MAX_EPOCH_JUMP:
+        return KexStep(state, "bad offer")
     if offer.epoch <= current_epoch:
-        if state.pending is not None:
+        if state.pending is not None or current_epoch >= MAX_EPOCH:
             return KexStep(state, "stale")
         fresh = make_offer(identity, current_epoch + 1, entropy, now)
         return KexStep(evolve(state, pending=fresh), "resync", send=fresh.blob)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from enclaves.client.contacts import ContactError, Trust, encode_ik
 from enclaves.client.core import (
@@ -297,3 +299,49 @@ def test_restored_backup_resynchronises_with_rekey() -> None:
     send(restored, relay, B, "back", 6.0)
     relay.flush(6.0)
     assert received(relay, B) == ["back"]
+
+
+def test_first_ik_is_learned_only_from_a_completed_exchange() -> None:
+    a, b = make_core(A), make_core(B)
+    (offer,) = a.start_kex(B, 0.0)
+    accept = next(
+        e for e in b.handle_blob(A, offer.msg_id, offer.blob, 1.0) if isinstance(e, SendBlob)
+    )
+    forged = bytearray(accept.blob)
+    forged[5:37] = make_core(B, seed=b"mallory").identity.public  # substituted IK_B
+    assert [type(e) for e in a.handle_blob(B, b"f" * 16, bytes(forged), 2.0)] == [KexFailed]
+    assert a.contact(B).ik is None  # the forged key was not pinned
+    assert b.contact(A).ik == a.identity.public
+
+
+def test_unusable_offers_are_reported_not_raised() -> None:
+    a, b = make_core(A), make_core(B)
+    (offer,) = a.start_kex(B, 0.0)
+    zero_ek = offer.blob[:37] + bytes(32) + offer.blob[69:]
+    far = offer.blob[:1] + (5000).to_bytes(4, "big") + offer.blob[5:]
+    for i, blob in enumerate((zero_ek, far)):
+        events = b.handle_blob(A, bytes([i]) * 16, blob, 1.0)
+        assert [type(e) for e in events] == [KexFailed]
+    assert b.contact(A).current is None and b.contact(A).ik is None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from([1, 2, 3]),
+    epoch=st.sampled_from([0, 1, 2, 3, 2**32 - 1]) | st.integers(0, 2**32 - 1),
+    body=st.binary(max_size=64),
+    fill=st.integers(0, 255),
+)
+def test_handle_blob_never_raises(kind: int, epoch: int, body: bytes, fill: int) -> None:
+    """Right-sized OFFER/ACCEPT/MESSAGE blobs with arbitrary contents: events, never a crash."""
+    size = {1: 5 + 48 + 16 * (len(body) % 4), 2: 1253, 3: 1173}[kind]
+    payload = (
+        (body * (size // max(len(body), 1) + 1))[: size - 5] if body else bytes([fill]) * (size - 5)
+    )
+    blob = bytes([kind]) + epoch.to_bytes(4, "big") + payload
+    core = _ESTABLISHED
+    events = core.handle_blob(B, core._entropy.random_bytes(16), blob, 5.0)
+    assert events and all(not isinstance(e, MessageReceived) for e in events)
+
+
+_ESTABLISHED = pair()[0]
