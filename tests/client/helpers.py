@@ -1,0 +1,58 @@
+"""Shared helpers for the client core tests: deterministic parties and a relay."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from enclaves.client.core import ClientCore, Event, SendBlob
+from enclaves.client.kex import Identity, SeededEntropy
+from enclaves.crypto import KeyPair
+
+
+def identity(user_id: int, seed: bytes) -> Identity:
+    return Identity.from_private_bytes(user_id, SeededEntropy(seed).random_bytes(32))
+
+
+def make_core(user_id: int, seed: bytes = b"", **options: float) -> ClientCore:
+    entropy = SeededEntropy(b"core-%d" % user_id + seed)
+    keys = KeyPair(bytes([1]) * 32, bytes([2]) * 32)
+    return ClientCore.new(user_id, keys, "tcp:127.0.0.1:1", entropy=entropy, **options)
+
+
+class Relay:
+    """Stands in for the server's store-and-forward: in order per recipient."""
+
+    def __init__(self, *cores: ClientCore) -> None:
+        self.cores = {c.user_id: c for c in cores}
+        self.queues: dict[int, deque[tuple[int, bytes, bytes]]] = {c: deque() for c in self.cores}
+        self.events: dict[int, list[Event]] = {c: [] for c in self.cores}
+        self.log: list[tuple[int, SendBlob]] = []
+
+    def post(self, sender: int, events: list[Event]) -> None:
+        """Take the SendBlobs out of ``events`` into the recipients' queues."""
+        for event in events:
+            if isinstance(event, SendBlob):
+                self.log.append((sender, event))
+                self.cores[sender].on_accepted(event.msg_id)
+                self.queues[event.recipient].append((sender, event.msg_id, event.blob))
+            else:
+                self.events[sender].append(event)
+
+    def deliver(self, user_id: int, now: float, limit: int | None = None) -> None:
+        queue = self.queues[user_id]
+        count = 0
+        while queue and (limit is None or count < limit):
+            sender, msg_id, blob = queue.popleft()
+            self.post(user_id, self.cores[user_id].handle_blob(sender, msg_id, blob, now))
+            count += 1
+
+    def flush(self, now: float, rounds: int = 20) -> None:
+        for _ in range(rounds):
+            if not any(self.queues.values()):
+                return
+            for user_id in sorted(self.queues):
+                self.deliver(user_id, now)
+        raise AssertionError("relay did not settle")
+
+    def of(self, user_id: int, kind: type) -> list[Event]:
+        return [e for e in self.events[user_id] if isinstance(e, kind)]
