@@ -13,7 +13,7 @@ __all__ = ["CleanExitOnSignals"]
 
 
 class CleanExitOnSignals(Service):
-    """Replace the reactor's SIGTERM/SIGINT handlers once it runs.
+    """Own SIGTERM/SIGINT from before the reactor runs, and again after it installs its own.
 
     Twisted's own handlers make twistd re-raise the signal after shutdown, so
     a normal ``systemctl stop`` would end with a signal status.  A requested
@@ -25,9 +25,13 @@ class CleanExitOnSignals(Service):
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
 
-    def startService(self) -> None:
-        super().startService()
-        self._reactor.addSystemEventTrigger("after", "startup", self._install)
+    def privilegedStartService(self) -> None:
+        # Before the reactor runs (the listening port already accepts), so a
+        # signal in that gap stops cleanly too; the reactor then installs its
+        # own handlers during start-up, and ours go back on right after them.
+        super().privilegedStartService()
+        self._install()
+        self._reactor.addSystemEventTrigger("during", "startup", self._install)
 
     def _install(self) -> None:
         for number in (signal.SIGTERM, signal.SIGINT):
