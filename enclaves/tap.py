@@ -11,9 +11,16 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
-from enclaves.server.lifecycle import CleanExitOnSignals
-from enclaves.server.protocol import ServerFactory
+from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
+from enclaves.server.protocol import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    ServerFactory,
+)
+from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
 
 __all__ = ["Options", "makeService"]
@@ -62,6 +69,45 @@ class Options(usage.Options):
             "SSH admin shell endpoint (on only with --admin-keys).",
         ],
         ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most client connections at once; more get SERVER_BUSY.",
+            _positive_int("max-connections", 1, 1_000_000),
+        ],
+        [
+            "handshake-timeout",
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a new connection has to complete its handshake.",
+            _positive_int("handshake-timeout", 1, 3600),
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds without traffic before a session is closed "
+            "(the server PINGs after half of it).",
+            _positive_int("idle-timeout", 2, 86400),
+        ],
+        [
+            "message-rate",
+            None,
+            DEFAULT_MESSAGE_RATE,
+            "Most requests per second per session (bursts up to as many).",
+            _positive_int("message-rate", 1, 10_000_000),
+        ],
+        [
+            "token-lifetime",
+            None,
+            DEFAULT_TOKEN_LIFETIME,
+            "Seconds an enrollment token (issue() or INVITE) stays valid.",
+            _positive_int("token-lifetime", 60, 365 * 86400),
+        ],
+    ]
+    optFlags = [
+        ["allow-invites", None, "Let enrolled users ask for tokens for newcomers (INVITE)."],
     ]
 
     def postOptions(self) -> None:
@@ -101,9 +147,42 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = default_reactor
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
-    factory = ServerFactory(max_frame=options["max-frame"])
+    storage = _make_storage(options, _keys, reactor)
+    storage.setServiceParent(top)
+    router = Router(
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        message_rate=options["message-rate"],
+        allow_invites=bool(options["allow-invites"]),
+        token_lifetime=options["token-lifetime"],
+    )
+    factory = ServerFactory(
+        router,
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        max_connections=options["max-connections"],
+        handshake_timeout=options["handshake-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
+    # Stopped before storage (services stop in reverse order): clients hear
+    # SHUTTING_DOWN and in-flight messages reach storage first.
+    DisconnectOnStop(factory).setServiceParent(top)
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
     if options["admin-keys"] is None:
         log.info("admin shell is off: start with --admin-keys FILE to turn it on")
     return top
+
+
+def _make_storage(options: Options, keys: Any, reactor: Any) -> Any:
+    """The file storage service (the in-memory one until it exists on this branch)."""
+    try:
+        from enclaves.storage.filestore import FileStorage  # type: ignore[import-not-found]
+    except ImportError:
+        from enclaves.storage.memory import MemoryStorage
+
+        log.warn("file storage unavailable: messages and users live in memory only")
+        return MemoryStorage()
+    return FileStorage(options["data-dir"], keys, reactor=reactor)
