@@ -22,6 +22,8 @@ from enclaves.server.protocol import (
 )
 from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
+from enclaves.storage.filestore import FileStorage
+from enclaves.storage.interface import StorageError
 
 __all__ = ["Options", "makeService"]
 
@@ -105,6 +107,20 @@ class Options(usage.Options):
             "Seconds an enrollment token (issue() or INVITE) stays valid.",
             _positive_int("token-lifetime", 60, 365 * 86400),
         ],
+        [
+            "max-pending",
+            None,
+            1000,
+            "Most pending (stored) messages per recipient.",
+            _positive_int("max-pending", 1, 10_000_000),
+        ],
+        [
+            "max-pending-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Most bytes of pending messages per recipient.",
+            _positive_int("max-pending-bytes", 1024, 1 << 40),
+        ],
     ]
     optFlags = [
         ["allow-invites", None, "Let enrolled users ask for tokens for newcomers (INVITE)."],
@@ -124,7 +140,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """Wire the server's services; refuse to start with a one-line error."""
     try:
-        _keys, created = open_server_key(options["data-dir"], options["key-file"])
+        keys, created = open_server_key(options["data-dir"], options["key-file"])
     except StartupError as error:
         sys.stderr.write(f"enclaves: error: {error}\n")
         raise SystemExit(1) from None
@@ -145,9 +161,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    storage = FileStorage(
+        options["data-dir"],
+        keys,
+        max_pending_count=options["max-pending"],
+        max_pending_bytes=options["max-pending-bytes"],
+        reactor=reactor,
+    )
+    try:
+        # Read the data directory now: a refusal is a one-line error, and the
+        # listener below can never accept a client before storage is ready.
+        storage.load()
+    except StorageError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
-    storage = _make_storage(options, _keys, reactor)
+    # Before the listener: MultiService starts children in order and stops
+    # them in reverse, so storage outlives every connection.
     storage.setServiceParent(top)
     router = Router(
         storage,
@@ -174,15 +205,3 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if options["admin-keys"] is None:
         log.info("admin shell is off: start with --admin-keys FILE to turn it on")
     return top
-
-
-def _make_storage(options: Options, keys: Any, reactor: Any) -> Any:
-    """The file storage service (the in-memory one until it exists on this branch)."""
-    try:
-        from enclaves.storage.filestore import FileStorage  # type: ignore[import-not-found]
-    except ImportError:
-        from enclaves.storage.memory import MemoryStorage
-
-        log.warn("file storage unavailable: messages and users live in memory only")
-        return MemoryStorage()
-    return FileStorage(options["data-dir"], keys, reactor=reactor)
