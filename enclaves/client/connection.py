@@ -37,7 +37,7 @@ from enclaves.frames import (
 )
 from enclaves.handshake import ClientHandshake, HandshakeError
 from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping, Pong
-from enclaves.session import Session, SessionError
+from enclaves.session import Session, SessionError, max_blob_size
 
 __all__ = [
     "ClientConnection",
@@ -123,8 +123,6 @@ class ClientConnection(Protocol):
     @property
     def max_blob(self) -> int:
         """The largest e2e blob one SEND can carry with this frame limit."""
-        from enclaves.session import max_blob_size
-
         return max_blob_size(self.max_frame)
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 
 from enclaves.crypto import KeyPair
@@ -449,3 +451,27 @@ def test_client_error_frame_closes_quietly(h: Harness) -> None:
     a = _session_pair(h)
     a.write(encode_frame(FrameType.ERROR, b"\x00\x01bye"))
     assert a.closing
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=120), max_size=6))
+def test_random_bytes_before_a_session_never_crash(chunks: list[bytes]) -> None:
+    h = Harness()
+    c = h.raw(A, KeyPair.generate())
+    for chunk in chunks:
+        c.write(chunk)
+    for frame in c.frames():
+        assert frame.type is FrameType.ERROR
+    c.lose()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=1, max_size=300))
+def test_random_sealed_payloads_end_the_session_cleanly(payload: bytes) -> None:
+    h = Harness()
+    a = _session_pair(h)
+    a.write(encode_frame(FrameType.SEALED, payload))
+    assert _codes(a.received()) == [ErrorCode.BAD_SESSION_FRAME]
+    assert a.closing
+    a.lose()
+    assert not h.router.is_online(A) and h.router.stats().connections == 0

@@ -172,3 +172,28 @@ async def test_limits(tmp_path: Path) -> None:
         assert reason.code == ErrorCode.MESSAGE_RATE
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_says_shutting_down_and_keeps_in_flight(tmp_path: Path) -> None:
+    ka, kb = KeyPair.generate(), KeyPair.generate()
+    daemon = Daemon(tmp_path)
+    await make_users(daemon.data_dir, {A: ka, B: kb})
+    daemon.start()
+    try:
+        a, b = await login(daemon, A, ka), await login(daemon, B, kb)
+        await expect(b, Directory)
+        a.send(Send(mid(1), B, b"in flight at shutdown"))
+        await expect(b, Deliver)  # ...and never RECEIVED
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log_text()
+    for conn in (a, b):
+        reason = await conn.closed
+        assert reason.code == ErrorCode.SHUTTING_DOWN, reason
+    daemon.start()
+    try:
+        b = await login(daemon, B, kb)
+        assert (await expect(b, Deliver)).msg_id == mid(1)
+        await b.disconnect()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
