@@ -256,7 +256,8 @@ class FileStorage(Service):
     def _take_lock(self) -> None:
         path = self.data_dir / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            # Read-only: an fd open for writing would block a remount read-only.
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         except OSError as error:
             raise storage_failed(error, f"open {path}") from None
         try:
