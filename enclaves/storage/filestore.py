@@ -215,6 +215,8 @@ class FileStorage(Service):
         if self._loaded:
             return
         started = time.monotonic()
+        self._users, self._enrollment = {}, {}
+        self._files, self._by_recipient, self._sizes = {}, {}, {}
         try:
             for directory in (self._users_dir, self._pending_dir, self._quarantine_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -428,7 +430,7 @@ class FileStorage(Service):
         return d.addBoth(done)
 
     def _check_running(self, what: str) -> StorageFailed | None:
-        if self._pool is None:
+        if not self.running or self._pool is None:
             return StorageFailed(f"could not {what}: storage is not running")
         return None
 
@@ -516,14 +518,26 @@ class FileStorage(Service):
             # Keys first: a crash in between leaves the new keys still
             # enrolling, never the token's keys enrolled.
             path = self._users_dir / user_file_name(user_id)
+            old = self._users[user_id]
             await self._in_pool("store the new keys", write_atomic, path, data, 0o600)
-            self._users[user_id] = UserRecord(
-                user_id, keys, self._users[user_id].enrollment_expires_ms
-            )
+            self._users[user_id] = UserRecord(user_id, keys, old.enrollment_expires_ms)
             if user_id in self._enrollment:
                 table = dict(self._enrollment)
                 del table[user_id]
-                await self._write_enrollment(table)
+                try:
+                    await self._write_enrollment(table)
+                except StorageError:
+                    # Put the old keys back so that the failure is the whole
+                    # truth; if even that fails, memory follows the disk.
+                    previous = encode_user(self._sealer, user_id, old.keys)
+                    try:
+                        await self._in_pool(
+                            "restore the old keys", write_atomic, path, previous, 0o600
+                        )
+                        self._users[user_id] = old
+                    except StorageError:
+                        pass
+                    raise
             self._users[user_id] = UserRecord(user_id, keys, None)
 
         return self._locked(replace)
@@ -538,17 +552,21 @@ class FileStorage(Service):
 
         async def remove() -> int:
             # Gone from memory first: no new store or handshake for it.
+            deleted: list[int] = []
             try:
                 in_flight = [s.done for s in self._stores.get(user_id, [])]
                 if in_flight:
                     await DeferredList(in_flight, consumeErrors=True)
                 ids = list(self._by_recipient.get(user_id, []))
-                await self._in_pool("remove the user", self._delete_user_files, user_id, ids)
+                await self._in_pool(
+                    "remove the user", self._delete_user_files, user_id, ids, deleted
+                )
             except BaseException:
                 self._users[user_id] = record
                 raise
-            for file_id in ids:
-                self._unindex(file_id)
+            finally:
+                for file_id in deleted:
+                    self._unindex(file_id)
             if user_id in self._enrollment:
                 table = dict(self._enrollment)
                 del table[user_id]
@@ -560,9 +578,11 @@ class FileStorage(Service):
 
         return self._locked(remove)
 
-    def _delete_user_files(self, user_id: int, ids: list[int]) -> None:
+    def _delete_user_files(self, user_id: int, ids: list[int], deleted: list[int]) -> None:
+        """On the pool: messages first, then the user file; ``deleted`` records progress."""
         for file_id in ids:
             _unlink_missing_ok(self._pending_dir / msg_file_name(file_id))
+            deleted.append(file_id)
         if ids:
             fsync_dir(self._pending_dir)
         _unlink_missing_ok(self._users_dir / user_file_name(user_id))
@@ -615,7 +635,7 @@ class FileStorage(Service):
             bytes(blob),
         )
         in_flight.append(store)
-        d = self._commit(store)
+        d: Deferred[int] = self._commit(store).addCallback(lambda _: file_id)
 
         def finished(result: Any) -> Any:
             flight = self._stores.get(recipient, [])
@@ -630,13 +650,11 @@ class FileStorage(Service):
         return self._track(d)
 
     def _commit(self, op: _Store | int) -> Deferred[None]:
-        """Queue a rename (a finished store) or an unlink (a file id) for the next group commit."""
+        """Queue a new file (a store) or an unlink (a file id) for the next group commit."""
         d: Deferred[None] = Deferred()
         self._ready.append((op, d))
         if not self._committing:
             self._commit_batch()
-        if isinstance(op, _Store):
-            return d.addCallback(lambda _: op.file_id)  # type: ignore[return-value]
         return d
 
     def _commit_batch(self) -> None:
@@ -819,12 +837,16 @@ class FileStorage(Service):
         )
 
     def inventory(self) -> Deferred[list[InventoryEntry]]:
-        return self._in_pool("list the data directory", self._inventory)
+        # Copies made here, on the reactor: the pool thread must not iterate
+        # dicts the reactor is changing.
+        return self._in_pool(
+            "list the data directory", self._inventory, dict(self._users), dict(self._files)
+        )
 
-    def _inventory(self) -> list[InventoryEntry]:
+    def _inventory(
+        self, users: dict[int, UserRecord], files: dict[int, _Pending]
+    ) -> list[InventoryEntry]:
         entries: list[InventoryEntry] = []
-        users = dict(self._users)
-        files = dict(self._files)
 
         def add(path: Path, description: str) -> None:
             try:
