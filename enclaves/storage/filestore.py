@@ -88,6 +88,8 @@ LOCK_FILE = "lock"
 #: A file id is ``arrival_sequence << SEQ_SHIFT | random``: the CMAC over
 #: ``u64 n`` then authenticates the arrival order (docs/storage.rst).
 SEQ_SHIFT = 16
+#: Most operations in one group commit (each new file holds an fd until fsynced).
+_MAX_BATCH = 128
 
 _T = TypeVar("_T")
 
@@ -130,24 +132,11 @@ class _Store:
     file_id: int
     temp: Path
     final: Path
+    sender: int
+    msg_id: bytes
+    blob: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
-
-
-def _write_temp(temp: Path, data: bytes) -> None:
-    """Write and fsync a new temporary file; remove it again on any error."""
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -226,6 +215,8 @@ class FileStorage(Service):
         if self._loaded:
             return
         started = time.monotonic()
+        self._users, self._enrollment = {}, {}
+        self._files, self._by_recipient, self._sizes = {}, {}, {}
         try:
             for directory in (self._users_dir, self._pending_dir, self._quarantine_dir):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -256,7 +247,8 @@ class FileStorage(Service):
     def _take_lock(self) -> None:
         path = self.data_dir / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            # Read-only: an fd open for writing would block a remount read-only.
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         except OSError as error:
             raise storage_failed(error, f"open {path}") from None
         try:
@@ -438,7 +430,7 @@ class FileStorage(Service):
         return d.addBoth(done)
 
     def _check_running(self, what: str) -> StorageFailed | None:
-        if self._pool is None:
+        if not self.running or self._pool is None:
             return StorageFailed(f"could not {what}: storage is not running")
         return None
 
@@ -526,14 +518,26 @@ class FileStorage(Service):
             # Keys first: a crash in between leaves the new keys still
             # enrolling, never the token's keys enrolled.
             path = self._users_dir / user_file_name(user_id)
+            old = self._users[user_id]
             await self._in_pool("store the new keys", write_atomic, path, data, 0o600)
-            self._users[user_id] = UserRecord(
-                user_id, keys, self._users[user_id].enrollment_expires_ms
-            )
+            self._users[user_id] = UserRecord(user_id, keys, old.enrollment_expires_ms)
             if user_id in self._enrollment:
                 table = dict(self._enrollment)
                 del table[user_id]
-                await self._write_enrollment(table)
+                try:
+                    await self._write_enrollment(table)
+                except StorageError:
+                    # Put the old keys back so that the failure is the whole
+                    # truth; if even that fails, memory follows the disk.
+                    previous = encode_user(self._sealer, user_id, old.keys)
+                    try:
+                        await self._in_pool(
+                            "restore the old keys", write_atomic, path, previous, 0o600
+                        )
+                        self._users[user_id] = old
+                    except StorageError:
+                        pass
+                    raise
             self._users[user_id] = UserRecord(user_id, keys, None)
 
         return self._locked(replace)
@@ -548,17 +552,21 @@ class FileStorage(Service):
 
         async def remove() -> int:
             # Gone from memory first: no new store or handshake for it.
+            deleted: list[int] = []
             try:
                 in_flight = [s.done for s in self._stores.get(user_id, [])]
                 if in_flight:
                     await DeferredList(in_flight, consumeErrors=True)
                 ids = list(self._by_recipient.get(user_id, []))
-                await self._in_pool("remove the user", self._delete_user_files, user_id, ids)
+                await self._in_pool(
+                    "remove the user", self._delete_user_files, user_id, ids, deleted
+                )
             except BaseException:
                 self._users[user_id] = record
                 raise
-            for file_id in ids:
-                self._unindex(file_id)
+            finally:
+                for file_id in deleted:
+                    self._unindex(file_id)
             if user_id in self._enrollment:
                 table = dict(self._enrollment)
                 del table[user_id]
@@ -570,9 +578,11 @@ class FileStorage(Service):
 
         return self._locked(remove)
 
-    def _delete_user_files(self, user_id: int, ids: list[int]) -> None:
+    def _delete_user_files(self, user_id: int, ids: list[int], deleted: list[int]) -> None:
+        """On the pool: messages first, then the user file; ``deleted`` records progress."""
         for file_id in ids:
             _unlink_missing_ok(self._pending_dir / msg_file_name(file_id))
+            deleted.append(file_id)
         if ids:
             fsync_dir(self._pending_dir)
         _unlink_missing_ok(self._users_dir / user_file_name(user_id))
@@ -620,16 +630,12 @@ class FileStorage(Service):
             file_id,
             self._pending_dir / f".{name}.{os.getpid()}{TEMP_SUFFIX}",
             self._pending_dir / name,
+            sender,
+            bytes(msg_id),
+            bytes(blob),
         )
         in_flight.append(store)
-        sealer = self._sealer
-
-        def write() -> None:
-            data = encode_msg(sealer, file_id, recipient, sender, bytes(msg_id), bytes(blob))
-            _write_temp(store.temp, data)
-
-        d = self._in_pool("store the message", write)
-        d.addCallback(lambda _: self._commit(store))
+        d: Deferred[int] = self._commit(store).addCallback(lambda _: file_id)
 
         def finished(result: Any) -> Any:
             flight = self._stores.get(recipient, [])
@@ -644,17 +650,15 @@ class FileStorage(Service):
         return self._track(d)
 
     def _commit(self, op: _Store | int) -> Deferred[None]:
-        """Queue a rename (a finished store) or an unlink (a file id) for the next group commit."""
+        """Queue a new file (a store) or an unlink (a file id) for the next group commit."""
         d: Deferred[None] = Deferred()
         self._ready.append((op, d))
         if not self._committing:
             self._commit_batch()
-        if isinstance(op, _Store):
-            return d.addCallback(lambda _: op.file_id)  # type: ignore[return-value]
         return d
 
     def _commit_batch(self) -> None:
-        batch, self._ready = self._ready, []
+        batch, self._ready = self._ready[:_MAX_BATCH], self._ready[_MAX_BATCH:]
         self._committing = True
         ops = [op for op, _ in batch]
         d = self._in_pool("store the message", self._apply_batch, ops)
@@ -681,21 +685,58 @@ class FileStorage(Service):
         d.addBoth(done)
 
     def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
-        """On the pool: renames and unlinks, then one fsync of the directory."""
-        results: list[BaseException | None] = []
+        """On the pool: one group commit.
+
+        Write every new file to its temporary name, then fsync each (the
+        first fsync's journal commit carries most of the others), rename
+        them into place, unlink the removed ones, and fsync the directory
+        once.  Per-operation errors are returned, never raised; if the
+        directory fsync fails nothing in the batch counts as done.
+        """
+        results: list[BaseException | None] = [None] * len(ops)
+        open_files: list[tuple[int, int]] = []
+        try:
+            for index, op in enumerate(ops):
+                if isinstance(op, _Store):
+                    fd = -1
+                    try:
+                        data = encode_msg(
+                            self._sealer, op.file_id, op.recipient, op.sender, op.msg_id, op.blob
+                        )
+                        fd = os.open(op.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    except OSError as error:
+                        if fd >= 0:
+                            os.close(fd)
+                        _unlink_quietly(op.temp)
+                        results[index] = error
+                    else:
+                        open_files.append((index, fd))
+            for index, fd in open_files:
+                try:
+                    os.fsync(fd)
+                except OSError as error:
+                    results[index] = error
+        finally:
+            for _, fd in open_files:
+                os.close(fd)
         renamed: list[Path] = []
-        for op in ops:
+        for index, op in enumerate(ops):
             try:
                 if isinstance(op, _Store):
-                    os.rename(op.temp, op.final)
-                    renamed.append(op.final)
+                    if results[index] is None:
+                        os.rename(op.temp, op.final)
+                        renamed.append(op.final)
+                    else:
+                        _unlink_quietly(op.temp)
                 else:
                     _unlink_missing_ok(self._pending_dir / msg_file_name(op))
-                results.append(None)
             except OSError as error:
                 if isinstance(op, _Store):
                     _unlink_quietly(op.temp)
-                results.append(error)
+                results[index] = error
         try:
             fsync_dir(self._pending_dir)
         except OSError as error:
@@ -796,12 +837,16 @@ class FileStorage(Service):
         )
 
     def inventory(self) -> Deferred[list[InventoryEntry]]:
-        return self._in_pool("list the data directory", self._inventory)
+        # Copies made here, on the reactor: the pool thread must not iterate
+        # dicts the reactor is changing.
+        return self._in_pool(
+            "list the data directory", self._inventory, dict(self._users), dict(self._files)
+        )
 
-    def _inventory(self) -> list[InventoryEntry]:
+    def _inventory(
+        self, users: dict[int, UserRecord], files: dict[int, _Pending]
+    ) -> list[InventoryEntry]:
         entries: list[InventoryEntry] = []
-        users = dict(self._users)
-        files = dict(self._files)
 
         def add(path: Path, description: str) -> None:
             try:

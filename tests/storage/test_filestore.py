@@ -277,3 +277,25 @@ async def test_not_running_fails_cleanly(data_dir: Path, keys: KeyPair) -> None:
     storage = FileStorage(data_dir, keys)
     with pytest.raises(StorageFailed, match="not running"):
         await storage.add_user(A, KeyPair.generate(), None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_stores_in_flight_and_restart_same_object(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    storage = make_storage(data_dir, keys)
+    await storage.add_user(A, KeyPair.generate(), None)
+    stores = [storage.store_message(A, B, msg_id(i), b"x") for i in range(20)]
+    stopping = storage.stopService()
+    with pytest.raises(StorageFailed, match="not running"):
+        await storage.store_message(A, B, msg_id(99), b"late")
+    await stopping
+    ids = [await d for d in stores]
+    assert sorted(os.listdir(data_dir / PENDING_DIR)) == sorted(f"{n}.msg" for n in ids)
+    storage.startService()
+    try:
+        assert [m.file_id for m in await storage.pending_for(A)] == ids
+        assert await storage.list_users() == [A]
+        assert (await storage.pending_summary())[A].count == 20
+    finally:
+        await storage.stopService()
