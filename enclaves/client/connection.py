@@ -73,6 +73,8 @@ class Disconnected:
 
 
 def _code_name(code: int | None) -> str:
+    if code is None:
+        return "CLOSED"
     try:
         return ErrorCode(code).name
     except ValueError:
@@ -136,7 +138,7 @@ class ClientConnection(Protocol):
             from twisted.internet import reactor
 
             self._clock = reactor
-        self.transport.write(self._handshake.hello_frame())
+        self._write(self._handshake.hello_frame())
 
     def dataReceived(self, data: bytes) -> None:
         if self._done:
@@ -171,7 +173,7 @@ class ClientConnection(Protocol):
                 code, text = int(ErrorCode.BAD_FRAME), "malformed ERROR frame"
             self._reason = Disconnected(code, text)
             self._done = True
-            self.transport.loseConnection()
+            self._lose()
         elif frame.type is FrameType.WELCOME and self._session is None:
             try:
                 keys = self._handshake.receive_welcome(frame.payload)
@@ -206,11 +208,19 @@ class ClientConnection(Protocol):
         else:
             self.inbox.put(message)
 
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _lose(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def _abort(self, reason: Disconnected) -> None:
         self.log.info("closing: {code} {text}", code=reason.name, text=reason.text)
         self._reason = reason
         self._done = True
-        self.transport.loseConnection()
+        self._lose()
 
     # -- the application's API ---------------------------------------------------------
 
@@ -233,14 +243,14 @@ class ClientConnection(Protocol):
         if not self._queue or self._session is None or self._done:
             return
         queue, self._queue = self._queue, []
-        self.transport.write(self._session.seal(queue))
+        self._write(self._session.seal(queue))
 
     def disconnect(self) -> Deferred[Disconnected]:
         """Flush, close the connection; returns ``closed``."""
         if not self._done:
             self.flush()
             self._done = True
-            self.transport.loseConnection()
+            self._lose()
         return self.closed
 
 

@@ -76,7 +76,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         factory = self.factory
-        self.callLater = factory.clock.callLater  # TimeoutMixin uses the injected clock
+        # TimeoutMixin schedules with the injected clock.
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]
+        assert self.transport is not None
         peer = self.transport.getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
@@ -154,7 +156,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.fail(error.code, error.text)
             return
         self._state = _LOOKUP
-        self.factory.storage.load_user(user_id).addCallbacks(self._user_loaded, self._lookup_failed)
+        storage: Any = self.factory.storage
+        storage.load_user(user_id).addCallbacks(self._user_loaded, self._lookup_failed)
 
     def _lookup_failed(self, failure: Failure) -> None:
         self.log.failure("user lookup failed", failure)
@@ -183,7 +186,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.user_id = record.user_id
         self._session = Session(keys, "server", factory.max_frame)
         self._state = _SESSION
-        self.transport.write(welcome)
+        self._write(welcome)
         self.setTimeout(factory.idle_timeout / 2)
         factory.router.login(self, record)
         self._flush()
@@ -226,7 +229,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if not self._queue or self._session is None or self._state == _CLOSED:
             return
         queue, self._queue = self._queue, []
-        self.transport.write(self._session.seal(queue))
+        self._write(self._session.seal(queue))
 
     def close(self, code: ErrorCode, text: str) -> None:
         """End the session: a sealed ERROR after whatever is queued, then drop."""
@@ -249,7 +252,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if self._state == _CLOSED:
             return
         self.log.info("dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text)
-        self.transport.write(encode_frame(FrameType.ERROR, encode_error(code, text)))
+        self._write(encode_frame(FrameType.ERROR, encode_error(code, text)))
         self._drop()
 
     def _error(self, code: ErrorCode, text: str) -> None:
@@ -258,6 +261,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
         else:
             self.fail(code, text)
 
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
     def _drop(self) -> None:
         if self._state == _SESSION:
             # Detach now, so nothing more is routed to this session.
@@ -265,13 +272,14 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._state = _CLOSED
         self._queue = []
         self.setTimeout(None)
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
 class ServerFactory(Factory):
     """Builds :class:`ServerProtocol` instances sharing the server's settings."""
 
-    protocol = ServerProtocol
+    protocol = ServerProtocol  # type: ignore[assignment]
     noisy = False
     log = Logger()
 

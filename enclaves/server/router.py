@@ -133,7 +133,7 @@ class Router:
         allow_invites: bool = False,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
     ) -> None:
-        self.storage = storage
+        self.storage: Any = storage  # IStorage; its methods return Deferreds
         self.clock = clock
         self.message_rate = message_rate
         self.allow_invites = allow_invites
