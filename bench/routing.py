@@ -7,7 +7,12 @@ for latency.  The load runs in ``--workers`` processes; server CPU is read
 from /proc.  Finally, memory per idle authenticated connection is measured
 with ``--idle`` connections.
 
-    python -m bench.routing [--pairs 20] [--seconds 3] [--idle 5000]
+    python -m bench.routing [--pairs 20] [--seconds 3] [--idle 5000] [--workers 1]
+
+On a small machine the load generator shares the CPUs with the server, so
+``msgs_per_s`` is partly the client's limit; ``msgs_per_server_cpu_s``
+(messages per second of server CPU) is the figure to compare between the
+three servers.  More workers than (cores - 1) inflate the latencies.
 """
 
 from __future__ import annotations
@@ -404,7 +409,7 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__)
         parser.add_argument("--pairs", type=int, default=20)
-        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--workers", type=int, default=1)
         parser.add_argument("--seconds", type=float, default=3.0)
         parser.add_argument("--warmup", type=float, default=1.0)
         parser.add_argument("--window", type=int, default=50)
