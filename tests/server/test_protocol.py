@@ -475,3 +475,18 @@ def test_random_sealed_payloads_end_the_session_cleanly(payload: bytes) -> None:
     assert a.closing
     a.lose()
     assert not h.router.is_online(A) and h.router.stats().connections == 0
+
+
+def test_stats_uptime_and_counters(h: Harness) -> None:
+    ka, _ = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"stored"))
+    a.received()
+    h.clock.advance(5)
+    stats = h.router.stats()
+    assert stats.uptime == 5 and stats.taken_at == NOW + 5
+    assert (stats.connections, stats.sessions) == (1, 1)
+    assert (stats.messages_routed, stats.messages_stored, stats.messages_delivered) == (1, 1, 0)
+    a.lose()
+    assert h.router.stats().connections == 0 and h.router.stats().sessions == 0
