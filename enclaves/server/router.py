@@ -53,6 +53,7 @@ from enclaves.storage.interface import (
 __all__ = ["DEFAULT_MESSAGE_RATE", "Peer", "Router", "ServerStats"]
 
 DEFAULT_MESSAGE_RATE = 500
+DEFAULT_MAX_INFLIGHT = 1000
 
 
 class Peer(Protocol):
@@ -106,6 +107,11 @@ class _Online:
     ready: bool = False  # pending messages loaded; live deliveries go straight out
     closed: bool = False
     backlog: list[_Item] = field(factory=list)
+    # Flow control: at most ``max_inflight`` unacknowledged DELIVERs; beyond
+    # that new messages wait in storage ("spilled") until the window drains.
+    spilled: bool = False
+    refilling: bool = False
+    missed: bool = False
     inflight: dict[bytes, list[_Item]] = field(factory=dict)
     sent_files: set[int] = field(factory=set)
 
@@ -132,12 +138,14 @@ class Router:
         message_rate: int = DEFAULT_MESSAGE_RATE,
         allow_invites: bool = False,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
         self.storage: Any = storage  # IStorage; its methods return Deferreds
         self.clock = clock
         self.message_rate = message_rate
         self.allow_invites = allow_invites
         self.token_lifetime = token_lifetime
+        self.max_inflight = max(max_inflight, 2)
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
         self._online: dict[int, _Online] = {}
         self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
@@ -263,12 +271,10 @@ class Router:
                 return
             state.ready = True
             for stored in pending:
-                self._deliver(
-                    state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
-                )
+                self._offer(state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id))
             backlog, state.backlog = state.backlog, []
             for item in backlog:
-                self._deliver(state, item)
+                self._offer(state, item)
 
         def failed(failure: Failure) -> None:
             self.log.failure("could not start the session of {user_id}", failure, user_id=uid)
@@ -330,10 +336,55 @@ class Router:
         target = self._online.get(send.recipient)
         if target is None or target.closed or target.enrolling:
             self._store(item, send.recipient)
-        elif target.ready:
-            self._deliver(target, item)
         else:
-            target.backlog.append(item)
+            self._offer(target, item)
+
+    def _offer(self, state: _Online, item: _Item) -> None:
+        """Deliver now if the window allows, else leave the message to storage."""
+        if not state.ready:
+            state.backlog.append(item)
+        elif (
+            not state.spilled and not state.refilling and len(state.inflight) < self.max_inflight
+        ) or item.msg_id in state.inflight:
+            self._deliver(state, item)
+        elif item.file_id is None:
+            state.spilled = True
+            self._store(item, state.peer.user_id)
+        else:  # already stored: a refill will pick it up
+            state.spilled = True
+            state.missed = state.missed or state.refilling
+
+    def _refill(self, state: _Online) -> None:
+        """Deliver spilled messages from storage, in order, as the window drains."""
+        state.refilling = True
+        uid = state.peer.user_id
+
+        def loaded(pending: list[Any]) -> None:
+            state.refilling = False
+            if state.closed:
+                return
+            state.spilled, state.missed = state.missed, False
+            for stored in pending:
+                if stored.file_id not in state.sent_files:
+                    self._offer(
+                        state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
+                    )
+            self._maybe_refill(state)
+
+        def failed(failure: Failure) -> None:
+            state.refilling = False
+            self.log.failure("could not read pending messages of {user_id}", failure, user_id=uid)
+
+        self.storage.pending_for(uid).addCallbacks(loaded, failed)
+
+    def _maybe_refill(self, state: _Online) -> None:
+        if (
+            state.spilled
+            and not state.refilling
+            and not state.closed
+            and len(state.inflight) <= self.max_inflight // 2
+        ):
+            self._refill(state)
 
     def _deliver(self, state: _Online, item: _Item) -> None:
         if item.file_id is not None:
@@ -355,10 +406,7 @@ class Router:
             target = self._online.get(recipient)
             if target is None or target.closed or target.enrolling:
                 return
-            if target.ready:
-                self._deliver(target, item)
-            else:
-                target.backlog.append(item)
+            self._offer(target, item)
 
         def refused(failure: Failure) -> None:
             if failure.check(UnknownUser):
@@ -389,6 +437,7 @@ class Router:
                 self._tell(item.sender, Delivered(msg_id))
             else:
                 self._remove_stored(item)
+        self._maybe_refill(state)
 
     def _remove_stored(self, item: _Item) -> None:
         assert item.file_id is not None

@@ -490,3 +490,29 @@ def test_stats_uptime_and_counters(h: Harness) -> None:
     assert (stats.messages_routed, stats.messages_stored, stats.messages_delivered) == (1, 1, 0)
     a.lose()
     assert h.router.stats().connections == 0 and h.router.stats().sessions == 0
+
+
+def test_slow_recipient_window_spills_to_storage_in_order() -> None:
+    h = Harness(router={"max_inflight": 4})
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(*(Send(mid(i), B, b"%d" % i) for i in range(10)))
+    first = b.received()
+    assert [d.msg_id for d in first] == [mid(i) for i in range(4)]
+    # The six beyond the window are stored, hence ACCEPTED at once.
+    assert a.received() == [Accepted(mid(i)) for i in range(4, 10)]
+    assert _pending(h, B) == [mid(i) for i in range(4, 10)]
+    a.send(Send(mid(10), B, b"10"))  # later live traffic queues behind them
+    assert a.received() == [Accepted(mid(10))]
+    delivered = [d.msg_id for d in first]
+    for _ in range(20):
+        if len(delivered) == 11:
+            break
+        b.send(*(Received(m) for m in delivered[-4:]))
+        delivered += [d.msg_id for d in b.received() if isinstance(d, Deliver)]
+    assert delivered == [mid(i) for i in range(11)]
+    b.send(*(Received(m) for m in delivered[-4:]))
+    b.received()
+    assert _pending(h, B) == []
+    assert len(h.router._online[B].inflight) == 0
