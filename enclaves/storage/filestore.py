@@ -547,8 +547,10 @@ class FileStorage(Service):
         if error:
             return fail(error)
         record = self._users.pop(user_id, None)
-        if record is None:
+        if record is None and user_id not in self._by_recipient:
             return fail(UnknownUser(f"no user {user_id}"))
+        # An unknown id with pending messages (its user file was quarantined):
+        # remove the orphaned messages.
 
         async def remove() -> int:
             # Gone from memory first: no new store or handshake for it.
@@ -562,7 +564,8 @@ class FileStorage(Service):
                     "remove the user", self._delete_user_files, user_id, ids, deleted
                 )
             except BaseException:
-                self._users[user_id] = record
+                if record is not None:
+                    self._users[user_id] = record
                 raise
             finally:
                 for file_id in deleted:
