@@ -5,11 +5,11 @@ the disk is the truth and is read once, at :meth:`FileStorage.load`.  Every
 later disk operation runs on the service's own bounded thread pool; the
 reactor only keeps the index and the queues.
 
-Pending-message stores are group-committed: each store writes and fsyncs
-its own temporary file on a pool thread (concurrent fsyncs share journal
-commits), then every finished temporary file waiting at that moment is
-renamed into place and the directory fsynced once.  A store's Deferred
-fires only after that directory fsync: the message is durable.
+Pending-message stores and removals are group-committed: while one batch
+is on the pool, new ones queue; the next batch writes every queued file to
+its temporary name, fsyncs each, renames them into place, unlinks the
+removed ones and fsyncs the directory once.  A store's Deferred fires only
+after that directory fsync: the message is durable (DESIGN.md §4).
 """
 
 from __future__ import annotations
