@@ -5,11 +5,11 @@ the disk is the truth and is read once, at :meth:`FileStorage.load`.  Every
 later disk operation runs on the service's own bounded thread pool; the
 reactor only keeps the index and the queues.
 
-Pending-message stores are group-committed: each store writes and fsyncs
-its own temporary file on a pool thread (concurrent fsyncs share journal
-commits), then every finished temporary file waiting at that moment is
-renamed into place and the directory fsynced once.  A store's Deferred
-fires only after that directory fsync: the message is durable.
+Pending-message stores and removals are group-committed: while one batch
+is on the pool, new ones queue; the next batch writes every queued file to
+its temporary name, fsyncs each, renames them into place, unlinks the
+removed ones and fsyncs the directory once.  A store's Deferred fires only
+after that directory fsync: the message is durable (DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -547,8 +547,10 @@ class FileStorage(Service):
         if error:
             return fail(error)
         record = self._users.pop(user_id, None)
-        if record is None:
+        if record is None and user_id not in self._by_recipient:
             return fail(UnknownUser(f"no user {user_id}"))
+        # An unknown id with pending messages (its user file was quarantined):
+        # remove the orphaned messages.
 
         async def remove() -> int:
             # Gone from memory first: no new store or handshake for it.
@@ -562,7 +564,8 @@ class FileStorage(Service):
                     "remove the user", self._delete_user_files, user_id, ids, deleted
                 )
             except BaseException:
-                self._users[user_id] = record
+                if record is not None:
+                    self._users[user_id] = record
                 raise
             finally:
                 for file_id in deleted:

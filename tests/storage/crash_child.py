@@ -2,11 +2,13 @@
 
 ``python -m tests.storage.crash_child DATA_DIR KEY_HEX ROUND`` prints
 ``ready`` once storage is up, then ``<index>`` for every store whose Deferred
-has fired (the message is durable), flushed at once.
+has fired (the message is durable) and ``k<batch>`` for every key rotation
+that has, flushed at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -17,6 +19,14 @@ from enclaves.storage.filestore import FileStorage
 
 USER = 4242
 SENDER = 7
+#: A second user whose keys are rotated once per batch.
+ROTATING = 5151
+
+
+def rotated_keys(round_no: int, batch: int) -> KeyPair:
+    """The keys ``ROTATING`` gets in ``batch`` of ``round_no``: checkable later."""
+    seed = hashlib.sha256(b"%d/%d" % (round_no, batch)).digest()
+    return KeyPair(seed, hashlib.sha256(seed).digest())
 
 
 def payload(round_no: int, index: int) -> tuple[bytes, bytes]:
@@ -36,6 +46,8 @@ async def run(reactor: object, data_dir: str, key_hex: str, round_no: str) -> No
     storage.startService()
     if await storage.load_user(USER) is None:
         await storage.add_user(USER, KeyPair.generate(), None)
+    if await storage.load_user(ROTATING) is None:
+        await storage.add_user(ROTATING, rotated_keys(0, 0), 10**13)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     number = int(round_no)
@@ -45,8 +57,14 @@ async def run(reactor: object, data_dir: str, key_hex: str, round_no: str) -> No
         sys.stdout.flush()
 
     index = 0
-    while True:  # bounded by the parent's SIGKILL (and by its own timeout)
-        batch = []
+    batch_no = 0
+    while True:  # bounded by the parent's SIGKILL (and by its own index limit)
+        batch_no += 1
+        batch = [
+            storage.replace_user_keys(ROTATING, rotated_keys(number, batch_no)).addCallback(
+                lambda _, b: sys.stdout.write(f"k{b}\n") and sys.stdout.flush(), batch_no
+            )
+        ]
         for _ in range(8):
             msg_id, blob = payload(number, index)
             d = storage.store_message(USER, SENDER, msg_id, blob)

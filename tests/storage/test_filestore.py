@@ -299,3 +299,39 @@ async def test_stop_waits_for_stores_in_flight_and_restart_same_object(
         assert (await storage.pending_summary())[A].count == 20
     finally:
         await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disk_work_never_on_the_reactor_thread(
+    data_dir: Path, keys: KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    storage = make_storage(data_dir, keys)
+    real_fsync, real_open = os.fsync, os.open
+    threads: list[str] = []
+
+    def fsync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    def open_(*args: object, **kwargs: object) -> int:
+        threads.append(threading.current_thread().name)
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "open", open_)
+    try:
+        await storage.add_user(A, KeyPair.generate(), 1)
+        await storage.replace_user_keys(A, KeyPair.generate())
+        file_id = await storage.store_message(A, B, msg_id(1), b"x")
+        await storage.pending_for(A)
+        await storage.remove_message(file_id)
+        await storage.inventory()
+        await storage.remove_user(A)
+    finally:
+        monkeypatch.undo()
+        await storage.stopService()
+    assert threads, "no file was opened or synced"
+    main = threading.main_thread().name
+    assert main not in threads

@@ -179,3 +179,23 @@ def test_twistd_wiring_refuses_tampered_enrollment(tmp_path: Path) -> None:
     (data_dir / ENROLLMENT_FILE).write_bytes(b"\0" * 48)
     with pytest.raises(SystemExit):
         makeService(options)
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_user_clears_messages_orphaned_by_a_quarantined_user(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    ids = await _populate(data_dir, keys)
+    _flip(data_dir / USERS_DIR / f"{A}.user", 3)
+    with capturedLogs() as events:
+        storage = make_storage(data_dir, keys)
+    try:
+        loaded = [e for e in events if "storage loaded" in e.get("log_format", "")]
+        assert loaded[0]["orphans"] == 4
+        assert await storage.load_user(A) is None
+        assert (await storage.pending_summary())[A].count == 4
+        assert await storage.remove_user(A) == 4
+        assert await storage.pending_summary() == {}
+        assert not any(f"{n}.msg" in os.listdir(data_dir / PENDING_DIR) for n in ids)
+    finally:
+        await storage.stopService()
