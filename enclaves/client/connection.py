@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -274,11 +275,13 @@ def connect(
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
     on_message: Callable[[InnerMessage], None] | None = None,
+    timeout: float = 30.0,
 ) -> Deferred[ClientConnection]:
     """Connect to ``endpoint`` (a ``clientFromString`` description) and log in.
 
     Fires with the established :class:`ClientConnection`; fails with
-    :class:`LoginFailed` if the server refuses, or the connection error.
+    :class:`LoginFailed` if the server refuses or sends no WELCOME within
+    ``timeout`` seconds, or with the connection error.
     """
 
     async def run() -> ClientConnection:
@@ -286,6 +289,10 @@ def connect(
             user_id, keys, clock=reactor, max_frame=max_frame, on_message=on_message
         )
         await connectProtocol(clientFromString(reactor, endpoint), protocol)
-        return await protocol.ready
+        try:
+            return await protocol.ready.addTimeout(timeout, reactor)
+        except defer.TimeoutError:
+            protocol.disconnect()
+            raise LoginFailed(int(ErrorCode.HANDSHAKE_TIMEOUT), "no WELCOME in time") from None
 
     return ensureDeferred(run())

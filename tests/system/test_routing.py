@@ -197,3 +197,56 @@ async def test_sigterm_says_shutting_down_and_keeps_in_flight(tmp_path: Path) ->
         await b.disconnect()
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_session_is_pinged_then_closed(tmp_path: Path) -> None:
+    """A raw client (sans-IO machines over a blocking socket) that never answers PING."""
+    from twisted.internet.threads import deferToThread
+
+    from enclaves.frames import FrameDecoder, FrameType
+    from enclaves.handshake import ClientHandshake
+    from enclaves.inner import Ping
+    from enclaves.session import Session
+
+    keys = KeyPair.generate()
+    daemon = Daemon(tmp_path, "--idle-timeout=2")
+    await make_users(daemon.data_dir, {A: keys})
+    daemon.start()
+    handshake = ClientHandshake(A, keys)
+
+    def silent_client() -> list:  # type: ignore[type-arg]
+        decoder, frames = FrameDecoder(), []
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            sock.sendall(handshake.hello_frame())
+            while chunk := sock.recv(65536):
+                frames += decoder.feed(chunk)
+        return frames
+
+    try:
+        frames = await deferToThread(silent_client)
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert frames[0].type is FrameType.WELCOME
+    session = Session(handshake.receive_welcome(frames[0].payload), "client", 65536)
+    messages = [m for f in frames[1:] for m in session.open(f.payload)]
+    assert isinstance(messages[0], Directory) and isinstance(messages[1], Ping)
+    assert isinstance(messages[-1], Error) and messages[-1].code == ErrorCode.IDLE_TIMEOUT
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_gives_up_on_a_silent_server() -> None:
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from enclaves.client.connection import connect
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        with pytest.raises(LoginFailed) as error:
+            await connect(
+                reactor, f"tcp:127.0.0.1:{port.getHost().port}", A, KeyPair.generate(), timeout=0.3
+            )
+        assert error.value.code == ErrorCode.HANDSHAKE_TIMEOUT
+    finally:
+        await port.stopListening()
