@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.test import iosim
 
@@ -90,3 +92,21 @@ def test_login_failed_carries_the_servers_error() -> None:
     error = failure.value  # type: ignore[attr-defined]
     assert isinstance(error, LoginFailed)
     assert error.code == ErrorCode.AUTH_FAILED and "AUTH_FAILED" in str(error)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=6))
+def test_random_server_bytes_never_crash_the_client(chunks: list[bytes]) -> None:
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    client = ClientConnection(1, KeyPair.generate(), clock=Clock())
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.ready.addErrback(lambda failure: None)
+    for chunk in chunks:
+        client.dataReceived(chunk)
+    client.connectionLost()
+    reasons: list[Disconnected] = []
+    client.closed.addCallback(reasons.append)
+    assert len(reasons) == 1
