@@ -11,10 +11,19 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
-from enclaves.server.lifecycle import CleanExitOnSignals
-from enclaves.server.protocol import ServerFactory
+from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
+from enclaves.server.protocol import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    ServerFactory,
+)
+from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
+from enclaves.storage.filestore import FileStorage
+from enclaves.storage.interface import StorageError
 
 __all__ = ["Options", "makeService"]
 
@@ -62,6 +71,59 @@ class Options(usage.Options):
             "SSH admin shell endpoint (on only with --admin-keys).",
         ],
         ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most client connections at once; more get SERVER_BUSY.",
+            _positive_int("max-connections", 1, 1_000_000),
+        ],
+        [
+            "handshake-timeout",
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a new connection has to complete its handshake.",
+            _positive_int("handshake-timeout", 1, 3600),
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds without traffic before a session is closed "
+            "(the server PINGs after half of it).",
+            _positive_int("idle-timeout", 2, 86400),
+        ],
+        [
+            "message-rate",
+            None,
+            DEFAULT_MESSAGE_RATE,
+            "Most requests per second per session (bursts up to as many).",
+            _positive_int("message-rate", 1, 10_000_000),
+        ],
+        [
+            "token-lifetime",
+            None,
+            DEFAULT_TOKEN_LIFETIME,
+            "Seconds an enrollment token (issue() or INVITE) stays valid.",
+            _positive_int("token-lifetime", 60, 365 * 86400),
+        ],
+        [
+            "max-pending",
+            None,
+            1000,
+            "Most pending (stored) messages per recipient.",
+            _positive_int("max-pending", 1, 10_000_000),
+        ],
+        [
+            "max-pending-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Most bytes of pending messages per recipient.",
+            _positive_int("max-pending-bytes", 1024, 1 << 40),
+        ],
+    ]
+    optFlags = [
+        ["allow-invites", None, "Let enrolled users ask for tokens for newcomers (INVITE)."],
     ]
 
     def postOptions(self) -> None:
@@ -78,7 +140,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """Wire the server's services; refuse to start with a one-line error."""
     try:
-        _keys, created = open_server_key(options["data-dir"], options["key-file"])
+        keys, created = open_server_key(options["data-dir"], options["key-file"])
     except StartupError as error:
         sys.stderr.write(f"enclaves: error: {error}\n")
         raise SystemExit(1) from None
@@ -99,9 +161,45 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    storage = FileStorage(
+        options["data-dir"],
+        keys,
+        max_pending_count=options["max-pending"],
+        max_pending_bytes=options["max-pending-bytes"],
+        reactor=reactor,
+    )
+    try:
+        # Read the data directory now: a refusal is a one-line error, and the
+        # listener below can never accept a client before storage is ready.
+        storage.load()
+    except StorageError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
-    factory = ServerFactory(max_frame=options["max-frame"])
+    # Before the listener: MultiService starts children in order and stops
+    # them in reverse, so storage outlives every connection.
+    storage.setServiceParent(top)
+    router = Router(
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        message_rate=options["message-rate"],
+        allow_invites=bool(options["allow-invites"]),
+        token_lifetime=options["token-lifetime"],
+    )
+    factory = ServerFactory(
+        router,
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        max_connections=options["max-connections"],
+        handshake_timeout=options["handshake-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
+    # Stopped before storage (services stop in reverse order): clients hear
+    # SHUTTING_DOWN and in-flight messages reach storage first.
+    DisconnectOnStop(factory).setServiceParent(top)
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
     if options["admin-keys"] is None:

@@ -107,7 +107,9 @@ class IStorage(Interface):
 
     def remove_user(user_id: int) -> Deferred[int]:
         """Delete the user and its pending messages.  Fires with the number of
-        messages deleted; UnknownUser if there is no such user."""
+        messages deleted; UnknownUser if there is no such user and no pending
+        message for that id (messages left by a quarantined user file are
+        deleted too)."""
 
     def list_users() -> Deferred[list[int]]:
         """Fires with a sorted list of every user id."""

@@ -1,0 +1,417 @@
+"""Routing benchmark: the full server against a bare relay and a naive crypto relay.
+
+Prints JSON.  N sender->receiver pairs over loopback exchange 200-byte
+bodies; each sender keeps ``--window`` messages in flight (closed loop) to
+find the peak rate, then the full server is run open loop at half of its peak
+for latency.  The load runs in ``--workers`` processes; server CPU is read
+from /proc.  Finally, memory per idle authenticated connection is measured
+with ``--idle`` connections.
+
+    python -m bench.routing [--pairs 20] [--seconds 3] [--idle 5000] [--workers 1]
+
+On a small machine the load generator shares the CPUs with the server, so
+``msgs_per_s`` is partly the client's limit; ``msgs_per_server_cpu_s``
+(messages per second of server CPU) is the figure to compare between the
+three servers.  More workers than (cores - 1) inflate the latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BODY = 200
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- helpers run in the orchestrator ------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    from tests.daemon import free_port as free
+
+    return free()
+
+
+def run_py(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True, **kwargs)
+
+
+def make_users(data_dir: Path, count: int) -> Path:
+    out = data_dir.parent / f"users-{count}.json"
+    proc = run_py("bench.routing", "make-users", str(data_dir), str(count), str(out))
+    if proc.wait() != 0:
+        raise RuntimeError("make-users failed")
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def load(
+    mode: str, port: int, pid: int, args: argparse.Namespace, users: Path | None, rate: float = 0
+) -> dict[str, Any]:
+    start_at = time.time() + 2.0
+    per = args.pairs // args.workers
+    workers = []
+    for w in range(args.workers):
+        argv = [
+            "bench.routing", "worker", mode, str(port), str(per), str(w * per),
+            str(start_at), str(args.warmup), str(args.seconds), str(args.window),
+            str(rate / args.workers), str(users or ""),
+        ]  # fmt: skip
+        workers.append(run_py(*argv, stdout=subprocess.PIPE))
+    time.sleep(max(0.0, start_at + args.warmup - time.time()))
+    cpu0 = cpu_seconds(pid)
+    time.sleep(args.seconds)
+    cpu1 = cpu_seconds(pid)
+    count, latencies = 0, []
+    for proc in workers:
+        out, _ = proc.communicate(timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        count += result["count"]
+        latencies += result["latencies"]
+    rate_measured = count / args.seconds
+    server_cpu = (cpu1 - cpu0) / args.seconds
+    return {
+        "msgs_per_s": round(rate_measured),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+        "server_cpu": round(server_cpu, 3),
+        "msgs_per_server_cpu_s": round(rate_measured / server_cpu) if server_cpu else None,
+    }
+
+
+def start_relay(mode: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    proc = run_py("bench.relay", mode, str(port), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return proc, port
+
+
+def start_server(workdir: Path, users: int) -> tuple[Any, Path]:
+    from tests.daemon import Daemon
+
+    daemon = Daemon(
+        workdir,
+        "--message-rate=10000000",
+        "--max-connections=100000",
+        "--max-pending=1000000",
+        "--idle-timeout=86400",
+    )
+    path = make_users(daemon.data_dir, users)
+    daemon.start(timeout=120)
+    return daemon, path
+
+
+def main(args: argparse.Namespace) -> None:
+    results: dict[str, Any] = {"pairs": args.pairs, "body_bytes": BODY, "cpus": os.cpu_count()}
+    for mode in ("bare", "naive"):
+        proc, port = start_relay(mode)
+        try:
+            results[f"{mode}_relay"] = load(mode, port, proc.pid, args, None)
+        finally:
+            proc.terminate()
+            proc.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon, users = start_server(Path(tmp), 2 * args.pairs)
+        try:
+            assert daemon.process is not None
+            peak = load("enclaves", daemon.port, daemon.process.pid, args, users)
+            results["enclaves"] = peak
+            results["enclaves_half_rate"] = load(
+                "enclaves", daemon.port, daemon.process.pid, args, users, peak["msgs_per_s"] / 2
+            )
+        finally:
+            daemon.stop()
+    naive = results["naive_relay"]["msgs_per_s"]
+    results["enclaves_vs_naive"] = round(results["enclaves"]["msgs_per_s"] / naive, 2)
+    if args.idle:
+        results["idle"] = idle_memory(args)
+    print(json.dumps(results, indent=2))
+
+
+def idle_memory(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon, users = start_server(Path(tmp), args.idle)
+        try:
+            assert daemon.process is not None
+            pid = daemon.process.pid
+            time.sleep(0.5)
+            before = rss_kib(pid)
+            per = args.idle // args.workers
+            workers = [
+                run_py(
+                    "bench.routing",
+                    "idle",
+                    str(daemon.port),
+                    str(per),
+                    str(w * per),
+                    str(users),
+                    stdout=subprocess.PIPE,
+                    stdin=subprocess.PIPE,
+                )
+                for w in range(args.workers)
+            ]
+            for proc in workers:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if not line.startswith("ready"):
+                    raise RuntimeError(f"idle worker failed: {line!r}")
+            time.sleep(0.5)
+            after = rss_kib(pid)
+            for proc in workers:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+        finally:
+            daemon.stop()
+    return {
+        "connections": per * args.workers,
+        "server_rss_before_kib": before,
+        "server_rss_after_kib": after,
+        "kib_per_connection": round((after - before) / (per * args.workers), 2),
+    }
+
+
+# -- subprocess roles --------------------------------------------------------------
+
+
+def cmd_make_users(data_dir: str, count: str, out: str) -> None:
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred, gatherResults
+
+    from enclaves.crypto import KeyPair
+    from enclaves.serverkey import open_server_key
+    from enclaves.storage.filestore import FileStorage
+
+    async def run(reactor: Any) -> None:
+        keys, _ = open_server_key(Path(data_dir), None)
+        storage = FileStorage(Path(data_dir), keys, reactor=reactor, threads=8)
+        storage.startService()
+        users = [(1000 + i, KeyPair.generate()) for i in range(int(count))]
+        await gatherResults([storage.add_user(uid, k, None) for uid, k in users])
+        await storage.stopService()
+        Path(out).write_text(json.dumps([[u, k.enc.hex(), k.auth.hex()] for u, k in users]))
+
+    task.react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+def _read_users(path: str) -> list[tuple[int, Any]]:
+    from enclaves.crypto import KeyPair
+
+    return [
+        (u, KeyPair(bytes.fromhex(e), bytes.fromhex(a)))
+        for u, e, a in json.loads(Path(path).read_text())
+    ]
+
+
+class _Baseline:
+    """A client of bench/relay.py with the same surface as ClientConnection."""
+
+    def __init__(self, mode: str, user_id: int) -> None:
+        from enclaves.frames import FrameDecoder
+
+        self.mode, self.user_id = mode, user_id
+        self.decoder = FrameDecoder(1 << 20)
+        self.session: Any = None
+        self.on_message: Any = None
+
+    def protocol(self) -> Any:
+        from twisted.internet.protocol import Protocol
+
+        outer = self
+
+        class P(Protocol):
+            def connectionMade(self) -> None:
+                from bench.relay import bench_keys
+                from enclaves.frames import FrameType, encode_frame
+                from enclaves.session import Session
+
+                outer.transport = self.transport
+                self.transport.write(
+                    encode_frame(FrameType.HELLO, struct.pack(">Q", outer.user_id))
+                )
+                if outer.mode == "naive":
+                    outer.session = Session(bench_keys(outer.user_id), "client", 1 << 20)
+
+            def dataReceived(self, data: bytes) -> None:
+                from enclaves import inner
+
+                for frame in outer.decoder.feed(data):
+                    if outer.session is None:
+                        messages = inner.decode_all(frame.payload)
+                    else:
+                        messages = outer.session.open(frame.payload)
+                    for message in messages:
+                        outer.on_message(message)
+
+        return P()
+
+    def send(self, message: Any) -> None:
+        from enclaves import inner
+        from enclaves.frames import FrameType, encode_frame
+
+        if self.session is None:
+            self.transport.write(encode_frame(FrameType.SEALED, inner.encode(message)))
+        else:
+            self.transport.write(self.session.seal([message]))
+
+
+def cmd_worker(
+    mode: str, port: str, pairs: str, offset: str, start_at: str, warmup: str,
+    seconds: str, window: str, rate: str, users_path: str,
+) -> None:  # fmt: skip
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.task import LoopingCall
+
+    from enclaves import inner
+    from enclaves.client.connection import connect
+
+    n, first = int(pairs), int(offset)
+    t_measure = float(start_at) + float(warmup)
+    t_end = t_measure + float(seconds)
+    win, per_s = int(window), float(rate)
+    state = {"count": 0, "latencies": [], "seq": 0}
+    pad = bytes(BODY - 8)
+
+    def blob() -> bytes:
+        return struct.pack(">d", time.time()) + pad
+
+    def new_id() -> bytes:
+        state["seq"] += 1
+        return struct.pack(">QQ", os.getpid(), state["seq"])
+
+    async def setup() -> None:
+        conns: list[tuple[Any, Any, int]] = []
+        if mode == "enclaves":
+            users = _read_users(users_path)[2 * first : 2 * (first + n)]
+            for i in range(n):
+                (su, sk), (ru, rk) = users[2 * i], users[2 * i + 1]
+                s = await connect(reactor, f"tcp:127.0.0.1:{port}", su, sk, max_frame=65536)
+                r = await connect(reactor, f"tcp:127.0.0.1:{port}", ru, rk, max_frame=65536)
+                conns.append((s, r, ru))
+        else:
+            for i in range(n):
+                ids = (1 + 2 * (first + i), 2 + 2 * (first + i))
+                pair = []
+                for uid in ids:
+                    client = _Baseline(mode, uid)
+                    ep = TCP4ClientEndpoint(reactor, "127.0.0.1", int(port))
+                    await connectProtocol(ep, client.protocol())
+                    pair.append(client)
+                conns.append((pair[0], pair[1], ids[1]))
+        for sender, receiver, rid in conns:
+
+            def on_message(
+                message: Any, sender: Any = sender, receiver: Any = receiver, rid: int = rid
+            ) -> None:
+                if isinstance(message, inner.Deliver):
+                    now = time.time()
+                    if t_measure <= now < t_end:
+                        state["count"] += 1
+                        if len(state["latencies"]) < 50000:
+                            (sent,) = struct.unpack_from(">d", message.blob)
+                            state["latencies"].append(now - sent)
+                    if mode == "enclaves":
+                        receiver.send(inner.Received(message.msg_id))
+                    if not per_s and now < t_end:
+                        sender.send(inner.Send(new_id(), rid, blob()))
+
+            receiver.on_message = on_message
+            sender.on_message = lambda message: None
+        delay = float(start_at) - time.time()
+        if delay > 0:
+            from twisted.internet.task import deferLater
+
+            await deferLater(reactor, delay)
+        if per_s:
+            credit = [0.0]
+
+            def tick() -> None:
+                if time.time() >= t_end:
+                    return
+                credit[0] += per_s * 0.005
+                while credit[0] >= n:
+                    credit[0] -= n
+                    for sender, _r, rid in conns:
+                        sender.send(inner.Send(new_id(), rid, blob()))
+
+            LoopingCall(tick).start(0.005)
+        else:
+            for sender, _r, rid in conns:
+                for _ in range(win):
+                    sender.send(inner.Send(new_id(), rid, blob()))
+        reactor.callLater(max(0.0, t_end - time.time()) + 0.3, reactor.stop)
+
+    d = ensureDeferred(setup())
+    d.addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
+    reactor.run()
+    print(json.dumps({"count": state["count"], "latencies": state["latencies"]}))
+
+
+def cmd_idle(port: str, count: str, offset: str, users_path: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.connection import connect
+
+    users = _read_users(users_path)[int(offset) : int(offset) + int(count)]
+    conns = []
+
+    async def run() -> None:
+        for uid, keys in users:
+            conns.append(await connect(reactor, f"tcp:127.0.0.1:{port}", uid, keys))
+        print("ready", flush=True)
+
+    ensureDeferred(run()).addErrback(
+        lambda f: (print("failed", f.getErrorMessage(), flush=True), reactor.stop())
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("make-users", "worker", "idle"):
+        {"make-users": cmd_make_users, "worker": cmd_worker, "idle": cmd_idle}[sys.argv[1]](
+            *sys.argv[2:]
+        )
+    else:
+        parser = argparse.ArgumentParser(description=__doc__)
+        parser.add_argument("--pairs", type=int, default=20)
+        parser.add_argument("--workers", type=int, default=1)
+        parser.add_argument("--seconds", type=float, default=3.0)
+        parser.add_argument("--warmup", type=float, default=1.0)
+        parser.add_argument("--window", type=int, default=50)
+        parser.add_argument("--idle", type=int, default=5000)
+        main(parser.parse_args())

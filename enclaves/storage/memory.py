@@ -1,0 +1,137 @@
+"""An in-memory :class:`IStorage`: every Deferred has already fired.
+
+A legitimate second backend with the file store's semantics (quota, arrival
+order, errors) but no durability: for tests that want determinism, and for
+trying the server out.  Nothing survives a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from attrs import evolve
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from enclaves.crypto import KeyPair
+from enclaves.storage.interface import (
+    InventoryEntry,
+    IStorage,
+    PendingSummary,
+    QuotaExceeded,
+    StorageFailed,
+    StoredMessage,
+    UnknownUser,
+    UserExists,
+    UserRecord,
+)
+
+__all__ = ["MemoryStorage"]
+
+DEFAULT_MAX_PENDING_COUNT = 10_000
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+@implementer(IStorage)
+class MemoryStorage(Service):
+    """Users and pending messages in dicts; ``fail_writes`` simulates a full disk."""
+
+    def __init__(
+        self,
+        *,
+        max_pending_count: int = DEFAULT_MAX_PENDING_COUNT,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    ) -> None:
+        self.max_pending_count = max_pending_count
+        self.max_pending_bytes = max_pending_bytes
+        #: When true, every write fails with StorageFailed (nothing changes).
+        self.fail_writes = False
+        self._users: dict[int, UserRecord] = {}
+        self._messages: dict[int, StoredMessage] = {}  # insertion order = arrival order
+
+    def _refuse_write(self) -> Deferred[Any] | None:
+        if self.fail_writes:
+            return fail(StorageFailed("the disk refused the write"))
+        return None
+
+    def add_user(
+        self, user_id: int, keys: KeyPair, enrollment_expires_ms: int | None
+    ) -> Deferred[None]:
+        if refused := self._refuse_write():
+            return refused
+        if user_id in self._users:
+            return fail(UserExists(f"user {user_id} already exists"))
+        self._users[user_id] = UserRecord(user_id, keys, enrollment_expires_ms)
+        return succeed(None)
+
+    def load_user(self, user_id: int) -> Deferred[UserRecord | None]:
+        return succeed(self._users.get(user_id))
+
+    def replace_user_keys(self, user_id: int, keys: KeyPair) -> Deferred[None]:
+        if refused := self._refuse_write():
+            return refused
+        record = self._users.get(user_id)
+        if record is None:
+            return fail(UnknownUser(f"no user {user_id}"))
+        self._users[user_id] = evolve(record, keys=keys, enrollment_expires_ms=None)
+        return succeed(None)
+
+    def remove_user(self, user_id: int) -> Deferred[int]:
+        if refused := self._refuse_write():
+            return refused
+        if self._users.pop(user_id, None) is None:
+            return fail(UnknownUser(f"no user {user_id}"))
+        doomed = [n for n, m in self._messages.items() if m.recipient == user_id]
+        for file_id in doomed:
+            del self._messages[file_id]
+        return succeed(len(doomed))
+
+    def list_users(self) -> Deferred[list[int]]:
+        return succeed(sorted(self._users))
+
+    def store_message(
+        self, recipient: int, sender: int, msg_id: bytes, blob: bytes
+    ) -> Deferred[int]:
+        if refused := self._refuse_write():
+            return refused
+        if recipient not in self._users:
+            return fail(UnknownUser(f"no user {recipient}"))
+        held = [m for m in self._messages.values() if m.recipient == recipient]
+        if (
+            len(held) + 1 > self.max_pending_count
+            or sum(len(m.blob) for m in held) + len(blob) > self.max_pending_bytes
+        ):
+            return fail(QuotaExceeded(f"user {recipient} has too many pending messages"))
+        while True:
+            (file_id,) = struct.unpack(">Q", os.urandom(8))
+            if file_id not in self._messages:
+                break
+        self._messages[file_id] = StoredMessage(file_id, recipient, sender, bytes(msg_id), blob)
+        return succeed(file_id)
+
+    def pending_for(self, recipient: int) -> Deferred[list[StoredMessage]]:
+        return succeed([m for m in self._messages.values() if m.recipient == recipient])
+
+    def remove_message(self, file_id: int) -> Deferred[None]:
+        if refused := self._refuse_write():
+            return refused
+        self._messages.pop(file_id, None)
+        return succeed(None)
+
+    def pending_summary(self) -> Deferred[dict[int, PendingSummary]]:
+        summary: dict[int, PendingSummary] = {}
+        for message in self._messages.values():
+            old = summary.get(message.recipient, PendingSummary(0, 0))
+            summary[message.recipient] = PendingSummary(old.count + 1, old.size + len(message.blob))
+        return succeed(summary)
+
+    def inventory(self) -> Deferred[list[InventoryEntry]]:
+        entries = [InventoryEntry(f"{uid}.user", 80, f"user {uid}") for uid in sorted(self._users)]
+        entries += [
+            InventoryEntry(f"{n}.msg", len(m.blob), f"message for {m.recipient}")
+            for n, m in self._messages.items()
+        ]
+        return succeed(entries)
