@@ -15,6 +15,8 @@ from enclaves.frames import DEFAULT_MAX_FRAME
 from enclaves.server.lifecycle import CleanExitOnSignals
 from enclaves.server.protocol import ServerFactory
 from enclaves.serverkey import StartupError, open_server_key
+from enclaves.storage.filestore import FileStorage
+from enclaves.storage.interface import StorageError
 
 __all__ = ["Options", "makeService"]
 
@@ -62,6 +64,20 @@ class Options(usage.Options):
             "SSH admin shell endpoint (on only with --admin-keys).",
         ],
         ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
+        [
+            "max-pending",
+            None,
+            1000,
+            "Most pending (stored) messages per recipient.",
+            _positive_int("max-pending", 1, 10_000_000),
+        ],
+        [
+            "max-pending-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Most bytes of pending messages per recipient.",
+            _positive_int("max-pending-bytes", 1024, 1 << 40),
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -78,7 +94,7 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """Wire the server's services; refuse to start with a one-line error."""
     try:
-        _keys, created = open_server_key(options["data-dir"], options["key-file"])
+        keys, created = open_server_key(options["data-dir"], options["key-file"])
     except StartupError as error:
         sys.stderr.write(f"enclaves: error: {error}\n")
         raise SystemExit(1) from None
@@ -99,8 +115,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    storage = FileStorage(
+        options["data-dir"],
+        keys,
+        max_pending_count=options["max-pending"],
+        max_pending_bytes=options["max-pending-bytes"],
+        reactor=reactor,
+    )
+    try:
+        # Read the data directory now: a refusal is a one-line error, and the
+        # listener below can never accept a client before storage is ready.
+        storage.load()
+    except StorageError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
     top = MultiService()
     CleanExitOnSignals(reactor).setServiceParent(top)
+    # Before the listener: MultiService starts children in order and stops
+    # them in reverse, so storage outlives every connection.
+    storage.setServiceParent(top)
     factory = ServerFactory(max_frame=options["max-frame"])
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)

@@ -1,0 +1,853 @@
+"""The file-backed storage service (DESIGN.md §7; layout in docs/storage.rst).
+
+State lives in memory (users, enrollment table, pending index) and on disk;
+the disk is the truth and is read once, at :meth:`FileStorage.load`.  Every
+later disk operation runs on the service's own bounded thread pool; the
+reactor only keeps the index and the queues.
+
+Pending-message stores are group-committed: each store writes and fsyncs
+its own temporary file on a pool thread (concurrent fsyncs share journal
+commits), then every finished temporary file waiting at that moment is
+renamed into place and the directory fsynced once.  A store's Deferred
+fires only after that directory fsync: the message is durable.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+from bisect import insort
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    ensureDeferred,
+    fail,
+    succeed,
+)
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, write_atomic
+from enclaves.crypto import KeyPair, Sealer
+from enclaves.storage.formats import (
+    U64_MAX,
+    FormatError,
+    decode_enrollment,
+    decode_msg,
+    decode_user,
+    encode_enrollment,
+    encode_msg,
+    encode_user,
+    msg_file_name,
+    parse_msg_name,
+    parse_user_name,
+    user_file_name,
+)
+from enclaves.storage.interface import (
+    InventoryEntry,
+    IStorage,
+    PendingSummary,
+    QuotaExceeded,
+    StorageError,
+    StorageFailed,
+    StoredMessage,
+    UnknownUser,
+    UserExists,
+    UserRecord,
+)
+
+__all__ = [
+    "FileStorage",
+    "USERS_DIR",
+    "PENDING_DIR",
+    "QUARANTINE_DIR",
+    "ENROLLMENT_FILE",
+    "LOCK_FILE",
+    "SEQ_SHIFT",
+    "storage_failed",
+]
+
+USERS_DIR = "users"
+PENDING_DIR = "pending"
+QUARANTINE_DIR = "quarantine"
+ENROLLMENT_FILE = "enrollment.state"
+LOCK_FILE = "lock"
+#: A file id is ``arrival_sequence << SEQ_SHIFT | random``: the CMAC over
+#: ``u64 n`` then authenticates the arrival order (docs/storage.rst).
+SEQ_SHIFT = 16
+
+_T = TypeVar("_T")
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "the server's disk is full",
+    errno.EDQUOT: "the server's disk quota is used up",
+    errno.EROFS: "the server's data directory is read-only",
+    errno.EACCES: "the server may not write its data directory (permission denied)",
+    errno.EPERM: "the server may not write its data directory (operation not permitted)",
+    errno.EFBIG: "the server hit its file size limit",
+    errno.EIO: "the server's disk reported an I/O error",
+}
+
+
+def storage_failed(error: BaseException, what: str) -> StorageFailed:
+    """A :class:`StorageFailed` naming ``what`` failed and why, safe to show a user."""
+    if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+        reason = _DISK_ERRORS[error.errno]
+    elif isinstance(error, OSError) and error.strerror:
+        reason = f"disk error: {error.strerror}"
+    else:
+        reason = "internal storage error"
+    return StorageFailed(f"could not {what}: {reason}")
+
+
+@define
+class _Pending:
+    """One indexed pending message."""
+
+    recipient: int
+    size: int
+
+
+@define
+class _Store:
+    """A store in flight: reserved against the quota until it finishes."""
+
+    recipient: int
+    size: int
+    file_id: int
+    temp: Path
+    final: Path
+    #: Fires with None once the store has finished, either way.
+    done: Deferred[None] = field(factory=Deferred)
+
+
+def _write_temp(temp: Path, data: bytes) -> None:
+    """Write and fsync a new temporary file; remove it again on any error."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+@implementer(IStorage)
+class FileStorage(Service):
+    """Users and pending messages in ``data_dir``, sealed under the server key.
+
+    Call :meth:`load` (or let :meth:`startService` call it) before use.  The
+    thread pool runs between ``startService`` and ``stopService``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        data_dir: Path,
+        keys: KeyPair,
+        *,
+        max_pending_count: int = 1000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        threads: int = 4,
+        reactor: Any = None,
+    ) -> None:
+        if max_pending_count < 1 or max_pending_bytes < 1 or threads < 1:
+            raise ValueError("quotas and thread count must be positive")
+        self.data_dir = Path(data_dir)
+        self.max_pending_count = max_pending_count
+        self.max_pending_bytes = max_pending_bytes
+        self._sealer = Sealer(keys)
+        self._threads = threads
+        self._reactor = reactor
+        self._users_dir = self.data_dir / USERS_DIR
+        self._pending_dir = self.data_dir / PENDING_DIR
+        self._quarantine_dir = self.data_dir / QUARANTINE_DIR
+        self._pool: ThreadPool | None = None
+        self._lock_fd: int | None = None
+        self._loaded = False
+        # In memory: the disk's truth, read once by load().
+        self._users: dict[int, UserRecord] = {}
+        self._enrollment: dict[int, int] = {}
+        self._files: dict[int, _Pending] = {}
+        self._by_recipient: dict[int, list[int]] = {}
+        self._sizes: dict[int, int] = {}
+        self._next_seq = 1
+        # In flight.
+        self._adding: set[int] = set()
+        self._stores: dict[int, list[_Store]] = {}
+        self._ready: list[tuple[_Store | int, Deferred[None]]] = []
+        self._committing = False
+        self._busy: set[Deferred[Any]] = set()
+        self._meta = DeferredLock()
+
+    # -- start and stop ----------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the data directory synchronously; idempotent.
+
+        Takes an exclusive lock on ``DATA_DIR/lock``, removes stray
+        temporary files, loads users, enrollment state and the pending index,
+        quarantining every file that fails its check.  Raises
+        :class:`StorageFailed` (one line for the admin) if the directory is
+        unusable, locked by another server, or the enrollment state fails
+        its check.  Synchronous on purpose: it runs before the reactor and
+        the listener start, so no client is ever served from half an index.
+        """
+        if self._loaded:
+            return
+        started = time.monotonic()
+        try:
+            for directory in (self._users_dir, self._pending_dir, self._quarantine_dir):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as error:
+            raise storage_failed(error, f"set up data directory {self.data_dir}") from None
+        self._take_lock()
+        try:
+            self._clean_temps()
+            quarantined = self._load_enrollment()
+            quarantined += self._load_users()
+            quarantined += self._load_pending()
+        except BaseException:
+            self._release_lock()
+            raise
+        orphans = sum(len(ids) for r, ids in self._by_recipient.items() if r not in self._users)
+        self._loaded = True
+        self.log.info(
+            "storage loaded {users} users and {count} pending messages "
+            "({orphans} for unknown users, {quarantined} files quarantined) "
+            "in {seconds:.3f}s",
+            users=len(self._users),
+            count=len(self._files),
+            orphans=orphans,
+            quarantined=quarantined,
+            seconds=time.monotonic() - started,
+        )
+
+    def _take_lock(self) -> None:
+        path = self.data_dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise storage_failed(error, f"open {path}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StorageFailed(
+                f"another Enclaves server is using data directory {self.data_dir}"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _clean_temps(self) -> None:
+        for directory in (self.data_dir, self._users_dir, self._pending_dir):
+            for entry in os.scandir(directory):
+                if _is_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    self.log.info("removed stray temporary file {path}", path=entry.path)
+
+    def _load_enrollment(self) -> int:
+        path = self.data_dir / ENROLLMENT_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as error:
+            raise storage_failed(error, f"read {path}") from None
+        try:
+            self._enrollment = decode_enrollment(self._sealer, data)
+        except FormatError:
+            raise StorageFailed(
+                f"{path} failed its integrity check; restore it from a backup "
+                "(see docs/storage.rst: moving it aside makes every enrolling "
+                "user count as enrolled)"
+            ) from None
+        return 0
+
+    def _load_users(self) -> int:
+        quarantined = 0
+        for entry in os.scandir(self._users_dir):
+            user_id = parse_user_name(entry.name)
+            if user_id is None:
+                if not _is_temp(entry.name):
+                    self.log.warn("ignoring unexpected file {path}", path=entry.path)
+                continue
+            try:
+                with open(entry.path, "rb") as handle:
+                    data = handle.read(81)
+                keys = decode_user(self._sealer, user_id, data)
+            except FormatError:
+                self._quarantine_now(Path(entry.path))
+                quarantined += 1
+                continue
+            except OSError as error:
+                raise storage_failed(error, f"read {entry.path}") from None
+            self._users[user_id] = UserRecord(user_id, keys, self._enrollment.get(user_id))
+        stale = set(self._enrollment) - set(self._users)
+        for user_id in stale:
+            del self._enrollment[user_id]
+        if stale:
+            self.log.info("dropped {count} enrollment entries of missing users", count=len(stale))
+        return quarantined
+
+    def _load_pending(self) -> int:
+        quarantined = 0
+        max_seq = 0
+        for entry in os.scandir(self._pending_dir):
+            file_id = parse_msg_name(entry.name)
+            if file_id is None:
+                if not _is_temp(entry.name):
+                    self.log.warn("ignoring unexpected file {path}", path=entry.path)
+                continue
+            try:
+                with open(entry.path, "rb") as handle:
+                    data = handle.read()
+                record = decode_msg(self._sealer, file_id, data)
+            except FormatError:
+                self._quarantine_now(Path(entry.path))
+                quarantined += 1
+                continue
+            except OSError as error:
+                raise storage_failed(error, f"read {entry.path}") from None
+            self._files[file_id] = _Pending(record.recipient, len(record.blob))
+            self._by_recipient.setdefault(record.recipient, []).append(file_id)
+            self._sizes[record.recipient] = self._sizes.get(record.recipient, 0) + len(record.blob)
+            max_seq = max(max_seq, file_id >> SEQ_SHIFT)
+        for ids in self._by_recipient.values():
+            ids.sort()
+        self._next_seq = max_seq + 1
+        return quarantined
+
+    def _quarantine_now(self, path: Path) -> Path | None:
+        """Move a bad file aside (synchronously) and log it."""
+        target = self._quarantine_dir / path.name
+        counter = 0
+        while target.exists():
+            counter += 1
+            target = self._quarantine_dir / f"{path.name}.{counter}"
+        try:
+            os.replace(path, target)
+            fsync_dir(self._quarantine_dir)
+            fsync_dir(path.parent)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self.log.error(
+                "{path} failed its check and could not be moved aside: {error}",
+                path=str(path),
+                error=error.strerror,
+            )
+            return None
+        self.log.error(
+            "{path} failed its integrity check; moved to {target}",
+            path=str(path),
+            target=str(target),
+        )
+        return target
+
+    def startService(self) -> None:
+        self.load()
+        self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="enclaves-storage")
+        self._pool.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Let every operation in flight finish, then stop the pool."""
+        super().stopService()
+
+        def stop(_: object) -> None:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            self._release_lock()
+            self._loaded = False
+
+        busy = list(self._busy)
+        d: Deferred[Any] = DeferredList(busy, consumeErrors=True) if busy else succeed(None)
+        return d.addCallback(stop)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _get_reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def _in_pool(self, what: str, func: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run ``func`` on the pool; OSError and anything unexpected -> StorageFailed."""
+        if self._pool is None:
+            return fail(StorageFailed(f"could not {what}: storage is not running"))
+        d = deferToThreadPool(self._get_reactor(), self._pool, func, *args)
+
+        def translate(failure: Failure) -> Failure:
+            if failure.check(StorageError):
+                return failure
+            if not failure.check(OSError):
+                self.log.failure(
+                    "unexpected storage error while trying to {what}", failure, what=what
+                )
+            else:
+                self.log.error("could not {what}: {error}", what=what, error=str(failure.value))
+            return Failure(storage_failed(failure.value, what))
+
+        return self._track(d.addErrback(translate))
+
+    def _track(self, d: Deferred[_T]) -> Deferred[_T]:
+        self._busy.add(d)
+
+        def done(result: _T) -> _T:
+            self._busy.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _check_running(self, what: str) -> StorageFailed | None:
+        if self._pool is None:
+            return StorageFailed(f"could not {what}: storage is not running")
+        return None
+
+    # -- users -------------------------------------------------------------------
+
+    def add_user(
+        self, user_id: int, keys: KeyPair, enrollment_expires_ms: int | None
+    ) -> Deferred[None]:
+        if not 0 < user_id <= U64_MAX:
+            return fail(ValueError("a user id is a non-zero u64"))
+        if enrollment_expires_ms is not None and not 0 <= enrollment_expires_ms <= U64_MAX:
+            return fail(ValueError("an expiry is a u64 of unix milliseconds"))
+        error = self._check_running("add the user")
+        if error:
+            return fail(error)
+        if user_id in self._users or user_id in self._adding:
+            return fail(UserExists(f"user {user_id} already exists"))
+        self._adding.add(user_id)
+        data = encode_user(self._sealer, user_id, keys)
+
+        async def add() -> None:
+            try:
+                if enrollment_expires_ms is not None:
+                    table = dict(self._enrollment)
+                    table[user_id] = enrollment_expires_ms
+                    await self._write_enrollment(table)
+                try:
+                    await self._in_pool("store the user", self._create_user_file, user_id, data)
+                except BaseException:
+                    if enrollment_expires_ms is not None:
+                        table = dict(self._enrollment)
+                        table.pop(user_id, None)
+                        try:
+                            await self._write_enrollment(table)
+                        except StorageError:
+                            pass  # a stale entry is dropped at the next start
+                    raise
+                self._users[user_id] = UserRecord(user_id, keys, enrollment_expires_ms)
+            finally:
+                self._adding.discard(user_id)
+
+        return self._locked(add)
+
+    def _create_user_file(self, user_id: int, data: bytes) -> None:
+        try:
+            create_exclusive(self._users_dir / user_file_name(user_id), data, 0o600)
+        except FileExistsError:
+            raise UserExists(f"user {user_id} already exists") from None
+
+    def _locked(self, func: Callable[[], Any]) -> Deferred[Any]:
+        """Run the coroutine function ``func`` under the user/enrollment lock."""
+
+        async def run() -> Any:
+            await self._meta.acquire()
+            try:
+                return await func()
+            finally:
+                self._meta.release()
+
+        return self._track(ensureDeferred(run()))
+
+    async def _write_enrollment(self, table: dict[int, int]) -> None:
+        """Write the enrollment table durably, then adopt it.  Caller holds the lock."""
+        data = encode_enrollment(self._sealer, table)
+        await self._in_pool(
+            "save the enrollment state", write_atomic, self.data_dir / ENROLLMENT_FILE, data, 0o600
+        )
+        self._enrollment = table
+
+    def load_user(self, user_id: int) -> Deferred[UserRecord | None]:
+        """From memory: cheap enough for every handshake."""
+        return succeed(self._users.get(user_id))
+
+    def replace_user_keys(self, user_id: int, keys: KeyPair) -> Deferred[None]:
+        error = self._check_running("store the new keys")
+        if error:
+            return fail(error)
+        if user_id not in self._users:
+            return fail(UnknownUser(f"no user {user_id}"))
+        data = encode_user(self._sealer, user_id, keys)
+
+        async def replace() -> None:
+            if user_id not in self._users:
+                raise UnknownUser(f"no user {user_id}")
+            # Keys first: a crash in between leaves the new keys still
+            # enrolling, never the token's keys enrolled.
+            path = self._users_dir / user_file_name(user_id)
+            await self._in_pool("store the new keys", write_atomic, path, data, 0o600)
+            self._users[user_id] = UserRecord(
+                user_id, keys, self._users[user_id].enrollment_expires_ms
+            )
+            if user_id in self._enrollment:
+                table = dict(self._enrollment)
+                del table[user_id]
+                await self._write_enrollment(table)
+            self._users[user_id] = UserRecord(user_id, keys, None)
+
+        return self._locked(replace)
+
+    def remove_user(self, user_id: int) -> Deferred[int]:
+        error = self._check_running("remove the user")
+        if error:
+            return fail(error)
+        record = self._users.pop(user_id, None)
+        if record is None:
+            return fail(UnknownUser(f"no user {user_id}"))
+
+        async def remove() -> int:
+            # Gone from memory first: no new store or handshake for it.
+            try:
+                in_flight = [s.done for s in self._stores.get(user_id, [])]
+                if in_flight:
+                    await DeferredList(in_flight, consumeErrors=True)
+                ids = list(self._by_recipient.get(user_id, []))
+                await self._in_pool("remove the user", self._delete_user_files, user_id, ids)
+            except BaseException:
+                self._users[user_id] = record
+                raise
+            for file_id in ids:
+                self._unindex(file_id)
+            if user_id in self._enrollment:
+                table = dict(self._enrollment)
+                del table[user_id]
+                try:
+                    await self._write_enrollment(table)
+                except StorageError:
+                    pass  # the entry of a missing user is dropped at the next start
+            return len(ids)
+
+        return self._locked(remove)
+
+    def _delete_user_files(self, user_id: int, ids: list[int]) -> None:
+        for file_id in ids:
+            _unlink_missing_ok(self._pending_dir / msg_file_name(file_id))
+        if ids:
+            fsync_dir(self._pending_dir)
+        _unlink_missing_ok(self._users_dir / user_file_name(user_id))
+        fsync_dir(self._users_dir)
+
+    def list_users(self) -> Deferred[list[int]]:
+        return succeed(sorted(self._users))
+
+    # -- pending messages --------------------------------------------------------
+
+    def store_message(
+        self, recipient: int, sender: int, msg_id: bytes, blob: bytes
+    ) -> Deferred[int]:
+        if len(msg_id) != 16 or not 0 <= sender <= U64_MAX:
+            return fail(ValueError("msg_id is 16 bytes and sender a u64"))
+        error = self._check_running("store the message")
+        if error:
+            return fail(error)
+        if recipient not in self._users:
+            return fail(UnknownUser(f"no user {recipient}"))
+        in_flight = self._stores.setdefault(recipient, [])
+        count = len(self._by_recipient.get(recipient, ())) + len(in_flight)
+        size = self._sizes.get(recipient, 0) + sum(s.size for s in in_flight)
+        if count + 1 > self.max_pending_count:
+            return fail(
+                QuotaExceeded(
+                    f"recipient {recipient} already has {count} pending messages "
+                    f"(limit {self.max_pending_count})"
+                )
+            )
+        if size + len(blob) > self.max_pending_bytes:
+            return fail(
+                QuotaExceeded(
+                    f"recipient {recipient} has {size} bytes pending; "
+                    f"{len(blob)} more would pass the limit of {self.max_pending_bytes}"
+                )
+            )
+        (salt,) = struct.unpack(">H", os.urandom(2))
+        file_id = self._next_seq << SEQ_SHIFT | salt
+        self._next_seq += 1
+        name = msg_file_name(file_id)
+        store = _Store(
+            recipient,
+            len(blob),
+            file_id,
+            self._pending_dir / f".{name}.{os.getpid()}{TEMP_SUFFIX}",
+            self._pending_dir / name,
+        )
+        in_flight.append(store)
+        sealer = self._sealer
+
+        def write() -> None:
+            data = encode_msg(sealer, file_id, recipient, sender, bytes(msg_id), bytes(blob))
+            _write_temp(store.temp, data)
+
+        d = self._in_pool("store the message", write)
+        d.addCallback(lambda _: self._commit(store))
+
+        def finished(result: Any) -> Any:
+            flight = self._stores.get(recipient, [])
+            if store in flight:
+                flight.remove(store)
+            if not flight:
+                self._stores.pop(recipient, None)
+            store.done.callback(None)
+            return result
+
+        d.addBoth(finished)
+        return self._track(d)
+
+    def _commit(self, op: _Store | int) -> Deferred[None]:
+        """Queue a rename (a finished store) or an unlink (a file id) for the next group commit."""
+        d: Deferred[None] = Deferred()
+        self._ready.append((op, d))
+        if not self._committing:
+            self._commit_batch()
+        if isinstance(op, _Store):
+            return d.addCallback(lambda _: op.file_id)  # type: ignore[return-value]
+        return d
+
+    def _commit_batch(self) -> None:
+        batch, self._ready = self._ready, []
+        self._committing = True
+        ops = [op for op, _ in batch]
+        d = self._in_pool("store the message", self._apply_batch, ops)
+
+        def done(result: list[BaseException | None] | Failure) -> None:
+            self._committing = False
+            for index, (op, waiting) in enumerate(batch):
+                error = result.value if isinstance(result, Failure) else result[index]
+                if error is None:
+                    if isinstance(op, _Store):
+                        self._index(op)
+                    else:
+                        self._unindex(op)
+                    waiting.callback(None)
+                else:
+                    what = "store the message" if isinstance(op, _Store) else "remove the message"
+                    if not isinstance(error, StorageError):
+                        self.log.error("could not {what}: {error}", what=what, error=str(error))
+                        error = storage_failed(error, what)
+                    waiting.errback(Failure(error))
+            if self._ready:
+                self._commit_batch()
+
+        d.addBoth(done)
+
+    def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
+        """On the pool: renames and unlinks, then one fsync of the directory."""
+        results: list[BaseException | None] = []
+        renamed: list[Path] = []
+        for op in ops:
+            try:
+                if isinstance(op, _Store):
+                    os.rename(op.temp, op.final)
+                    renamed.append(op.final)
+                else:
+                    _unlink_missing_ok(self._pending_dir / msg_file_name(op))
+                results.append(None)
+            except OSError as error:
+                if isinstance(op, _Store):
+                    _unlink_quietly(op.temp)
+                results.append(error)
+        try:
+            fsync_dir(self._pending_dir)
+        except OSError as error:
+            # Not durable: take the new files back, fail everything in the batch.
+            for path in renamed:
+                _unlink_quietly(path)
+            return [error for _ in ops]
+        return results
+
+    def _index(self, store: _Store) -> None:
+        self._files[store.file_id] = _Pending(store.recipient, store.size)
+        insort(self._by_recipient.setdefault(store.recipient, []), store.file_id)
+        self._sizes[store.recipient] = self._sizes.get(store.recipient, 0) + store.size
+
+    def _unindex(self, file_id: int) -> None:
+        pending = self._files.pop(file_id, None)
+        if pending is None:
+            return
+        ids = self._by_recipient.get(pending.recipient, [])
+        if file_id in ids:
+            ids.remove(file_id)
+        self._sizes[pending.recipient] = self._sizes.get(pending.recipient, 0) - pending.size
+        if not ids:
+            self._by_recipient.pop(pending.recipient, None)
+            self._sizes.pop(pending.recipient, None)
+
+    def pending_for(self, recipient: int) -> Deferred[list[StoredMessage]]:
+        ids = list(self._by_recipient.get(recipient, ()))
+        if not ids:
+            return succeed([])
+        d = self._in_pool("read pending messages", self._read_messages, ids)
+
+        def adopt(result: tuple[list[StoredMessage], list[tuple[int, str | None]]]) -> Any:
+            messages, bad = result
+            for file_id, target in bad:
+                self._unindex(file_id)
+                if target is not None:
+                    self.log.error(
+                        "pending message {name} failed its integrity check; moved to {target}",
+                        name=msg_file_name(file_id),
+                        target=target,
+                    )
+            return [m for m in messages if m.recipient == recipient]
+
+        return d.addCallback(adopt)
+
+    def _read_messages(
+        self, ids: list[int]
+    ) -> tuple[list[StoredMessage], list[tuple[int, str | None]]]:
+        messages: list[StoredMessage] = []
+        bad: list[tuple[int, str | None]] = []
+        for file_id in ids:
+            path = self._pending_dir / msg_file_name(file_id)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            try:
+                record = decode_msg(self._sealer, file_id, data)
+            except FormatError:
+                target = self._move_aside(path)
+                bad.append((file_id, str(target) if target else None))
+                continue
+            messages.append(
+                StoredMessage(file_id, record.recipient, record.sender, record.msg_id, record.blob)
+            )
+        return messages, bad
+
+    def _move_aside(self, path: Path) -> Path | None:
+        """On the pool: move a bad file to quarantine; no logging off the reactor."""
+        target = self._quarantine_dir / path.name
+        counter = 0
+        while target.exists():
+            counter += 1
+            target = self._quarantine_dir / f"{path.name}.{counter}"
+        try:
+            os.replace(path, target)
+            fsync_dir(self._quarantine_dir)
+            fsync_dir(path.parent)
+        except OSError:
+            return None
+        return target
+
+    def remove_message(self, file_id: int) -> Deferred[None]:
+        if file_id not in self._files:
+            return succeed(None)
+        error = self._check_running("remove the message")
+        if error:
+            return fail(error)
+        return self._track(self._commit(file_id))
+
+    def pending_summary(self) -> Deferred[dict[int, PendingSummary]]:
+        return succeed(
+            {
+                recipient: PendingSummary(len(ids), self._sizes.get(recipient, 0))
+                for recipient, ids in self._by_recipient.items()
+            }
+        )
+
+    def inventory(self) -> Deferred[list[InventoryEntry]]:
+        return self._in_pool("list the data directory", self._inventory)
+
+    def _inventory(self) -> list[InventoryEntry]:
+        entries: list[InventoryEntry] = []
+        users = dict(self._users)
+        files = dict(self._files)
+
+        def add(path: Path, description: str) -> None:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return
+            entries.append(InventoryEntry(str(path.relative_to(self.data_dir)), size, description))
+
+        for name in sorted(os.listdir(self.data_dir)):
+            path = self.data_dir / name
+            if path.is_dir():
+                continue
+            add(path, _TOP_LEVEL.get(name, "unexpected file"))
+        for name in sorted(os.listdir(self._users_dir)):
+            user_id = parse_user_name(name)
+            record = users.get(user_id) if user_id is not None else None
+            if record is None:
+                add(self._users_dir / name, "unexpected file")
+            else:
+                state = "enrolling" if record.enrolling else "enrolled"
+                add(self._users_dir / name, f"user {user_id} ({state})")
+        for name in sorted(os.listdir(self._pending_dir)):
+            file_id = parse_msg_name(name)
+            pending = files.get(file_id) if file_id is not None else None
+            if pending is None:
+                add(self._pending_dir / name, "unexpected file")
+            else:
+                add(
+                    self._pending_dir / name,
+                    f"pending message for {pending.recipient} ({pending.size} bytes)",
+                )
+        for name in sorted(os.listdir(self._quarantine_dir)):
+            add(self._quarantine_dir / name, "quarantined: failed its integrity check")
+        return entries
+
+
+_TOP_LEVEL = {
+    "server.key": "server key",
+    "server.check": "server key check",
+    ENROLLMENT_FILE: "enrollment state",
+    LOCK_FILE: "lock file (empty)",
+}
+
+
+def _unlink_missing_ok(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

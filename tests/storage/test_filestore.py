@@ -1,0 +1,279 @@
+"""FileStorage through its Deferreds, on a real data directory and a real reactor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from enclaves.crypto import KeyPair
+from enclaves.storage.filestore import (
+    ENROLLMENT_FILE,
+    PENDING_DIR,
+    QUARANTINE_DIR,
+    SEQ_SHIFT,
+    USERS_DIR,
+    FileStorage,
+)
+from enclaves.storage.interface import (
+    IStorage,
+    PendingSummary,
+    QuotaExceeded,
+    StorageFailed,
+    UnknownUser,
+    UserExists,
+    UserRecord,
+)
+from tests.storage.helpers import make_storage, msg_id
+
+A, B, C = 11, 22, 33
+
+
+def test_implements_interface(data_dir: Path, keys: KeyPair) -> None:
+    storage = FileStorage(data_dir, keys)
+    assert verifyObject(IStorage, storage)
+    assert storage.max_pending_count == 1000
+    assert storage.max_pending_bytes == 64 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_round_trip_and_rotation(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        ka, kb = KeyPair.generate(), KeyPair.generate()
+        await storage.add_user(A, ka, 1_000_000)
+        await storage.add_user(B, kb, None)
+        assert await storage.load_user(A) == UserRecord(A, ka, 1_000_000)
+        assert (await storage.load_user(A)).enrolling
+        assert await storage.load_user(B) == UserRecord(B, kb, None)
+        assert await storage.load_user(C) is None
+        assert await storage.list_users() == [A, B]
+        assert (data_dir / USERS_DIR / f"{A}.user").stat().st_size == 80
+        with pytest.raises(UserExists):
+            await storage.add_user(A, kb, None)
+        new = KeyPair.generate()
+        await storage.replace_user_keys(A, new)
+        assert await storage.load_user(A) == UserRecord(A, new, None)
+        with pytest.raises(UnknownUser):
+            await storage.replace_user_keys(C, new)
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.load_user(A) == UserRecord(A, new, None)
+        assert await again.load_user(B) == UserRecord(B, kb, None)
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enrollment_survives_restart(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), 123_456_789)
+        await storage.add_user(B, KeyPair.generate(), 987)
+        await storage.replace_user_keys(B, KeyPair.generate())
+    finally:
+        await storage.stopService()
+    assert (data_dir / ENROLLMENT_FILE).exists()
+    again = make_storage(data_dir, keys)
+    try:
+        assert (await again.load_user(A)).enrollment_expires_ms == 123_456_789
+        assert (await again.load_user(B)).enrollment_expires_ms is None
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_round_trip_order_and_remove(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        await storage.add_user(B, KeyPair.generate(), None)
+        ids = [await storage.store_message(A, B, msg_id(i), b"x" * i) for i in range(5)]
+        other = await storage.store_message(B, A, msg_id(99), b"to b")
+        assert ids == sorted(ids)
+        names = {p.name for p in (data_dir / PENDING_DIR).iterdir()}
+        assert names == {f"{n}.msg" for n in [*ids, other]}
+        pending = await storage.pending_for(A)
+        assert [m.file_id for m in pending] == ids
+        assert [(m.recipient, m.sender, m.msg_id, m.blob) for m in pending] == [
+            (A, B, msg_id(i), b"x" * i) for i in range(5)
+        ]
+        assert await storage.pending_summary() == {
+            A: PendingSummary(5, 10),
+            B: PendingSummary(1, 4),
+        }
+        await storage.remove_message(ids[1])
+        await storage.remove_message(ids[1])  # absent: still fine
+        assert [m.file_id for m in await storage.pending_for(A)] == [ids[0], *ids[2:]]
+        assert not (data_dir / PENDING_DIR / f"{ids[1]}.msg").exists()
+        assert await storage.pending_for(C) == []
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_stores_keep_arrival_order_across_restart(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        from twisted.internet.defer import gatherResults
+
+        ids = await gatherResults(
+            [storage.store_message(A, B, msg_id(i), bytes([i])) for i in range(50)]
+        )
+        assert len(set(ids)) == 50
+        assert [m.blob for m in await storage.pending_for(A)] == [bytes([i]) for i in range(50)]
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert [m.blob for m in await again.pending_for(A)] == [bytes([i]) for i in range(50)]
+        later = await again.store_message(A, B, msg_id(50), b"later")
+        assert later >> SEQ_SHIFT > max(ids) >> SEQ_SHIFT
+        assert (await again.pending_for(A))[-1].blob == b"later"
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_count_and_bytes(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys, max_pending_count=3, max_pending_bytes=100)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        await storage.add_user(B, KeyPair.generate(), None)
+        for i in range(3):
+            await storage.store_message(A, B, msg_id(i), b"m")
+        with pytest.raises(QuotaExceeded, match="3 pending messages"):
+            await storage.store_message(A, B, msg_id(3), b"m")
+        await storage.store_message(B, A, msg_id(4), b"y" * 60)
+        with pytest.raises(QuotaExceeded, match="limit of 100"):
+            await storage.store_message(B, A, msg_id(5), b"y" * 41)
+        await storage.store_message(B, A, msg_id(6), b"y" * 40)
+        # Nothing stored earlier was dropped.
+        assert [m.msg_id for m in await storage.pending_for(A)] == [msg_id(i) for i in range(3)]
+        assert len(await storage.pending_for(B)) == 2
+        # Quota frees up after delivery.
+        first = (await storage.pending_for(A))[0]
+        await storage.remove_message(first.file_id)
+        await storage.store_message(A, B, msg_id(7), b"m")
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_counts_stores_in_flight(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys, max_pending_count=2)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        first = storage.store_message(A, B, msg_id(1), b"1")
+        second = storage.store_message(A, B, msg_id(2), b"2")
+        with pytest.raises(QuotaExceeded):
+            await storage.store_message(A, B, msg_id(3), b"3")
+        await first
+        await second
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_for_unknown_user_and_bad_arguments(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        with pytest.raises(UnknownUser):
+            await storage.store_message(A, B, msg_id(1), b"x")
+        await storage.add_user(A, KeyPair.generate(), None)
+        with pytest.raises(ValueError, match="msg_id"):
+            await storage.store_message(A, B, b"short", b"x")
+        with pytest.raises(ValueError, match="non-zero"):
+            await storage.add_user(0, KeyPair.generate(), None)
+        assert os.listdir(data_dir / PENDING_DIR) == []
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_user_deletes_everything(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), 5_000)
+        await storage.add_user(B, KeyPair.generate(), None)
+        for i in range(4):
+            await storage.store_message(A, B, msg_id(i), b"a")
+        kept = await storage.store_message(B, A, msg_id(9), b"b")
+        in_flight = storage.store_message(A, B, msg_id(10), b"late")
+        assert await storage.remove_user(A) == 5
+        await in_flight
+        with pytest.raises(UnknownUser):
+            await storage.remove_user(A)
+        with pytest.raises(UnknownUser):
+            await storage.store_message(A, B, msg_id(11), b"x")
+        assert await storage.load_user(A) is None
+        assert await storage.pending_for(A) == []
+        assert sorted(os.listdir(data_dir / PENDING_DIR)) == [f"{kept}.msg"]
+        assert os.listdir(data_dir / USERS_DIR) == [f"{B}.user"]
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.list_users() == [B]
+        assert again._enrollment == {}
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inventory_lists_every_file(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), 77)
+        file_id = await storage.store_message(A, B, msg_id(1), b"hello")
+        (data_dir / QUARANTINE_DIR / "junk.msg").write_bytes(b"bad")
+        entries = {e.name: e for e in await storage.inventory()}
+        assert entries[f"users/{A}.user"].size == 80
+        assert "enrolling" in entries[f"users/{A}.user"].description
+        assert entries[f"pending/{file_id}.msg"].description == f"pending message for {A} (5 bytes)"
+        assert entries[ENROLLMENT_FILE].description == "enrollment state"
+        assert "quarantined" in entries["quarantine/junk.msg"].description
+    finally:
+        await storage.stopService()
+
+
+def test_second_server_on_same_directory_refused(data_dir: Path, keys: KeyPair) -> None:
+    first = FileStorage(data_dir, keys)
+    first.load()
+    try:
+        with pytest.raises(StorageFailed, match="another Enclaves server"):
+            FileStorage(data_dir, keys).load()
+    finally:
+        first._release_lock()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stray_temp_files_removed_at_start(data_dir: Path, keys: KeyPair) -> None:
+    storage = make_storage(data_dir, keys)
+    await storage.add_user(A, KeyPair.generate(), None)
+    await storage.stopService()
+    stray = data_dir / PENDING_DIR / ".123.msg.999.tmp"
+    stray.write_bytes(b"partial")
+    stray_user = data_dir / USERS_DIR / f".{A}.user.999.tmp"
+    stray_user.write_bytes(b"partial")
+    again = make_storage(data_dir, keys)
+    try:
+        assert not stray.exists() and not stray_user.exists()
+        assert await again.list_users() == [A]
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_running_fails_cleanly(data_dir: Path, keys: KeyPair) -> None:
+    storage = FileStorage(data_dir, keys)
+    with pytest.raises(StorageFailed, match="not running"):
+        await storage.add_user(A, KeyPair.generate(), None)
