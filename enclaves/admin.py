@@ -7,7 +7,6 @@ when it fires); storage work never blocks the reactor.  See docs/admin.rst.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -320,30 +319,26 @@ class Admin:
         width = max(len(name) for name, _ in rows)
         return Text("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
-    def _extra_entries(self, listed: set[str]) -> list[InventoryEntry]:
-        extra = []
-        for path, description in self._files:
-            if path.name in listed or str(path) in listed:
-                continue
+    def _name_of(self, path: Path) -> str:
+        if self._data_dir is not None and path.is_relative_to(self._data_dir):
+            return str(path.relative_to(self._data_dir))
+        return str(path)
+
+    def _with_known_files(self, entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        """Name the files the storage does not know (host key), add those outside it."""
+        known = {self._name_of(path): (path, text) for path, text in self._files}
+        result = []
+        for entry in entries:
+            if entry.name in known:
+                entry = InventoryEntry(entry.name, entry.size, known.pop(entry.name)[1])
+            result.append(entry)
+        for name, (path, text) in known.items():
             try:
-                size = path.stat().st_size
+                size = path.stat().st_size  # a stat or two, off no disk-heavy path
             except OSError:
                 continue
-            extra.append(InventoryEntry(str(path), size, description))
-        return extra
-
-    def _unexplained(self, listed: set[str]) -> list[str]:
-        if self._data_dir is None:
-            return []
-        try:
-            names = sorted(os.listdir(self._data_dir))
-        except OSError:
-            return []
-        return [
-            name
-            for name in names
-            if name not in listed and str(self._data_dir / name) not in listed
-        ]
+            result.append(InventoryEntry(name, size, text))
+        return result
 
     def _format_inventory(
         self,
@@ -351,10 +346,7 @@ class Admin:
         records: list[UserRecord],
         summary: dict[int, PendingSummary],
     ) -> Text:
-        listed = {entry.name for entry in entries} | {Path(e.name).name for e in entries}
-        extra = self._extra_entries(listed)
-        listed |= {Path(e.name).name for e in extra}
-        every = [*entries, *extra]
+        every = self._with_known_files(entries)
         total = sum(entry.size for entry in every)
         where = f" (data dir {self._data_dir})" if self._data_dir is not None else ""
         lines = [f"Everything this server holds{where}: {len(every)} file(s), {total} bytes"]
@@ -366,9 +358,6 @@ class Admin:
                     [False, True, False],
                 )
             )
-        unexplained = self._unexplained(listed)
-        if unexplained:
-            lines.append("Not written by Enclaves (check them): " + ", ".join(unexplained))
         lines.append("")
         lines.append(self._format_users(records))
         lines.append("")
@@ -454,7 +443,8 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
 
         For an admin or auditor to check that nothing else is kept: user key
         files, pending message files, the server key and the SSH host key.
-        Files in the data directory that Enclaves did not write are flagged.
+        A file in the data directory that Enclaves did not write shows up as
+        "unexpected file".
         """
         return admin.inventory(who)
 

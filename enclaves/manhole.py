@@ -6,6 +6,7 @@ import base64
 import hashlib
 import re
 import stat
+import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -192,7 +193,8 @@ class AdminKeyChecker(SSHPublicKeyChecker):
         username = credentials.username.decode("utf-8", "replace")
         result: defer.Deferred[Any] = super().requestAvatarId(credentials)
 
-        def accepted(key: keys.Key) -> AdminIdentity:
+        def accepted(_username: bytes) -> AdminIdentity:
+            key = keys.Key.fromString(credentials.blob)
             return AdminIdentity(
                 username, openssh_fingerprint(key), self._admin_keys.comment_for(key)
             )
@@ -330,6 +332,20 @@ class AdminManhole(manhole.Manhole):
         super().connectionLost(reason)
 
 
+class AdminSessionTransport(manhole_ssh.TerminalSessionTransport):
+    """Glues the SSH channel to the terminal; leaving the shell ends with exit status 0."""
+
+    def __init__(self, proto: Any, chainedProtocol: Any, avatar: Any, width: int, height: int):
+        super().__init__(proto, chainedProtocol, avatar, width, height)
+        channel = proto.session
+
+        def close() -> None:
+            avatar.conn.sendRequest(channel, b"exit-status", struct.pack(">L", 0))
+            avatar.conn.sendClose(channel)
+
+        proto.transport.loseConnection = close
+
+
 @implementer(iconch.ISession)
 class AdminTerminalSession(manhole_ssh.TerminalSession):
     """The stock terminal session, minus its crashes: window changes and EOF are ignored.
@@ -341,6 +357,7 @@ class AdminTerminalSession(manhole_ssh.TerminalSession):
 
     width = 80
     height = 24
+    transportFactory = AdminSessionTransport
 
     def windowChanged(self, newWindowSize: Any) -> None:
         pass

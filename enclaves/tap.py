@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from enclaves.admin import Admin, make_namespace
 from enclaves.frames import DEFAULT_MAX_FRAME
+from enclaves.manhole import HOST_KEY_FILE, manhole_service
 from enclaves.server.lifecycle import CleanExitOnSignals
 from enclaves.server.protocol import ServerFactory
 from enclaves.serverkey import StartupError, open_server_key
@@ -137,6 +140,67 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     factory = ServerFactory(max_frame=options["max-frame"])
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
+    router = _InterimRouter(storage)  # MERGE: replaced by the server branch's Router
+    shell = _admin_shell(options, storage, router, key_path, reactor)
+    if shell is not None:
+        shell.setServiceParent(top)
+    return top
+
+
+def _admin_shell(
+    options: Options, storage: Any, router: Any, key_path: Path, reactor: Any
+) -> IService | None:
+    """The SSH admin shell's service, or None (with a log line saying why it is off)."""
     if options["admin-keys"] is None:
         log.info("admin shell is off: start with --admin-keys FILE to turn it on")
-    return top
+        return None
+    data_dir = options["data-dir"]
+    admin = Admin(
+        storage,
+        router,
+        reactor,
+        data_dir=data_dir,
+        files=[
+            (Path(key_path), "server key"),
+            (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
+            (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
+        ],
+    )
+    try:
+        return manhole_service(
+            options["manhole"],
+            options["admin-keys"],
+            data_dir,
+            lambda who: make_namespace(admin, who),
+            reactor,
+        )
+    except StartupError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
+
+
+class _InterimRouter:
+    """MERGE: stands in until the server branch's Router exists (nobody is online)."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._started_at = time.time()
+
+    def is_online(self, user_id: int) -> bool:
+        return False
+
+    def revoke(self, user_id: int) -> Any:
+        return self._storage.remove_user(user_id)
+
+    def stats(self) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            connections=0,
+            sessions=0,
+            messages_routed=0,
+            messages_stored=0,
+            messages_delivered=0,
+            started_at=self._started_at,
+            uptime=time.time() - self._started_at,
+        )

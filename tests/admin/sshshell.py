@@ -84,7 +84,8 @@ class PtyShell:
         )
         os.close(slave)
         self.seen = b""
-        self.position = 0
+        self.position = 0  # in plain(self.seen)
+        self.consumed = ""
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
@@ -106,31 +107,24 @@ class PtyShell:
         return True
 
     def expect(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        """Wait for ``pattern`` in output not yet consumed; returns the match."""
+        """Wait for ``pattern`` in output not yet consumed; consume up to its end."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            text = plain(self.seen[self.position :])
+            text = plain(self.seen)[self.position :]
             match = regex.search(text)
             if match:
-                # Consume up to the match's end (in plain text: map back by re-stripping).
-                self.position = len(self.seen)
+                self.consumed = text[: match.end()]
+                self.position += match.end()
                 return match
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no {pattern!r} within {timeout}s; got:\n{text}")
             self._read(deadline)
 
-    def drain(self, seconds: float = 0.3) -> str:
-        """Read what comes within ``seconds``; returns it as plain text."""
-        start = len(self.seen)
-        deadline = time.monotonic() + seconds
-        try:
-            while time.monotonic() < deadline:
-                self._read(deadline)
-        except EOFError:
-            pass
-        self.position = len(self.seen)
-        return plain(self.seen[start:])
+    def upto(self, pattern: str, timeout: float = 20.0) -> str:
+        """Wait for ``pattern``; return everything consumed, the match included."""
+        self.expect(pattern, timeout)
+        return self.consumed
 
     def wait(self, timeout: float = 20.0) -> int:
         deadline = time.monotonic() + timeout

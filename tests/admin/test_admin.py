@@ -75,8 +75,12 @@ def setup(tmp_path: Path | None = None) -> tuple[dict[str, Any], MemoryStorage, 
     files = []
     if tmp_path is not None:
         (tmp_path / "ssh_host_ed25519_key").write_bytes(b"x" * 411)
-        (tmp_path / "stray.txt").write_bytes(b"?")
-        files = [(tmp_path / "ssh_host_ed25519_key", "SSH host key of the admin shell")]
+        (tmp_path.parent / "elsewhere.key").write_bytes(b"k" * 64)
+        files = [
+            (tmp_path / "ssh_host_ed25519_key", "SSH host key of the admin shell"),
+            (tmp_path.parent / "elsewhere.key", "server key"),
+            (tmp_path / "absent", "never listed: does not exist"),
+        ]
     admin = Admin(storage, router, clock, data_dir=tmp_path, files=files)
     return make_namespace(admin, "alice key SHA256:abc"), storage, router
 
@@ -196,10 +200,10 @@ def test_revoke_argument_errors(args: tuple[Any, ...], message: str) -> None:
 
 
 def test_revoke_storage_failure_is_one_line() -> None:
-    ns, storage, router = setup()
+    ns, storage, _ = setup()
     result(storage.add_user(11, KeyPair.generate(), None))
     storage.fail_writes = True
-    with pytest.raises(AdminError, match="^the disk refused the write$"):
+    with pytest.raises(AdminError, match=r"^the disk refused the write$"):
         result(ns["revoke"](11))
 
 
@@ -236,17 +240,18 @@ def test_stats() -> None:
     ]
 
 
-def test_inventory_lists_files_users_pending_and_strays(tmp_path: Path) -> None:
+def test_inventory_lists_files_users_pending_and_known_files(tmp_path: Path) -> None:
     ns, storage, _ = setup(tmp_path)
     for uid in (11, 22):
         result(storage.add_user(uid, KeyPair.generate(), None))
     result(storage.store_message(11, 22, b"a" * 16, b"x" * 100))
     out = result(ns["inventory"]())
-    assert out.startswith(f"Everything this server holds (data dir {tmp_path}): 4 file(s)")
+    assert out.startswith(f"Everything this server holds (data dir {tmp_path}): 5 file(s)")
     assert re.search(r"11\.user +80 +user 11", out)
     assert re.search(r"\.msg +100 +message for 11", out)
     assert re.search(r"ssh_host_ed25519_key +411 +SSH host key of the admin shell", out)
-    assert "Not written by Enclaves (check them): stray.txt" in out
+    assert re.search(rf"{tmp_path.parent / 'elsewhere.key'} +64 +server key", out)
+    assert "absent" not in out
     assert "2 user(s), 0 online" in out
     assert "1 pending message(s), 100 bytes, for 1 recipient(s)" in out
 

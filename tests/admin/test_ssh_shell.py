@@ -103,7 +103,7 @@ def test_scripted_conversation(shell_server: Setup) -> None:
 
         shell.line("users()")
         shell.expect(r"2 user\(s\), 0 online")
-        listing = shell.expect(r"enclaves> ").string
+        listing = shell.upto(r"enclaves> ")
         assert re.search(rf"{token.user_id}\s+enrolling until \S+ \S+ UTC\s+offline", listing)
         assert re.search(rf"{doomed}\s+enrolling until", listing)
 
@@ -116,7 +116,7 @@ def test_scripted_conversation(shell_server: Setup) -> None:
 
         shell.line("inventory()")
         shell.expect(r"Everything this server holds \(data dir ")
-        inventory = shell.expect(r"enclaves> ").string
+        inventory = shell.upto(r"enclaves> ")
         for name in ("server.key", "ssh_host_ed25519_key", f"{token.user_id}", f"{doomed}"):
             assert name in inventory
         assert "Not written by Enclaves" not in inventory
@@ -138,7 +138,7 @@ def test_scripted_conversation(shell_server: Setup) -> None:
         shell.line("revoke(")
         shell.line(")")
         shell.expect(r"error: ")
-        after_errors = shell.expect(r"enclaves> ").string
+        after_errors = shell.upto(r"enclaves> ")
         assert "Traceback" not in after_errors
 
         shell.line(f"revoke({doomed})")
@@ -180,7 +180,9 @@ def test_piped_input_without_pty_survives_eof(shell_server: Setup) -> None:
     finally:
         proc.kill()
         proc.wait(10)
-        proc.communicate()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _read_some(stream: IO[bytes], timeout: float) -> bytes:
@@ -241,7 +243,8 @@ def _non_loopback_address() -> str | None:
             address = str(probe.getsockname()[0])
         except OSError:
             return None
-    return None if address.startswith("127.") or address == "0.0.0.0" else address
+    unusable = address.startswith("127.") or address == "0.0.0.0"  # noqa: S104 - compared, not bound
+    return None if unusable else address
 
 
 def test_not_reachable_on_a_non_loopback_address(shell_server: Setup) -> None:
@@ -255,3 +258,42 @@ def test_not_reachable_on_a_non_loopback_address(shell_server: Setup) -> None:
     )
     assert result.returncode == 255
     assert b"Connection refused" in result.stderr
+
+
+def test_no_usable_admin_key_leaves_the_shell_off(tmp_path: Path) -> None:
+    admin_keys = tmp_path / "admin_keys"
+    admin_keys.write_text("# ssh-ed25519 AAAA... alice@laptop\n")
+    port = free_port()
+    daemon = Daemon(
+        tmp_path, f"--manhole=tcp:{port}:interface=127.0.0.1", f"--admin-keys={admin_keys}"
+    )
+    daemon.start()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert f"admin shell is off: {admin_keys} holds no usable public key" in log
+    assert not (daemon.data_dir / "ssh_host_ed25519_key").exists()
+
+
+def test_host_key_kept_across_restarts(shell_server: Setup, tmp_path: Path) -> None:
+    data_dir = shell_server.daemon.data_dir
+    before = (data_dir / "ssh_host_ed25519_key").read_bytes()
+    admin_keys = tmp_path / "admin_keys"
+    admin_keys.write_text(shell_server.key.with_suffix(".pub").read_text())
+    port = free_port()
+    # A second server on a copy of the data directory reuses the same host key.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    subprocess.run(["cp", "-a", str(data_dir), str(copy / "data")], check=True, timeout=30)
+    (copy / "data" / "lock").unlink(missing_ok=True)
+    daemon = Daemon(copy, f"--manhole=tcp:{port}:interface=127.0.0.1", f"--admin-keys={admin_keys}")
+    daemon.start()
+    try:
+        wait_port(port)
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert (copy / "data" / "ssh_host_ed25519_key").read_bytes() == before
+    assert f"(existing), fingerprint {shell_server.host_fingerprint}" in daemon.log_text()
