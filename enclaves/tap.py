@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,17 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from enclaves.admin import Admin, make_namespace
+from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
 from enclaves.manhole import HOST_KEY_FILE, manhole_service
-from enclaves.server.lifecycle import CleanExitOnSignals
-from enclaves.server.protocol import ServerFactory
+from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
+from enclaves.server.protocol import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    ServerFactory,
+)
+from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
 from enclaves.storage.filestore import FileStorage
 from enclaves.storage.interface import StorageError
@@ -68,6 +74,42 @@ class Options(usage.Options):
         ],
         ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
         [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most client connections at once; more get SERVER_BUSY.",
+            _positive_int("max-connections", 1, 1_000_000),
+        ],
+        [
+            "handshake-timeout",
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a new connection has to complete its handshake.",
+            _positive_int("handshake-timeout", 1, 3600),
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT,
+            "Seconds without traffic before a session is closed "
+            "(the server PINGs after half of it).",
+            _positive_int("idle-timeout", 2, 86400),
+        ],
+        [
+            "message-rate",
+            None,
+            DEFAULT_MESSAGE_RATE,
+            "Most requests per second per session (bursts up to as many).",
+            _positive_int("message-rate", 1, 10_000_000),
+        ],
+        [
+            "token-lifetime",
+            None,
+            DEFAULT_TOKEN_LIFETIME,
+            "Seconds an enrollment token (issue() or INVITE) stays valid.",
+            _positive_int("token-lifetime", 60, 365 * 86400),
+        ],
+        [
             "max-pending",
             None,
             1000,
@@ -81,6 +123,9 @@ class Options(usage.Options):
             "Most bytes of pending messages per recipient.",
             _positive_int("max-pending-bytes", 1024, 1 << 40),
         ],
+    ]
+    optFlags = [
+        ["allow-invites", None, "Let enrolled users ask for tokens for newcomers (INVITE)."],
     ]
 
     def postOptions(self) -> None:
@@ -137,10 +182,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Before the listener: MultiService starts children in order and stops
     # them in reverse, so storage outlives every connection.
     storage.setServiceParent(top)
-    factory = ServerFactory(max_frame=options["max-frame"])
+    router = Router(
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        message_rate=options["message-rate"],
+        allow_invites=bool(options["allow-invites"]),
+        token_lifetime=options["token-lifetime"],
+    )
+    factory = ServerFactory(
+        router,
+        storage,
+        reactor,
+        max_frame=options["max-frame"],
+        max_connections=options["max-connections"],
+        handshake_timeout=options["handshake-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
+    # Stopped before storage (services stop in reverse order): clients hear
+    # SHUTTING_DOWN and in-flight messages reach storage first.
+    DisconnectOnStop(factory).setServiceParent(top)
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
-    router = _InterimRouter(storage)  # MERGE: replaced by the server branch's Router
     shell = _admin_shell(options, storage, router, key_path, reactor)
     if shell is not None:
         shell.setServiceParent(top)
@@ -160,6 +223,7 @@ def _admin_shell(
         router,
         reactor,
         data_dir=data_dir,
+        token_lifetime=options["token-lifetime"],
         files=[
             (Path(key_path), "server key"),
             (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
@@ -177,30 +241,3 @@ def _admin_shell(
     except StartupError as error:
         sys.stderr.write(f"enclaves: error: {error}\n")
         raise SystemExit(1) from None
-
-
-class _InterimRouter:
-    """MERGE: stands in until the server branch's Router exists (nobody is online)."""
-
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._started_at = time.time()
-
-    def is_online(self, user_id: int) -> bool:
-        return False
-
-    def revoke(self, user_id: int) -> Any:
-        return self._storage.remove_user(user_id)
-
-    def stats(self) -> Any:
-        from types import SimpleNamespace
-
-        return SimpleNamespace(
-            connections=0,
-            sessions=0,
-            messages_routed=0,
-            messages_stored=0,
-            messages_delivered=0,
-            started_at=self._started_at,
-            uptime=time.time() - self._started_at,
-        )

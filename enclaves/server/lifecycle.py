@@ -9,7 +9,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-__all__ = ["CleanExitOnSignals"]
+__all__ = ["CleanExitOnSignals", "DisconnectOnStop"]
 
 
 class CleanExitOnSignals(Service):
@@ -36,3 +36,19 @@ class CleanExitOnSignals(Service):
     def _stop(self, number: int, frame: FrameType | None) -> None:
         self.log.info("received {signal}, shutting down", signal=signal.Signals(number).name)
         self._reactor.callFromThread(self._reactor.stop)
+
+
+class DisconnectOnStop(Service):
+    """On stop, close every client connection with SHUTTING_DOWN.
+
+    Added after the storage service, so that (services stop in reverse order)
+    clients are told and in-flight messages are handed to storage before the
+    storage service stops.
+    """
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._factory.disconnect_all()

@@ -1,9 +1,21 @@
-"""Server-side connection: a thin Twisted adapter over the sans-IO frame codec."""
+"""Server-side connection: a thin Twisted adapter over the sans-IO machines.
+
+:class:`ServerProtocol` feeds bytes to :class:`~enclaves.frames.FrameDecoder`,
+HELLO to :class:`~enclaves.handshake.ServerHandshake` (looking the user up in
+storage in between), and SEALED frames to :class:`~enclaves.session.Session`;
+inner messages go to the :class:`~enclaves.server.router.Router`.  Outgoing
+inner messages are queued and sealed together on the next turn of the reactor.
+"""
 
 from __future__ import annotations
 
+import os
+import struct
+from typing import Any
+
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from enclaves.frames import (
@@ -16,52 +28,285 @@ from enclaves.frames import (
     encode_error,
     encode_frame,
 )
+from enclaves.handshake import HandshakeError, ServerHandshake
+from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping
+from enclaves.server.limits import FailureLimiter
+from enclaves.server.router import Router
+from enclaves.session import Session, SessionError
+from enclaves.storage.interface import IStorage, UserRecord
 
-__all__ = ["ServerProtocol", "ServerFactory"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "ServerFactory",
+    "ServerProtocol",
+]
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10
+DEFAULT_IDLE_TIMEOUT = 300
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+_HANDSHAKE, _LOOKUP, _SESSION, _CLOSED = "handshake", "lookup", "session", "closed"
 
 
-class ServerProtocol(Protocol):
-    """Decodes frames; any framing error gets an ERROR frame and a dropped connection."""
+class ServerProtocol(Protocol, TimeoutMixin):
+    """One client connection: handshake, then a sealed session bound to the router.
+
+    Before a session exists every failure is an ERROR frame; afterwards a
+    sealed inner ERROR.  Either way the connection is then dropped.
+    """
 
     log = Logger()
     factory: ServerFactory
+    user_id: int = 0
+
+    def __init__(self) -> None:
+        self._state = _HANDSHAKE
+        self._session: Session | None = None
+        self._queue: list[InnerMessage] = []
+        self._flush_call: Any = None
+        self._pinged = False
+        self._peer = "?"
+
+    def __repr__(self) -> str:
+        return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
+
+    # -- Twisted hooks ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._decoder = FrameDecoder(self.factory.max_frame)
-        self._closing = False
+        factory = self.factory
+        self.callLater = factory.clock.callLater  # TimeoutMixin uses the injected clock
+        peer = self.transport.getPeer()
+        self._host = getattr(peer, "host", str(peer))
+        self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
+        self._decoder = FrameDecoder(factory.max_frame)
+        self._handshake = ServerHandshake()
+        factory.connection_made(self)
+        if len(factory.protocols) > factory.max_connections:
+            self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
+            return
+        wait = factory.limiter.blocked_for(self._host, factory.clock.seconds())
+        if wait > 0:
+            self.fail(
+                ErrorCode.RATE_LIMITED,
+                f"too many failed handshakes from your address; retry in {int(wait) + 1} s",
+            )
+            return
+        self.setTimeout(factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self._state == _CLOSED:
             return
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
-            self.fail(error.code, str(error))
+            self._error(error.code, str(error))
             return
         for frame in frames:
-            if self._closing:
+            if self._state == _CLOSED:
                 return
-            self.frame_received(frame)
-
-    def frame_received(self, frame: Frame) -> None:
-        self.fail(ErrorCode.BAD_FRAME, f"{frame.type.name} is not supported yet")
-
-    def fail(self, code: ErrorCode, text: str) -> None:
-        """Send an ERROR frame, log, and drop the connection."""
-        peer = self.transport.getPeer()
-        self.log.info("dropping {peer}: {code} {text}", peer=str(peer), code=code.name, text=text)
-        self._closing = True
-        self.transport.write(encode_frame(FrameType.ERROR, encode_error(code, text)))
-        self.transport.loseConnection()
+            self._frame_received(frame)
+        self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self._closing = True
+        was_session = self._state == _SESSION or self._session is not None
+        self._state = _CLOSED
+        self.setTimeout(None)
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._queue = []
+        if was_session:
+            self.factory.router.logout(self)
+        self.factory.connection_lost(self)
+
+    def timeoutConnection(self) -> None:
+        if self._state in (_HANDSHAKE, _LOOKUP):
+            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake in time")
+        elif self._state == _SESSION:
+            if self._pinged:
+                self.close(ErrorCode.IDLE_TIMEOUT, "no traffic in time")
+                return
+            self._pinged = True
+            (nonce,) = struct.unpack(">Q", os.urandom(8))
+            self.send(Ping(nonce))
+            self.setTimeout(self.factory.idle_timeout / 2)
+
+    # -- frames -----------------------------------------------------------------------
+
+    def _frame_received(self, frame: Frame) -> None:
+        if frame.type is FrameType.ERROR:
+            self.log.info("{peer} sent an ERROR frame; closing", peer=self._peer)
+            self._drop()
+        elif self._state == _SESSION and frame.type is FrameType.SEALED:
+            self._sealed_received(frame.payload)
+        elif self._state == _HANDSHAKE and frame.type is FrameType.HELLO:
+            self._hello_received(frame.payload)
+        else:
+            self._error(ErrorCode.BAD_FRAME, f"unexpected {frame.type.name} frame")
+
+    def _hello_received(self, payload: bytes) -> None:
+        try:
+            user_id = self._handshake.receive_hello(payload)
+        except HandshakeError as error:
+            self.factory.limiter.failed(self._host, self.factory.clock.seconds())
+            self.fail(error.code, error.text)
+            return
+        self._state = _LOOKUP
+        self.factory.storage.load_user(user_id).addCallbacks(self._user_loaded, self._lookup_failed)
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        self.log.failure("user lookup failed", failure)
+        if self._state == _LOOKUP:
+            self.fail(ErrorCode.STORAGE_FAILED, "the server could not read its storage")
+
+    def _user_loaded(self, record: UserRecord | None) -> None:
+        if self._state != _LOOKUP:
+            return  # the connection went away while we looked
+        factory = self.factory
+        try:
+            welcome, keys = self._handshake.authenticate(record)
+        except HandshakeError as error:
+            factory.limiter.failed(self._host, factory.clock.seconds())
+            self.fail(error.code, error.text)
+            return
+        assert record is not None
+        now_ms = int(factory.clock.seconds() * 1000)
+        expires = record.enrollment_expires_ms
+        if expires is not None and now_ms > expires:
+            self.fail(
+                ErrorCode.TOKEN_EXPIRED,
+                "the enrollment token has expired; ask the admin for a new one",
+            )
+            return
+        self.user_id = record.user_id
+        self._session = Session(keys, "server", factory.max_frame)
+        self._state = _SESSION
+        self.transport.write(welcome)
+        self.setTimeout(factory.idle_timeout / 2)
+        factory.router.login(self, record)
+        self._flush()
+
+    def _sealed_received(self, payload: bytes) -> None:
+        assert self._session is not None
+        try:
+            messages = self._session.open(payload)
+        except SessionError as error:
+            self.close(error.code, error.text)
+            return
+        self._pinged = False
+        self.resetTimeout()
+        router = self.factory.router
+        for message in messages:
+            if self._state != _SESSION:
+                return
+            if isinstance(message, Error):
+                self.log.info(
+                    "user {user_id} reported error {code}", user_id=self.user_id, code=message.code
+                )
+                continue
+            router.message_received(self, message)
+
+    # -- output -----------------------------------------------------------------------
+
+    def send(self, message: InnerMessage) -> None:
+        """Queue an inner message; queued messages are sealed together shortly."""
+        if self._state != _SESSION:
+            return
+        self._queue.append(message)
+        if self._flush_call is None:
+            self._flush_call = self.factory.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._queue or self._session is None or self._state == _CLOSED:
+            return
+        queue, self._queue = self._queue, []
+        self.transport.write(self._session.seal(queue))
+
+    def close(self, code: ErrorCode, text: str) -> None:
+        """End the session: a sealed ERROR after whatever is queued, then drop."""
+        if self._state != _SESSION:
+            self.fail(code, text)
+            return
+        self.log.info(
+            "closing session of {user_id} ({peer}): {code} {text}",
+            user_id=self.user_id,
+            peer=self._peer,
+            code=code.name,
+            text=text,
+        )
+        self._queue.append(Error(int(code), NO_MSG_ID, text))
+        self._flush()
+        self._drop()
+
+    def fail(self, code: ErrorCode, text: str) -> None:
+        """Before a session: an ERROR frame, a log line, and a dropped connection."""
+        if self._state == _CLOSED:
+            return
+        self.log.info("dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text)
+        self.transport.write(encode_frame(FrameType.ERROR, encode_error(code, text)))
+        self._drop()
+
+    def _error(self, code: ErrorCode, text: str) -> None:
+        if self._state == _SESSION:
+            self.close(code, text)
+        else:
+            self.fail(code, text)
+
+    def _drop(self) -> None:
+        if self._state == _SESSION:
+            # Detach now, so nothing more is routed to this session.
+            self.factory.router.logout(self)
+        self._state = _CLOSED
+        self._queue = []
+        self.setTimeout(None)
+        self.transport.loseConnection()
 
 
 class ServerFactory(Factory):
     """Builds :class:`ServerProtocol` instances sharing the server's settings."""
 
     protocol = ServerProtocol
+    noisy = False
+    log = Logger()
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        router: Router,
+        storage: IStorage,
+        clock: Any,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
+        self.router = router
+        self.storage = storage
+        self.clock = clock
         self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.limiter = limiter if limiter is not None else FailureLimiter()
+        self.protocols: set[ServerProtocol] = set()
+
+    def connection_made(self, protocol: ServerProtocol) -> None:
+        self.protocols.add(protocol)
+        self.router.connection_opened()
+
+    def connection_lost(self, protocol: ServerProtocol) -> None:
+        if protocol in self.protocols:
+            self.protocols.discard(protocol)
+            self.router.connection_closed()
+
+    def disconnect_all(self) -> None:
+        """Close every connection with SHUTTING_DOWN (sessions first store in-flight work)."""
+        for protocol in list(self.protocols):
+            protocol.close(ErrorCode.SHUTTING_DOWN, "the server is stopping")

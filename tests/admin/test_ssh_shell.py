@@ -10,11 +10,16 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import attrs
 import pytest
+import pytest_twisted
 
+from enclaves.client.connection import ClientConnection, LoginFailed, connect
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode
+from enclaves.inner import Directory, Rotate, Rotated
 from enclaves.token import parse_token
 from tests.admin.sshshell import SSH, SSH_KEYGEN, PtyShell, make_key, ssh_argv, wait_port
 from tests.daemon import Daemon, free_port
@@ -297,3 +302,54 @@ def test_host_key_kept_across_restarts(shell_server: Setup, tmp_path: Path) -> N
         assert daemon.stop() == 0, daemon.log_text()
     assert (copy / "data" / "ssh_host_ed25519_key").read_bytes() == before
     assert f"(existing), fingerprint {shell_server.host_fingerprint}" in daemon.log_text()
+
+
+async def _next(conn: ClientConnection, timeout: float = 15.0) -> Any:
+    from twisted.internet import reactor
+
+    return await conn.inbox.get().addTimeout(timeout, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_issued_token_enrolls_a_client_over_tcp(shell_server: Setup) -> None:
+    """issue() in the shell, then a client enrolls with the token; the admin sees it."""
+    from twisted.internet import reactor
+
+    port = shell_server.daemon.port
+    shell = PtyShell(shell_server.argv("-tt"))
+    try:
+        shell.expect(r"enclaves> ")
+        shell.line(f'issue("127.0.0.1:{port}")')
+        token = parse_token(shell.expect(r"(enclaves1:\S+)").group(1))
+        assert token.address == f"127.0.0.1:{port}"
+        shell.expect(r"enclaves> ")
+
+        host, _, port_text = token.address.rpartition(":")
+        endpoint = f"tcp:host={host}:port={port_text}:timeout=10"
+        conn = await connect(reactor, endpoint, token.user_id, token.keys)
+        new = KeyPair.generate()
+        conn.send(Rotate(new.enc, new.auth))
+        assert await _next(conn) == Rotated()
+        directory = await _next(conn)
+        assert isinstance(directory, Directory) and token.user_id in directory.user_ids
+
+        shell.line("users()")
+        shell.expect(rf"{token.user_id}\s+enrolled\s+online")
+        shell.line("stats()")
+        shell.expect(r"sessions\s+1\b")
+
+        # The token is dead once used: its keys are no longer the user's.
+        with pytest.raises(LoginFailed):
+            await connect(reactor, endpoint, token.user_id, token.keys)
+
+        # Revoking closes the live session with REVOKED.
+        shell.line(f"revoke({token.user_id})")
+        shell.expect(rf"revoked user {token.user_id}: .* its session was closed")
+        reason = await conn.closed.addTimeout(15, reactor)
+        assert reason.code == ErrorCode.REVOKED
+        with pytest.raises(LoginFailed):
+            await connect(reactor, endpoint, token.user_id, new)
+        shell.send("\x04")
+        assert shell.wait() == 0
+    finally:
+        shell.close()

@@ -1,0 +1,283 @@
+"""Client side of the client-server session: a thin Twisted adapter.
+
+Typical use::
+
+    conn = await connect(reactor, "tcp:host=example.org:port=7500", user_id, keys)
+    conn.on_message = handle          # or read conn.inbox (a DeferredQueue)
+    conn.send(Send(msg_id, recipient, blob))
+    reason = await conn.closed        # Disconnected(code, text)
+
+The handshake and sealing are :mod:`enclaves.handshake` and
+:mod:`enclaves.session`; this module only moves bytes.  PING is answered with
+PONG automatically.  Outgoing messages queued in the same turn of the reactor
+are coalesced into one sealed frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from enclaves.crypto import KeyPair
+from enclaves.frames import (
+    DEFAULT_MAX_FRAME,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    decode_error,
+)
+from enclaves.handshake import ClientHandshake, HandshakeError
+from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping, Pong
+from enclaves.session import Session, SessionError
+
+__all__ = [
+    "ClientConnection",
+    "ClientConnectionFactory",
+    "Disconnected",
+    "LoginFailed",
+    "connect",
+]
+
+
+class LoginFailed(Exception):
+    """The server refused the handshake (``code`` is an ErrorCode value, or 0)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{_code_name(code)}: {text}")
+        self.code = code
+        self.text = text
+
+
+@frozen
+class Disconnected:
+    """Why a connection ended: the server's ERROR ``code``/``text`` if it sent one.
+
+    ``code`` is None when the connection simply closed (or we closed it).
+    """
+
+    code: int | None
+    text: str
+
+    @property
+    def name(self) -> str:
+        return _code_name(self.code) if self.code is not None else "CLOSED"
+
+
+def _code_name(code: int | None) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"ERROR {code}"
+
+
+class ClientConnection(Protocol):
+    """One authenticated session with the server.
+
+    ``ready`` fires with this connection once WELCOME checked out, or fails with
+    :class:`LoginFailed`.  ``closed`` fires with a :class:`Disconnected` when the
+    connection ends, whatever the reason.  Inner messages from the server go to
+    ``on_message`` if set, else into ``inbox`` (a ``DeferredQueue``).  Per-message
+    ERRORs (a non-zero ``msg_id``) are inner messages like any other; a session
+    ERROR (zero ``msg_id``) becomes the ``closed`` reason.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        user_id: int,
+        keys: KeyPair,
+        *,
+        clock: Any = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        on_message: Callable[[InnerMessage], None] | None = None,
+        handshake: ClientHandshake | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self._handshake = handshake or ClientHandshake(user_id, keys)
+        self._clock = clock
+        self.max_frame = max_frame
+        self.on_message = on_message
+        self.inbox: DeferredQueue[InnerMessage] = DeferredQueue()
+        self.ready: Deferred[ClientConnection] = Deferred()
+        self.closed: Deferred[Disconnected] = Deferred()
+        self._decoder = FrameDecoder(max_frame)
+        self._session: Session | None = None
+        self._queue: list[InnerMessage] = []
+        self._flush_call: Any = None
+        self._reason: Disconnected | None = None
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection user={self.user_id}>"
+
+    @property
+    def max_blob(self) -> int:
+        """The largest e2e blob one SEND can carry with this frame limit."""
+        from enclaves.session import max_blob_size
+
+        return max_blob_size(self.max_frame)
+
+    @property
+    def established(self) -> bool:
+        return self._session is not None and not self._done
+
+    # -- Twisted hooks ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        self.transport.write(self._handshake.hello_frame())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as error:
+            self._abort(Disconnected(int(error.code), f"bad frame from the server: {error}"))
+            return
+        for frame in frames:
+            if self._done:
+                return
+            self._frame_received(frame)
+        self.flush()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._done = True
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        result = self._reason or Disconnected(None, "connection closed")
+        if not self.ready.called:
+            self.ready.errback(LoginFailed(result.code or 0, result.text))
+        self.closed.callback(result)
+
+    # -- frames -------------------------------------------------------------------
+
+    def _frame_received(self, frame: Frame) -> None:
+        if frame.type is FrameType.ERROR:
+            try:
+                code, text = decode_error(frame.payload)
+            except FrameError:
+                code, text = int(ErrorCode.BAD_FRAME), "malformed ERROR frame"
+            self._reason = Disconnected(code, text)
+            self._done = True
+            self.transport.loseConnection()
+        elif frame.type is FrameType.WELCOME and self._session is None:
+            try:
+                keys = self._handshake.receive_welcome(frame.payload)
+            except HandshakeError as error:
+                self._abort(Disconnected(int(error.code), error.text))
+                return
+            self._session = Session(keys, "client", self.max_frame)
+            self.ready.callback(self)
+        elif frame.type is FrameType.SEALED and self._session is not None:
+            try:
+                messages = self._session.open(frame.payload)
+            except SessionError as error:
+                self._abort(Disconnected(int(error.code), error.text))
+                return
+            for message in messages:
+                self._message_received(message)
+        else:
+            self._abort(Disconnected(int(ErrorCode.BAD_FRAME), f"unexpected {frame.type.name}"))
+
+    def _message_received(self, message: InnerMessage) -> None:
+        if isinstance(message, Ping):
+            self.send(Pong(message.nonce))
+            return
+        if isinstance(message, Error) and message.msg_id == NO_MSG_ID:
+            # A session ERROR: the server closes right after it.
+            self._reason = Disconnected(message.code, message.text)
+        if self.on_message is not None:
+            try:
+                self.on_message(message)
+            except Exception:
+                self.log.failure("on_message raised")
+        else:
+            self.inbox.put(message)
+
+    def _abort(self, reason: Disconnected) -> None:
+        self.log.info("closing: {code} {text}", code=reason.name, text=reason.text)
+        self._reason = reason
+        self._done = True
+        self.transport.loseConnection()
+
+    # -- the application's API ---------------------------------------------------------
+
+    def send(self, message: InnerMessage) -> None:
+        """Queue one inner message; it is sealed (with others queued) shortly."""
+        if self._session is None:
+            raise RuntimeError("no session yet: wait for ready")
+        if self._done:
+            return
+        self._queue.append(message)
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Seal and write everything queued now (normally done automatically)."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._queue or self._session is None or self._done:
+            return
+        queue, self._queue = self._queue, []
+        self.transport.write(self._session.seal(queue))
+
+    def disconnect(self) -> Deferred[Disconnected]:
+        """Flush, close the connection; returns ``closed``."""
+        if not self._done:
+            self.flush()
+            self._done = True
+            self.transport.loseConnection()
+        return self.closed
+
+
+class ClientConnectionFactory(Factory):
+    """Builds a :class:`ClientConnection` for one user's credentials."""
+
+    def __init__(self, user_id: int, keys: KeyPair, **kwargs: Any) -> None:
+        self.user_id, self.keys, self.kwargs = user_id, keys, kwargs
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        protocol = ClientConnection(self.user_id, self.keys, **self.kwargs)
+        protocol.factory = self
+        return protocol
+
+
+def connect(
+    reactor: Any,
+    endpoint: str,
+    user_id: int,
+    keys: KeyPair,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    on_message: Callable[[InnerMessage], None] | None = None,
+) -> Deferred[ClientConnection]:
+    """Connect to ``endpoint`` (a ``clientFromString`` description) and log in.
+
+    Fires with the established :class:`ClientConnection`; fails with
+    :class:`LoginFailed` if the server refuses, or the connection error.
+    """
+
+    async def run() -> ClientConnection:
+        protocol = ClientConnection(
+            user_id, keys, clock=reactor, max_frame=max_frame, on_message=on_message
+        )
+        await connectProtocol(clientFromString(reactor, endpoint), protocol)
+        return await protocol.ready
+
+    return ensureDeferred(run())

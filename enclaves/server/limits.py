@@ -1,0 +1,84 @@
+"""Sans-IO limits: failed-handshake backoff per source, message rate per session."""
+
+from __future__ import annotations
+
+from attrs import define
+
+__all__ = ["FailureLimiter", "TokenBucket"]
+
+
+@define
+class _Failures:
+    count: int
+    last: float
+    blocked_until: float
+
+
+class FailureLimiter:
+    """Per-source backoff after failed handshakes.
+
+    The first ``free`` failures cost nothing; each further one blocks the source
+    for ``base * 2**k`` seconds (k = failures beyond ``free``), at most ``cap``.
+    A source is forgotten ``forget`` seconds after its last failure.  Only the
+    source is slowed down: a user is never locked out by someone else.
+    """
+
+    def __init__(
+        self,
+        free: int = 5,
+        base: float = 1.0,
+        cap: float = 300.0,
+        forget: float = 900.0,
+        max_sources: int = 100_000,
+    ) -> None:
+        self.free, self.base, self.cap, self.forget = free, base, cap, forget
+        self.max_sources = max_sources
+        self._sources: dict[str, _Failures] = {}
+
+    def blocked_for(self, source: str, now: float) -> float:
+        """Seconds ``source`` must still wait (0 when it may try)."""
+        entry = self._sources.get(source)
+        if entry is None:
+            return 0.0
+        if now - entry.last > self.forget:
+            del self._sources[source]
+            return 0.0
+        return max(0.0, entry.blocked_until - now)
+
+    def failed(self, source: str, now: float) -> None:
+        entry = self._sources.get(source)
+        if entry is None or now - entry.last > self.forget:
+            if len(self._sources) >= self.max_sources:
+                self._prune(now)
+            entry = self._sources[source] = _Failures(0, now, 0.0)
+        entry.count += 1
+        entry.last = now
+        beyond = entry.count - self.free
+        if beyond > 0:
+            entry.blocked_until = now + min(self.cap, self.base * 2 ** min(beyond - 1, 30))
+
+    def _prune(self, now: float) -> None:
+        for source in [s for s, e in self._sources.items() if now - e.last > self.forget]:
+            del self._sources[source]
+        while len(self._sources) >= self.max_sources:  # still full: drop the oldest
+            del self._sources[next(iter(self._sources))]
+
+
+class TokenBucket:
+    """``rate`` events per second on average, bursts up to ``burst``."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._last = now
+
+    def take(self, now: float, count: float = 1.0) -> bool:
+        """Spend ``count`` tokens if there are enough; False if the rate is exceeded."""
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens < count:
+            return False
+        self._tokens -= count
+        return True

@@ -1,0 +1,478 @@
+"""The router: who is online, where each message goes, and when the sender hears ACCEPTED.
+
+Transport-free: it talks to live sessions through the small :class:`Peer`
+protocol (``user_id``, ``send``, ``close``) and to the disk through
+:class:`~enclaves.storage.interface.IStorage`.  The delivery guarantee of
+DESIGN.md §4 lives here: ACCEPTED is sent only after the recipient's RECEIVED
+or after the storage Deferred fired (fsynced); a message in flight to a
+recipient who disconnects is stored, or its sender gets an ERROR.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from enclaves.crypto import KeyPair
+from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME, create_enrollment
+from enclaves.frames import DEFAULT_MAX_FRAME, ErrorCode
+from enclaves.inner import (
+    NO_MSG_ID,
+    Accepted,
+    Deliver,
+    Delivered,
+    Directory,
+    Error,
+    InnerMessage,
+    Invite,
+    InviteToken,
+    Joined,
+    Ping,
+    Pong,
+    Received,
+    Removed,
+    Rotate,
+    Rotated,
+    Send,
+)
+from enclaves.server.limits import TokenBucket
+from enclaves.session import max_blob_size
+from enclaves.storage.interface import (
+    IStorage,
+    QuotaExceeded,
+    StorageError,
+    UnknownUser,
+    UserRecord,
+)
+
+__all__ = ["DEFAULT_MESSAGE_RATE", "Peer", "Router", "ServerStats"]
+
+DEFAULT_MESSAGE_RATE = 500
+
+
+class Peer(Protocol):
+    """What the router needs from a live, authenticated session."""
+
+    user_id: int
+
+    def send(self, message: InnerMessage) -> None:
+        """Queue one inner message (coalesced and sealed on the next write)."""
+
+    def close(self, code: ErrorCode, text: str) -> None:
+        """Send a sealed ERROR and drop; the router's :meth:`Router.logout` follows."""
+
+
+@frozen
+class ServerStats:
+    """A snapshot of the router's counters."""
+
+    connections: int
+    sessions: int
+    messages_routed: int
+    messages_stored: int
+    messages_delivered: int
+    started_at: float
+    taken_at: float = field(factory=time.time)
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the router started, at the time of the snapshot."""
+        return max(0.0, self.taken_at - self.started_at)
+
+
+@define(eq=False)
+class _Item:
+    """A message on its way to one recipient; ``file_id`` once stored."""
+
+    sender: int
+    msg_id: bytes
+    blob: bytes = field(repr=False)
+    file_id: int | None = None
+
+
+@define(eq=False)
+class _Online:
+    """The router's view of one live session."""
+
+    peer: Peer
+    enrolling: bool
+    expires_ms: int | None
+    bucket: TokenBucket
+    ready: bool = False  # pending messages loaded; live deliveries go straight out
+    closed: bool = False
+    backlog: list[_Item] = field(factory=list)
+    inflight: dict[bytes, list[_Item]] = field(factory=dict)
+    sent_files: set[int] = field(factory=set)
+
+
+def _error(code: ErrorCode, text: str, msg_id: bytes = NO_MSG_ID) -> Error:
+    return Error(int(code), msg_id, text)
+
+
+class Router:
+    """Routes between live sessions and storage; one live session per user.
+
+    ``clock`` is an ``IReactorTime`` (the reactor, or a ``task.Clock`` in
+    tests); its ``seconds()`` is Unix time for token expiry and statistics.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage: IStorage,
+        clock: Any,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        message_rate: int = DEFAULT_MESSAGE_RATE,
+        allow_invites: bool = False,
+        token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.message_rate = message_rate
+        self.allow_invites = allow_invites
+        self.token_lifetime = token_lifetime
+        self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
+        self._online: dict[int, _Online] = {}
+        self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
+        self.connections = 0
+        self.messages_routed = 0
+        self.messages_stored = 0
+        self.messages_delivered = 0
+        self.started_at = float(self.clock.seconds())
+
+    # -- admin surface ------------------------------------------------------------
+
+    def is_online(self, user_id: int) -> bool:
+        """True while ``user_id`` has a live authenticated session."""
+        state = self._online.get(user_id)
+        return state is not None and not state.closed
+
+    def online_users(self) -> list[int]:
+        return sorted(uid for uid, state in self._online.items() if not state.closed)
+
+    def stats(self) -> ServerStats:
+        return ServerStats(
+            connections=self.connections,
+            sessions=len(self._online),
+            messages_routed=self.messages_routed,
+            messages_stored=self.messages_stored,
+            messages_delivered=self.messages_delivered,
+            started_at=self.started_at,
+            taken_at=float(self.clock.seconds()),
+        )
+
+    def revoke(self, user_id: int) -> Deferred[int]:
+        """Remove ``user_id`` and its pending messages, close its session with
+        REVOKED and tell everyone online REMOVED.  Fires with the number of
+        pending messages deleted; fails with UnknownUser if there is no such user."""
+
+        def removed(count: int) -> int:
+            state = self._online.pop(user_id, None)
+            if state is not None:
+                self._abandon(state, "the recipient was revoked")
+                state.peer.close(ErrorCode.REVOKED, "the admin revoked this account")
+            self._broadcast(Removed(user_id), exclude=user_id)
+            self.log.info(
+                "revoked user {user_id}, {count} pending deleted", user_id=user_id, count=count
+            )
+            return count
+
+        return self.storage.remove_user(user_id).addCallback(removed)
+
+    def notify_joined(self, user_id: int) -> None:
+        """Tell every other enrolled online user that ``user_id`` completed enrollment."""
+        self._broadcast(Joined(user_id), exclude=user_id)
+
+    def shutdown(self) -> None:
+        """Close every live session with SHUTTING_DOWN (messages in flight get stored)."""
+        for state in list(self._online.values()):
+            state.peer.close(ErrorCode.SHUTTING_DOWN, "the server is stopping")
+
+    # -- connection lifecycle (called by the protocol adapter) --------------------
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+
+    def login(self, peer: Peer, record: UserRecord) -> None:
+        """A session authenticated as ``record``; a previous one is REPLACED."""
+        uid = record.user_id
+        state = _Online(
+            peer,
+            record.enrolling,
+            record.enrollment_expires_ms,
+            TokenBucket(self.message_rate, max(self.message_rate, 1), self.clock.seconds()),
+        )
+        old = self._online.get(uid)
+        self._online[uid] = state
+        self._by_peer[id(peer)] = state
+        if old is not None:
+            self._by_peer.pop(id(old.peer), None)
+            self._detach(old)
+            old.peer.close(ErrorCode.REPLACED, "a newer session of this user took over")
+        self.log.info("user {user_id} logged in", user_id=uid, enrolling=record.enrolling)
+        if not state.enrolling:
+            self._start(state, uid)
+
+    def logout(self, peer: Peer) -> None:
+        """The session's connection is gone: store what was in flight to it."""
+        state = self._by_peer.pop(id(peer), None)
+        if state is None:
+            return
+        if self._online.get(peer.user_id) is state:
+            del self._online[peer.user_id]
+        self._detach(state)
+
+    def _detach(self, state: _Online) -> None:
+        state.closed = True
+        items = [i for items in state.inflight.values() for i in items] + state.backlog
+        state.inflight, state.backlog = {}, []
+        for item in items:
+            if item.file_id is None:
+                self._store(item, state.peer.user_id)
+
+    def _abandon(self, state: _Online, reason: str) -> None:
+        """A revoked recipient: its in-flight messages go nowhere; senders hear why."""
+        self._by_peer.pop(id(state.peer), None)
+        state.closed = True
+        items = [i for items in state.inflight.values() for i in items] + state.backlog
+        state.inflight, state.backlog = {}, []
+        for item in items:
+            if item.file_id is None:
+                self._tell(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
+
+    def _start(self, state: _Online, uid: int) -> None:
+        """Directory first, then pending messages in arrival order, then live ones."""
+
+        async def start() -> None:
+            users = await self.storage.list_users()
+            if state.closed:
+                return
+            state.peer.send(Directory(tuple(users)))
+            pending = await self.storage.pending_for(uid)
+            if state.closed:
+                return
+            state.ready = True
+            for stored in pending:
+                self._deliver(
+                    state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
+                )
+            backlog, state.backlog = state.backlog, []
+            for item in backlog:
+                self._deliver(state, item)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("could not start the session of {user_id}", failure, user_id=uid)
+            if not state.closed:
+                state.peer.close(ErrorCode.STORAGE_FAILED, "the server could not read its storage")
+
+        ensureDeferred(start()).addErrback(failed)
+
+    # -- inner messages ---------------------------------------------------------
+
+    def message_received(self, peer: Peer, message: InnerMessage) -> None:
+        """One inner message from ``peer``'s live session."""
+        state = self._by_peer.get(id(peer))
+        if state is None or state.closed:
+            return
+        if isinstance(message, Ping):
+            peer.send(Pong(message.nonce))
+            return
+        if isinstance(message, Pong):
+            return
+        if isinstance(message, Send | Rotate | Invite) and not state.bucket.take(
+            self.clock.seconds()
+        ):
+            peer.close(ErrorCode.MESSAGE_RATE, f"more than {self.message_rate} messages a second")
+            return
+        if state.enrolling and not isinstance(message, Rotate):
+            msg_id = getattr(message, "msg_id", NO_MSG_ID)
+            peer.send(
+                _error(ErrorCode.ENROLLMENT_REQUIRED, "ROTATE your enrollment keys first", msg_id)
+            )
+            return
+        if isinstance(message, Send):
+            self._route(state, message)
+        elif isinstance(message, Received):
+            self._acknowledge(state, message.msg_id)
+        elif isinstance(message, Rotate):
+            self._rotate(state, message)
+        elif isinstance(message, Invite):
+            self._invite(state)
+        else:
+            peer.close(ErrorCode.BAD_MESSAGE, f"a client may not send {type(message).__name__}")
+
+    def _route(self, state: _Online, send: Send) -> None:
+        sender = state.peer.user_id
+        if len(send.blob) > self.max_blob:
+            state.peer.send(
+                _error(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"messages are limited to {self.max_blob} bytes",
+                    send.msg_id,
+                )
+            )
+            return
+        if send.recipient == 0:
+            state.peer.send(_error(ErrorCode.UNKNOWN_RECIPIENT, "no such user", send.msg_id))
+            return
+        self.messages_routed += 1
+        item = _Item(sender, send.msg_id, send.blob)
+        target = self._online.get(send.recipient)
+        if target is None or target.closed or target.enrolling:
+            self._store(item, send.recipient)
+        elif target.ready:
+            self._deliver(target, item)
+        else:
+            target.backlog.append(item)
+
+    def _deliver(self, state: _Online, item: _Item) -> None:
+        if item.file_id is not None:
+            if item.file_id in state.sent_files:
+                return
+            state.sent_files.add(item.file_id)
+        waiting = state.inflight.get(item.msg_id)
+        if waiting is not None:  # the same msg_id is already out: one ack settles both
+            waiting.append(item)
+            return
+        state.inflight[item.msg_id] = [item]
+        state.peer.send(Deliver(item.msg_id, item.sender, item.blob))
+
+    def _store(self, item: _Item, recipient: int) -> None:
+        def stored(file_id: int) -> None:
+            self.messages_stored += 1
+            item.file_id = file_id
+            self._tell(item.sender, Accepted(item.msg_id))
+            target = self._online.get(recipient)
+            if target is None or target.closed or target.enrolling:
+                return
+            if target.ready:
+                self._deliver(target, item)
+            else:
+                target.backlog.append(item)
+
+        def refused(failure: Failure) -> None:
+            if failure.check(UnknownUser):
+                code, text = ErrorCode.UNKNOWN_RECIPIENT, "no such user"
+            elif failure.check(QuotaExceeded):
+                code, text = ErrorCode.QUOTA_EXCEEDED, "the recipient's queue is full"
+            else:
+                if not failure.check(StorageError):
+                    self.log.failure("storing a message failed", failure)
+                code, text = ErrorCode.STORAGE_FAILED, "the server could not store the message"
+            self.log.info(
+                "message for {recipient} not stored: {code}", recipient=recipient, code=code.name
+            )
+            self._tell(item.sender, _error(code, text, item.msg_id))
+
+        self.storage.store_message(recipient, item.sender, item.msg_id, item.blob).addCallbacks(
+            stored, refused
+        )
+
+    def _acknowledge(self, state: _Online, msg_id: bytes) -> None:
+        items = state.inflight.pop(msg_id, None)
+        if not items:
+            return  # a duplicate or stray RECEIVED is harmless
+        for item in items:
+            self.messages_delivered += 1
+            if item.file_id is None:
+                self._tell(item.sender, Accepted(msg_id))
+                self._tell(item.sender, Delivered(msg_id))
+            else:
+                self._remove_stored(item)
+
+    def _remove_stored(self, item: _Item) -> None:
+        assert item.file_id is not None
+
+        def removed(_: None) -> None:
+            self._tell(item.sender, Delivered(item.msg_id))
+
+        def failed(failure: Failure) -> None:
+            # The copy stays and is delivered again; the recipient drops the duplicate.
+            self.log.failure("could not delete a delivered message", failure)
+
+        self.storage.remove_message(item.file_id).addCallbacks(removed, failed)
+
+    def _rotate(self, state: _Online, rotate: Rotate) -> None:
+        uid = state.peer.user_id
+        if state.enrolling and state.expires_ms is not None and self._now_ms() > state.expires_ms:
+            state.peer.close(ErrorCode.TOKEN_EXPIRED, "the enrollment token has expired")
+            return
+        keys = KeyPair(rotate.enc, rotate.auth)
+
+        def rotated(_: None) -> None:
+            was_enrolling = state.enrolling
+            state.enrolling = False
+            state.expires_ms = None
+            self.log.info("user {user_id} rotated its keys", user_id=uid)
+            if state.closed:
+                if was_enrolling:
+                    self.notify_joined(uid)
+                return
+            state.peer.send(Rotated())
+            if was_enrolling:
+                self._start(state, uid)
+                self.notify_joined(uid)
+            else:
+                self.storage.list_users().addCallback(
+                    lambda users: None if state.closed else state.peer.send(Directory(tuple(users)))
+                ).addErrback(lambda f: self.log.failure("directory after rotation", f))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(StorageError):
+                self.log.failure("rotation of {user_id} failed", failure, user_id=uid)
+            if not state.closed:
+                state.peer.send(
+                    _error(ErrorCode.STORAGE_FAILED, "the new keys could not be stored")
+                )
+
+        self.storage.replace_user_keys(uid, keys).addCallbacks(rotated, failed)
+
+    def _invite(self, state: _Online) -> None:
+        if not self.allow_invites:
+            state.peer.send(_error(ErrorCode.INVITES_DISABLED, "this server does not allow INVITE"))
+            return
+
+        def created(result: tuple[Any, int]) -> None:
+            token, expires_ms = result
+            self.log.info(
+                "user {inviter} invited user {user_id}",
+                inviter=state.peer.user_id,
+                user_id=token.user_id,
+            )
+            if not state.closed:
+                state.peer.send(InviteToken(token.user_id, expires_ms, str(token)))
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("INVITE failed", failure)
+            if not state.closed:
+                state.peer.send(_error(ErrorCode.STORAGE_FAILED, "could not create the invitation"))
+
+        create_enrollment(self.storage, self._now_ms(), self.token_lifetime).addCallbacks(
+            created, failed
+        )
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def _tell(self, user_id: int, message: InnerMessage) -> None:
+        """Send to ``user_id``'s live session if there is one (else it resends later)."""
+        state = self._online.get(user_id)
+        if state is not None and not state.closed:
+            state.peer.send(message)
+
+    def _broadcast(self, message: InnerMessage, exclude: int) -> None:
+        for uid, state in self._online.items():
+            if uid != exclude and not state.closed and not state.enrolling:
+                state.peer.send(message)

@@ -1,0 +1,92 @@
+"""The client connection library against the real server protocol over iosim."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet.address import IPv4Address
+from twisted.test import iosim
+
+from enclaves.client.connection import ClientConnection, Disconnected, LoginFailed
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode
+from enclaves.inner import Accepted, Deliver, Delivered, Directory, Error, Received, Send
+from tests.server.harness import Harness
+
+
+def mid(n: int) -> bytes:
+    return struct.pack(">QQ", 0, n)
+
+
+def _connect(h: Harness, user_id: int, keys: KeyPair) -> tuple[ClientConnection, iosim.IOPump]:
+    addr = IPv4Address("TCP", "192.0.2.50", 5000 + user_id)
+    server = h.factory.buildProtocol(addr)
+    client = ClientConnection(user_id, keys, clock=h.clock)
+    pump = iosim.connect(
+        server,
+        iosim.FakeTransport(server, True, peerAddress=addr),
+        client,
+        iosim.FakeTransport(client, False),
+        greet=True,
+        clock=h.clock,
+    )
+    return client, pump
+
+
+def _drain(conn: ClientConnection) -> list[object]:
+    out: list[object] = []
+    while conn.inbox.pending:
+        conn.inbox.get().addCallback(out.append)
+    return out
+
+
+def test_login_send_receive_and_disconnect_reason() -> None:
+    h = Harness()
+    ka, kb = h.add_user(1), h.add_user(2)
+    a, pa = _connect(h, 1, ka)
+    b, pb = _connect(h, 2, kb)
+    pa.flush(), pb.flush()
+    assert a.ready.called and b.ready.called and a.established
+    assert _drain(a) == [Directory((1, 2))]
+    seen: list[object] = []
+    b.on_message = seen.append
+    _drain(b)
+    a.send(Send(mid(1), 2, b"hello"))
+    a.send(Send(mid(2), 99, b"nobody"))
+    for _ in range(3):
+        pa.flush(), pb.flush()
+    assert seen == [Deliver(mid(1), 1, b"hello")]
+    b.send(Received(mid(1)))
+    for _ in range(3):
+        pb.flush(), pa.flush()
+    assert _drain(a) == [
+        Error(ErrorCode.UNKNOWN_RECIPIENT, mid(2), "no such user"),
+        Accepted(mid(1)),
+        Delivered(mid(1)),
+    ]
+    # A second login of user 2 replaces the first: its reason is REPLACED.
+    _b2, pb2 = _connect(h, 2, kb)
+    for _ in range(3):
+        pb2.flush(), pb.flush()
+    reasons: list[Disconnected] = []
+    b.closed.addCallback(reasons.append)
+    assert reasons == [Disconnected(ErrorCode.REPLACED, "a newer session of this user took over")]
+    assert reasons[0].name == "REPLACED"
+    done: list[Disconnected] = []
+    a.disconnect().addCallback(done.append)
+    pa.flush()
+    assert done == [Disconnected(None, "connection closed")]
+    assert not h.router.is_online(1)
+
+
+def test_login_failed_carries_the_servers_error() -> None:
+    h = Harness()
+    h.add_user(1)
+    client, pump = _connect(h, 1, KeyPair.generate())
+    failures: list[object] = []
+    client.ready.addErrback(failures.append)
+    pump.flush()
+    (failure,) = failures
+    error = failure.value  # type: ignore[attr-defined]
+    assert isinstance(error, LoginFailed)
+    assert error.code == ErrorCode.AUTH_FAILED and "AUTH_FAILED" in str(error)

@@ -1,0 +1,451 @@
+"""Server protocol and router over StringTransport with task.Clock: every path."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode, FrameType, encode_frame
+from enclaves.handshake import AUTH_FAILED_TEXT
+from enclaves.inner import (
+    NO_MSG_ID,
+    Accepted,
+    Deliver,
+    Delivered,
+    Directory,
+    Error,
+    Invite,
+    InviteToken,
+    Joined,
+    Ping,
+    Pong,
+    Received,
+    Removed,
+    Rotate,
+    Rotated,
+    Send,
+)
+from enclaves.session import max_blob_size
+from enclaves.storage.interface import UnknownUser
+from enclaves.token import parse_token
+from tests.server.harness import NOW, Harness
+
+A, B, C = 11, 22, 33
+
+
+def mid(n: int) -> bytes:
+    return struct.pack(">16xQ", n)[-16:]
+
+
+def _result(d: Deferred) -> object:
+    out: list[object] = []
+    d.addBoth(out.append)
+    assert out
+    return out[0]
+
+
+def _pending(h: Harness, user: int) -> list[bytes]:
+    return [m.msg_id for m in _result(h.storage.pending_for(user))]  # type: ignore[union-attr]
+
+
+def _codes(messages: list) -> list[int]:
+    return [m.code for m in messages if isinstance(m, Error)]
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_login_sends_directory_then_online_delivery(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    assert a.login() == [Directory((A, B))]
+    assert b.login() == [Directory((A, B))]
+    assert h.router.is_online(A) and h.router.is_online(B)
+    a.send(Send(mid(1), B, b"blob-1"), Send(mid(2), B, b"blob-2"))
+    assert a.received() == []  # no ACCEPTED before RECEIVED
+    assert b.received() == [Deliver(mid(1), A, b"blob-1"), Deliver(mid(2), A, b"blob-2")]
+    assert _pending(h, B) == []
+    b.send(Received(mid(2)), Received(mid(1)))
+    assert a.received() == [
+        Accepted(mid(2)),
+        Delivered(mid(2)),
+        Accepted(mid(1)),
+        Delivered(mid(1)),
+    ]
+    stats = h.router.stats()
+    assert (stats.connections, stats.sessions, stats.messages_routed) == (2, 2, 2)
+    assert stats.messages_delivered == 2 and stats.started_at == NOW and stats.uptime == 0
+
+
+def test_offline_delivery_in_order_then_delete(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(*(Send(mid(i), B, b"x%d" % i) for i in range(5)))
+    assert a.received() == [Accepted(mid(i)) for i in range(5)]
+    assert _pending(h, B) == [mid(i) for i in range(5)]
+    b = h.raw(B, kb)
+    assert b.login() == [Directory((A, B))] + [Deliver(mid(i), A, b"x%d" % i) for i in range(5)]
+    b.send(*(Received(mid(i)) for i in range(5)))
+    assert a.received() == [Delivered(mid(i)) for i in range(5)]
+    assert _pending(h, B) == []
+    assert h.router.stats().messages_stored == 5
+
+
+def test_recipient_gone_before_received_stores_in_flight(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(7), B, b"in flight"))
+    assert b.received() == [Deliver(mid(7), A, b"in flight")]
+    b.lose()
+    assert not h.router.is_online(B)
+    assert a.received() == [Accepted(mid(7))]
+    assert _pending(h, B) == [mid(7)]
+    b2 = h.raw(B, kb)
+    assert b2.login()[1:] == [Deliver(mid(7), A, b"in flight")]
+
+
+def test_sender_resend_while_in_flight_is_delivered_once(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"m"))
+    a.send(Send(mid(1), B, b"m"))
+    assert b.received() == [Deliver(mid(1), A, b"m")]
+    b.send(Received(mid(1)))
+    assert a.received() == [Accepted(mid(1)), Delivered(mid(1))] * 2
+
+
+def test_storage_failure_quota_unknown_and_too_large(h: Harness) -> None:
+    ka, _kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    h.storage.fail_writes = True
+    a.send(Send(mid(1), B, b"m"))
+    h.storage.fail_writes = False
+    a.send(Send(mid(2), 999, b"m"), Send(mid(3), 0, b"m"))
+    assert [(m.code, m.msg_id) for m in a.received()] == [
+        (ErrorCode.STORAGE_FAILED, mid(1)),
+        (ErrorCode.UNKNOWN_RECIPIENT, mid(2)),
+        (ErrorCode.UNKNOWN_RECIPIENT, mid(3)),
+    ]
+    assert h.router.max_blob == max_blob_size(65536)
+    for i in range(50):
+        a.send(Send(mid(100 + i), B, b"q"))
+    a.received()
+    a.send(Send(mid(999), B, b"q"))
+    assert [(m.code, m.msg_id) for m in a.received()] == [(ErrorCode.QUOTA_EXCEEDED, mid(999))]
+    assert not a.closing
+
+
+def test_too_large_for_storage_is_refused() -> None:
+    h = Harness()
+    h.storage.max_pending_bytes = 1000
+    h.router = type(h.router)(h.storage, h.clock)
+    h.factory.router = h.router
+    ka, _ = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, bytes(1001)))
+    assert _codes(a.received()) == [ErrorCode.MESSAGE_TOO_LARGE]
+
+
+def test_unknown_user_and_bad_tag_look_the_same(h: Harness) -> None:
+    h.add_user(A)
+    unknown = h.raw(B, KeyPair.generate())
+    unknown.write(unknown.handshake.hello_frame())
+    bad_tag = h.raw(A, KeyPair.generate())
+    bad_tag.write(bad_tag.handshake.hello_frame())
+    first, second = unknown.transport.value(), bad_tag.transport.value()
+    assert first == second
+    assert unknown.outer_error() == (ErrorCode.AUTH_FAILED, AUTH_FAILED_TEXT)
+
+
+def test_failed_handshakes_back_off_per_source(h: Harness) -> None:
+    ka = h.add_user(A)
+    for _ in range(6):
+        bad = h.raw(A, KeyPair.generate(), host="198.51.100.7")
+        bad.write(bad.handshake.hello_frame())
+        assert bad.outer_error()[0] == ErrorCode.AUTH_FAILED
+        bad.lose()
+    blocked = h.raw(A, ka, host="198.51.100.7")
+    code, text = blocked.outer_error()
+    assert code == ErrorCode.RATE_LIMITED and "retry" in text
+    blocked.lose()
+    # Another address, and the real user there, are not locked out.
+    assert h.raw(A, ka, host="203.0.113.9").login() == [Directory((A,))]
+    h.clock.advance(2)
+    assert h.raw(A, ka, host="198.51.100.7").login() == [Directory((A,))]
+
+
+def test_malformed_hello_and_unexpected_frames(h: Harness) -> None:
+    c = h.raw(A, KeyPair.generate())
+    c.write(encode_frame(FrameType.HELLO, b"short"))
+    assert c.outer_error()[0] == ErrorCode.BAD_FRAME
+    c = h.raw(A, KeyPair.generate())
+    c.write(encode_frame(FrameType.SEALED, bytes(40)))
+    assert c.outer_error()[0] == ErrorCode.BAD_FRAME
+    c = h.raw(A, KeyPair.generate())
+    c.write(b"\x00\x00\x00\x02\x07\x01")
+    assert c.outer_error()[0] == ErrorCode.BAD_FRAME
+
+
+def test_oversize_frame(h: Harness) -> None:
+    c = h.raw(A, KeyPair.generate())
+    c.write(struct.pack(">I", 65537))
+    assert c.outer_error()[0] == ErrorCode.FRAME_TOO_LARGE
+    ka = h.add_user(A)
+    c = h.raw(A, ka)
+    c.login()
+    c.write(struct.pack(">I", 1 << 30))
+    assert _codes(c.received()) == [ErrorCode.FRAME_TOO_LARGE]
+    assert c.closing
+
+
+def _session_pair(h: Harness):  # type: ignore[no-untyped-def]
+    ka = h.add_user(A)
+    a = h.raw(A, ka)
+    a.login()
+    return a
+
+
+def test_replayed_frame_ends_the_session(h: Harness) -> None:
+    a = _session_pair(h)
+    frame = a.session.seal([Ping(1)])  # type: ignore[union-attr]
+    a.write(frame)
+    assert a.received() == [Pong(1)]
+    a.write(frame)
+    assert _codes(a.received()) == [ErrorCode.BAD_SESSION_FRAME]
+    assert a.closing
+    a.lose()
+    assert not h.router.is_online(A)
+
+
+def test_reordered_frame_ends_the_session(h: Harness) -> None:
+    a = _session_pair(h)
+    first = a.session.seal([Ping(1)])  # type: ignore[union-attr]
+    second = a.session.seal([Ping(2)])  # type: ignore[union-attr]
+    a.write(second + first)
+    assert _codes(a.received()) == [ErrorCode.BAD_SESSION_FRAME]
+    assert a.closing
+
+
+def test_forged_frame_ends_the_session(h: Harness) -> None:
+    a = _session_pair(h)
+    frame = bytearray(a.session.seal([Ping(1)]))  # type: ignore[union-attr]
+    frame[20] ^= 0x40
+    a.write(bytes(frame))
+    assert _codes(a.received()) == [ErrorCode.BAD_SESSION_FRAME]
+    assert a.closing
+
+
+def test_unknown_kind_and_client_only_kinds(h: Harness) -> None:
+    a = _session_pair(h)
+    a.write(a.session.seal_frame(struct.pack(">IB", 1, 0x55)))  # type: ignore[union-attr]
+    assert _codes(a.received()) == [ErrorCode.UNKNOWN_KIND]
+    assert a.closing
+    h2 = Harness()
+    a = _session_pair(h2)
+    a.send(Accepted(mid(1)))
+    assert _codes(a.received()) == [ErrorCode.BAD_MESSAGE]
+
+
+def test_handshake_timeout() -> None:
+    h = Harness(handshake_timeout=5)
+    c = h.raw(A, KeyPair.generate())
+    h.clock.advance(4.9)
+    assert not c.closing
+    h.clock.advance(0.2)
+    assert c.outer_error()[0] == ErrorCode.HANDSHAKE_TIMEOUT
+
+
+def test_idle_timeout_and_keepalive() -> None:
+    h = Harness(idle_timeout=60)
+    a = _session_pair(h)
+    h.clock.advance(30)
+    (ping,) = a.received()
+    assert isinstance(ping, Ping)
+    a.send(Pong(ping.nonce))
+    h.clock.advance(29)
+    assert a.received() == [] and not a.closing
+    h.clock.advance(1)
+    (ping,) = a.received()
+    h.clock.advance(30)
+    assert _codes(a.received()) == [ErrorCode.IDLE_TIMEOUT]
+    assert a.closing
+
+
+def test_max_connections() -> None:
+    h = Harness(max_connections=1)
+    h.raw(A, KeyPair.generate())
+    second = h.raw(A, KeyPair.generate())
+    assert second.outer_error()[0] == ErrorCode.SERVER_BUSY
+    second.lose()
+    assert h.router.stats().connections == 1
+
+
+def test_message_rate() -> None:
+    h = Harness(router={"message_rate": 5})
+    ka, _ = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(*(Send(mid(i), B, b"m") for i in range(5)))
+    assert len(a.received()) == 5
+    h.clock.advance(1)
+    a.send(*(Send(mid(i), B, b"m") for i in range(6)))
+    assert _codes(a.received()) == [ErrorCode.MESSAGE_RATE]
+    assert a.closing
+
+
+def test_enrollment_rotation_and_token_reuse() -> None:
+    h = Harness()
+    ka = h.add_user(A)
+    token_keys = h.add_user(C, enrolling_for=3600)
+    a = h.raw(A, ka)
+    a.login()
+    c = h.raw(C, token_keys)
+    assert c.login() == []  # nothing until ROTATE
+    c.send(Send(mid(1), A, b"m"), Invite(), Ping(3))
+    assert [(m.code, m.msg_id) for m in c.received() if isinstance(m, Error)] == [
+        (ErrorCode.ENROLLMENT_REQUIRED, mid(1)),
+        (ErrorCode.ENROLLMENT_REQUIRED, NO_MSG_ID),
+    ]
+    # A message for the enrolling user is stored, not pushed.
+    a.send(Send(mid(9), C, b"welcome"))
+    assert a.received() == [Accepted(mid(9))]
+    new = KeyPair.generate()
+    c.send(Rotate(new.enc, new.auth))
+    assert c.received() == [Rotated(), Directory((A, C)), Deliver(mid(9), A, b"welcome")]
+    assert a.received() == [Joined(C)]
+    record = _result(h.storage.load_user(C))
+    assert record.keys == new and not record.enrolling  # type: ignore[union-attr]
+    # The token's keys are dead; the new ones work, and replace the old session.
+    again = h.raw(C, token_keys)
+    again.write(again.handshake.hello_frame())
+    assert again.outer_error()[0] == ErrorCode.AUTH_FAILED
+    c2 = h.raw(C, new)
+    assert c2.login() == [Directory((A, C)), Deliver(mid(9), A, b"welcome")]
+    assert _codes(c.received()) == [ErrorCode.REPLACED]
+    # A later rotation by an enrolled user.
+    newer = KeyPair.generate()
+    c2.send(Rotate(newer.enc, newer.auth))
+    assert c2.received() == [Rotated(), Directory((A, C))]
+
+
+def test_rotation_of_enrolled_user_answers_rotated_and_directory(h: Harness) -> None:
+    a = _session_pair(h)
+    new = KeyPair.generate()
+    a.send(Rotate(new.enc, new.auth))
+    assert a.received() == [Rotated(), Directory((A,))]
+    h.storage.fail_writes = True
+    a.send(Rotate(new.auth, new.enc))
+    assert _codes(a.received()) == [ErrorCode.STORAGE_FAILED]
+
+
+def test_expired_token_refused_at_login() -> None:
+    h = Harness()
+    keys = h.add_user(C, enrolling_for=-1)
+    c = h.raw(C, keys)
+    c.write(c.handshake.hello_frame())
+    code, text = c.outer_error()
+    assert code == ErrorCode.TOKEN_EXPIRED and "expired" in text
+
+
+def test_invites_off_and_on() -> None:
+    h = Harness()
+    a = h.raw(A, h.add_user(A))
+    a.login()
+    a.send(Invite())
+    assert _codes(a.received()) == [ErrorCode.INVITES_DISABLED]
+    assert not a.closing
+    h = Harness(router={"allow_invites": True, "token_lifetime": 600})
+    a = h.raw(A, h.add_user(A))
+    a.login()
+    a.send(Invite())
+    (invite,) = a.received()
+    assert isinstance(invite, InviteToken)
+    assert invite.expires_ms == int(NOW * 1000) + 600_000
+    token = parse_token(invite.token)
+    assert token.user_id == invite.user_id
+    record = _result(h.storage.load_user(token.user_id))
+    assert record.enrolling and record.keys == token.keys  # type: ignore[union-attr]
+    assert h.raw(token.user_id, token.keys).login() == []
+
+
+def test_revoke(h: Harness) -> None:
+    ka, kb, kc = h.add_user(A), h.add_user(B), h.add_user(C)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), C, b"stored"))
+    a.send(Send(mid(2), B, b"in flight"))
+    assert a.received() == [Accepted(mid(1))]
+    b.received()
+    assert _result(h.router.revoke(C)) == 1
+    assert a.received() == [Removed(C)]
+    assert b.received() == [Removed(C)]
+    assert _pending(h, C) == []
+    gone = h.raw(C, kc)
+    gone.write(gone.handshake.hello_frame())
+    assert gone.outer_error()[0] == ErrorCode.AUTH_FAILED
+    count = _result(h.router.revoke(B))
+    assert count == 0
+    assert _codes(b.received()) == [ErrorCode.REVOKED]
+    assert b.closing and not h.router.is_online(B)
+    assert a.received() == [
+        Error(ErrorCode.UNKNOWN_RECIPIENT, mid(2), "the recipient was revoked"),
+        Removed(B),
+    ]
+    failure = _result(h.router.revoke(B))
+    assert failure.check(UnknownUser)  # type: ignore[union-attr]
+    b.lose()
+
+
+def test_revoke_counts_pending(h: Harness) -> None:
+    ka, _ = h.add_user(A), h.add_user(C)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), C, b"1"), Send(mid(2), C, b"2"))
+    a.received()
+    assert _result(h.router.revoke(C)) == 2
+
+
+def test_replace_moves_in_flight_to_the_new_session(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"m"))
+    assert b.received() == [Deliver(mid(1), A, b"m")]
+    b2 = h.raw(B, kb)
+    assert b2.login() == [Directory((A, B)), Deliver(mid(1), A, b"m")]
+    assert _codes(b.received()) == [ErrorCode.REPLACED]
+    b.lose()
+    assert h.router.is_online(B)
+    assert a.received() == [Accepted(mid(1))]
+    b2.send(Received(mid(1)))
+    assert a.received() == [Delivered(mid(1))]
+    assert _pending(h, B) == []
+
+
+def test_shutdown_stores_in_flight_and_says_why(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"m"))
+    b.received()
+    handshaking = h.raw(C, KeyPair.generate())
+    h.factory.disconnect_all()
+    assert handshaking.outer_error()[0] == ErrorCode.SHUTTING_DOWN
+    assert _codes(b.received()) == [ErrorCode.SHUTTING_DOWN]
+    assert _pending(h, B) == [mid(1)]
+
+
+def test_client_error_frame_closes_quietly(h: Harness) -> None:
+    a = _session_pair(h)
+    a.write(encode_frame(FrameType.ERROR, b"\x00\x01bye"))
+    assert a.closing
