@@ -20,7 +20,7 @@ from twisted.application.service import IService
 from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
 from twisted.conch import manhole, manhole_ssh
-from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
 from twisted.cred import error as cred_error
@@ -135,7 +135,7 @@ class AdminIdentity:
 class AdminKeys:
     """The admins' public keys, and the comment each had in authorized_keys."""
 
-    keys: tuple[keys.Key, ...]
+    public_keys: tuple[keys.Key, ...]
     comments: Mapping[bytes, str]
 
     def comment_for(self, key: keys.Key) -> str:
@@ -143,24 +143,38 @@ class AdminKeys:
 
 
 def read_admin_keys(path: Path) -> AdminKeys:
-    """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged."""
-    comments: dict[bytes, str] = {}
+    """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged.
 
-    def parse(line: bytes) -> keys.Key:
-        key = keys.Key.fromString(line)
-        if not key.isPublic():
-            raise keys.BadKeyError("a private key in an authorized_keys file")
+    Not ``readAuthorizedKeyFile``: it logs a bad line verbatim, and a private
+    key pasted into the file by mistake must not end up in the log.
+    """
+    found: list[keys.Key] = []
+    comments: dict[bytes, str] = {}
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise StartupError(f"cannot read admin keys {path}: {error.strerror}") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            key = keys.Key.fromString(line)
+            if not key.isPublic():
+                raise keys.BadKeyError("not a public key")
+        except Exception:
+            log.warn(
+                "admin keys {path} line {number}: not an OpenSSH public key, skipped",
+                path=str(path),
+                number=number,
+            )
+            continue
         fields = line.split(None, 2)
         comment = fields[2].decode("utf-8", "replace").strip() if len(fields) > 2 else ""
         comments.setdefault(key.blob(), comment)
-        return key
-
-    try:
-        with open(path, "rb") as handle:
-            found = tuple(readAuthorizedKeyFile(handle, parseKey=parse))
-    except OSError as error:
-        raise StartupError(f"cannot read admin keys {path}: {error.strerror}") from None
-    return AdminKeys(found, comments)
+        found.append(key)
+    return AdminKeys(tuple(found), comments)
 
 
 class _AnyUserName(Mapping[bytes, tuple[keys.Key, ...]]):
@@ -186,7 +200,7 @@ class AdminKeyChecker(SSHPublicKeyChecker):
     """
 
     def __init__(self, admin_keys: AdminKeys) -> None:
-        super().__init__(InMemorySSHKeyDB(_AnyUserName(admin_keys.keys)))
+        super().__init__(InMemorySSHKeyDB(_AnyUserName(admin_keys.public_keys)))
         self._admin_keys = admin_keys
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AdminIdentity]:
@@ -235,7 +249,7 @@ class AdminInterpreter(manhole.ManholeInterpreter):
     the reactor goes on serving users.
     """
 
-    def __init__(self, handler: AdminManhole, namespace: dict[str, Any]) -> None:
+    def __init__(self, handler: AdminManhole, namespace: dict[str, Any] | None) -> None:
         super().__init__(handler, namespace)
         self._synchronous = False
 
@@ -394,7 +408,7 @@ class AdminRealm:
             log.info("admin {admin} opened the admin shell", admin=str(identity))
             return insults.ServerProtocol(AdminManhole, namespace_factory(identity), identity)
 
-        session.chainedProtocolFactory = shell
+        session.chainedProtocolFactory = shell  # type: ignore[assignment]
         component.setComponent(iconch.IConchUser, user)
         component.setComponent(iconch.ISession, session)
         return iconch.IConchUser, user, lambda: None
@@ -405,8 +419,9 @@ class AdminShellFactory(manhole_ssh.ConchFactory):
 
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)
-        self.publicKeys = {b"ssh-ed25519": host_key.public()}
-        self.privateKeys = {b"ssh-ed25519": host_key}
+        # Twisted declares these dict[bytes, bytes]; they hold Key objects.
+        self.publicKeys = {b"ssh-ed25519": host_key.public()}  # type: ignore[dict-item]
+        self.privateKeys = {b"ssh-ed25519": host_key}  # type: ignore[dict-item]
 
 
 def manhole_service(
@@ -421,7 +436,7 @@ def manhole_service(
     Raises :class:`StartupError` for an unreadable key file or host key.
     """
     admin_keys = read_admin_keys(admin_keys_path)
-    if not admin_keys.keys:
+    if not admin_keys.public_keys:
         log.error(
             "admin shell is off: {path} holds no usable public key; add an OpenSSH "
             "public key line (ssh-ed25519 AAAA... you@host) and restart",
@@ -434,7 +449,7 @@ def manhole_service(
         "admin shell on {endpoint} for {count} admin key(s); SSH host key {path} "
         "({state}), fingerprint {fingerprint}",
         endpoint=endpoint,
-        count=len(admin_keys.keys),
+        count=len(admin_keys.public_keys),
         path=str(Path(data_dir) / HOST_KEY_FILE),
         state="created now" if created else "existing",
         fingerprint=fingerprint,

@@ -14,7 +14,6 @@ from twisted.python import usage
 from enclaves.admin import Admin, make_namespace
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
-from enclaves.manhole import HOST_KEY_FILE, manhole_service
 from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
 from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -217,6 +216,9 @@ def _admin_shell(
     if options["admin-keys"] is None:
         log.info("admin shell is off: start with --admin-keys FILE to turn it on")
         return None
+    # Imported here: conch is loaded only when the shell is on.
+    from enclaves.manhole import HOST_KEY_FILE, manhole_service
+
     data_dir = options["data-dir"]
     admin = Admin(
         storage,
