@@ -21,7 +21,15 @@ from enclaves.crypto import KeyPair
 from enclaves.frames import ErrorCode
 from enclaves.inner import Directory, Rotate, Rotated
 from enclaves.token import parse_token
-from tests.admin.sshshell import SSH, SSH_KEYGEN, PtyShell, make_key, ssh_argv, wait_port
+from tests.admin.sshshell import (
+    SSH,
+    SSH_KEYGEN,
+    PtyShell,
+    make_key,
+    plain,
+    ssh_argv,
+    wait_port,
+)
 from tests.daemon import Daemon, free_port
 
 pytestmark = [
@@ -145,6 +153,7 @@ def test_scripted_conversation(shell_server: Setup) -> None:
         shell.expect(r"error: ")
         after_errors = shell.upto(r"enclaves> ")
         assert "Traceback" not in after_errors
+        assert "<Deferred" not in plain(shell.seen)
 
         shell.line(f"revoke({doomed})")
         shell.expect(rf"revoked user {doomed}: key deleted, 0 pending message\(s\) deleted")
