@@ -88,6 +88,8 @@ LOCK_FILE = "lock"
 #: A file id is ``arrival_sequence << SEQ_SHIFT | random``: the CMAC over
 #: ``u64 n`` then authenticates the arrival order (docs/storage.rst).
 SEQ_SHIFT = 16
+#: Most operations in one group commit (each new file holds an fd until fsynced).
+_MAX_BATCH = 128
 
 _T = TypeVar("_T")
 
@@ -130,24 +132,11 @@ class _Store:
     file_id: int
     temp: Path
     final: Path
+    sender: int
+    msg_id: bytes
+    blob: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
-
-
-def _write_temp(temp: Path, data: bytes) -> None:
-    """Write and fsync a new temporary file; remove it again on any error."""
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -256,7 +245,8 @@ class FileStorage(Service):
     def _take_lock(self) -> None:
         path = self.data_dir / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            # Read-only: an fd open for writing would block a remount read-only.
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         except OSError as error:
             raise storage_failed(error, f"open {path}") from None
         try:
@@ -620,16 +610,12 @@ class FileStorage(Service):
             file_id,
             self._pending_dir / f".{name}.{os.getpid()}{TEMP_SUFFIX}",
             self._pending_dir / name,
+            sender,
+            bytes(msg_id),
+            bytes(blob),
         )
         in_flight.append(store)
-        sealer = self._sealer
-
-        def write() -> None:
-            data = encode_msg(sealer, file_id, recipient, sender, bytes(msg_id), bytes(blob))
-            _write_temp(store.temp, data)
-
-        d = self._in_pool("store the message", write)
-        d.addCallback(lambda _: self._commit(store))
+        d = self._commit(store)
 
         def finished(result: Any) -> Any:
             flight = self._stores.get(recipient, [])
@@ -654,7 +640,7 @@ class FileStorage(Service):
         return d
 
     def _commit_batch(self) -> None:
-        batch, self._ready = self._ready, []
+        batch, self._ready = self._ready[:_MAX_BATCH], self._ready[_MAX_BATCH:]
         self._committing = True
         ops = [op for op, _ in batch]
         d = self._in_pool("store the message", self._apply_batch, ops)
@@ -681,21 +667,58 @@ class FileStorage(Service):
         d.addBoth(done)
 
     def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
-        """On the pool: renames and unlinks, then one fsync of the directory."""
-        results: list[BaseException | None] = []
+        """On the pool: one group commit.
+
+        Write every new file to its temporary name, then fsync each (the
+        first fsync's journal commit carries most of the others), rename
+        them into place, unlink the removed ones, and fsync the directory
+        once.  Per-operation errors are returned, never raised; if the
+        directory fsync fails nothing in the batch counts as done.
+        """
+        results: list[BaseException | None] = [None] * len(ops)
+        open_files: list[tuple[int, int]] = []
+        try:
+            for index, op in enumerate(ops):
+                if isinstance(op, _Store):
+                    fd = -1
+                    try:
+                        data = encode_msg(
+                            self._sealer, op.file_id, op.recipient, op.sender, op.msg_id, op.blob
+                        )
+                        fd = os.open(op.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    except OSError as error:
+                        if fd >= 0:
+                            os.close(fd)
+                        _unlink_quietly(op.temp)
+                        results[index] = error
+                    else:
+                        open_files.append((index, fd))
+            for index, fd in open_files:
+                try:
+                    os.fsync(fd)
+                except OSError as error:
+                    results[index] = error
+        finally:
+            for _, fd in open_files:
+                os.close(fd)
         renamed: list[Path] = []
-        for op in ops:
+        for index, op in enumerate(ops):
             try:
                 if isinstance(op, _Store):
-                    os.rename(op.temp, op.final)
-                    renamed.append(op.final)
+                    if results[index] is None:
+                        os.rename(op.temp, op.final)
+                        renamed.append(op.final)
+                    else:
+                        _unlink_quietly(op.temp)
                 else:
                     _unlink_missing_ok(self._pending_dir / msg_file_name(op))
-                results.append(None)
             except OSError as error:
                 if isinstance(op, _Store):
                     _unlink_quietly(op.temp)
-                results.append(error)
+                results[index] = error
         try:
             fsync_dir(self._pending_dir)
         except OSError as error:

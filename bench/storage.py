@@ -1,0 +1,148 @@
+"""Storage benchmark: durable stores per second and start-up index time, as JSON.
+
+    python bench/storage.py [--messages 3000] [--concurrency 64] [--index-size 100000]
+                            [--dir PATH]
+
+Measured in one run on one filesystem (``--dir``, default: a temporary
+directory under the current one; tmpfs makes fsync free and the figures
+meaningless):
+
+* ``bare``: a loop of write + fsync + rename + fsync(dir) of 1 KiB-message-sized
+  files -- the same durability a store promises -- and ``bare_no_dir_fsync``,
+  the same loop without the directory fsync;
+* ``storage``: ``FileStorage.store_message`` of 1 KiB blobs with
+  ``--concurrency`` stores in flight (so group commit can help); every store
+  counted has fired, i.e. is durable;
+* ``ratio`` = storage / bare (target >= 0.7), and the ratio to the loop
+  without the directory fsync for reference;
+* ``index``: ``FileStorage.load()`` over ``--index-size`` pending messages.
+
+Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.internet import defer, task
+
+from enclaves.atomic import fsync_dir
+from enclaves.crypto import KeyPair, Sealer
+from enclaves.storage.filestore import PENDING_DIR, SEQ_SHIFT, FileStorage
+from enclaves.storage.formats import encode_msg, msg_file_size
+
+BLOB = 1024
+RECIPIENTS = 16
+
+
+def bare_loop(directory: Path, count: int, dir_fsync: bool) -> float:
+    directory.mkdir()
+    data = os.urandom(msg_file_size(BLOB))
+    started = time.perf_counter()
+    for number in range(count):
+        temp = directory / f".{number}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(temp, directory / f"{number}.msg")
+        if dir_fsync:
+            fsync_dir(directory)
+    return count / (time.perf_counter() - started)
+
+
+async def storage_rate(reactor: object, data_dir: Path, count: int, concurrency: int) -> float:
+    storage = FileStorage(
+        data_dir, KeyPair.generate(), max_pending_count=10**7, max_pending_bytes=1 << 40,
+        reactor=reactor,
+    )  # fmt: skip
+    storage.startService()
+    try:
+        for user in range(1, RECIPIENTS + 1):
+            await storage.add_user(user, KeyPair.generate(), None)
+        blob = os.urandom(BLOB)
+        sem = defer.DeferredSemaphore(concurrency)
+        started = time.perf_counter()
+        stores = [
+            sem.run(storage.store_message, 1 + n % RECIPIENTS, 999, n.to_bytes(16, "big"), blob)
+            for n in range(count)
+        ]
+        await defer.gatherResults(stores)
+        return count / (time.perf_counter() - started)
+    finally:
+        await storage.stopService()
+
+
+def index_time(data_dir: Path, size: int) -> dict[str, float]:
+    keys = KeyPair.generate()
+    sealer = Sealer(keys)
+    pending = data_dir / PENDING_DIR
+    pending.mkdir(parents=True)
+    blob = os.urandom(BLOB)
+    for n in range(size):  # set-up: no fsync needed
+        file_id = (n + 1) << SEQ_SHIFT
+        data = encode_msg(sealer, file_id, 1 + n % 100, 999, n.to_bytes(16, "big"), blob)
+        (pending / f"{file_id}.msg").write_bytes(data)
+    storage = FileStorage(data_dir, keys)
+    started = time.perf_counter()
+    storage.load()
+    seconds = time.perf_counter() - started
+    storage._release_lock()
+    return {"messages": size, "seconds": round(seconds, 3), "per_second": round(size / seconds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--index-size", type=int, default=100_000)
+    parser.add_argument("--dir", type=Path, default=Path.cwd())
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="enclaves-bench-", dir=args.dir))
+    try:
+        bare = bare_loop(work / "bare", args.messages, dir_fsync=True)
+        bare_nodir = bare_loop(work / "bare-nodir", args.messages, dir_fsync=False)
+        rate = task.react(
+            lambda reactor: defer.ensureDeferred(_report(reactor, work, args, bare, bare_nodir))
+        )
+        del rate
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _report(
+    reactor: object, work: Path, args: argparse.Namespace, bare: float, bare_nodir: float
+) -> None:
+    rate = await storage_rate(reactor, work / "storage", args.messages, args.concurrency)
+    index = index_time(work / "index", args.index_size)
+    print(
+        json.dumps(
+            {
+                "filesystem_dir": str(args.dir),
+                "message_blob_bytes": BLOB,
+                "messages": args.messages,
+                "concurrency": args.concurrency,
+                "bare_stores_per_s": round(bare),
+                "bare_no_dir_fsync_stores_per_s": round(bare_nodir),
+                "storage_stores_per_s": round(rate),
+                "ratio": round(rate / bare, 2),
+                "ratio_vs_no_dir_fsync": round(rate / bare_nodir, 2),
+                "target_ratio": 0.7,
+                "index": index,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
