@@ -11,6 +11,7 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from enclaves.admin import Admin, make_namespace
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
 from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
@@ -202,6 +203,43 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     DisconnectOnStop(factory).setServiceParent(top)
     listener = strports.service(options["listen"], factory, reactor=reactor)
     listener.setServiceParent(top)
+    shell = _admin_shell(options, storage, router, key_path, reactor)
+    if shell is not None:
+        shell.setServiceParent(top)
+    return top
+
+
+def _admin_shell(
+    options: Options, storage: Any, router: Any, key_path: Path, reactor: Any
+) -> IService | None:
+    """The SSH admin shell's service, or None (with a log line saying why it is off)."""
     if options["admin-keys"] is None:
         log.info("admin shell is off: start with --admin-keys FILE to turn it on")
-    return top
+        return None
+    # Imported here: conch is loaded only when the shell is on.
+    from enclaves.manhole import HOST_KEY_FILE, manhole_service
+
+    data_dir = options["data-dir"]
+    admin = Admin(
+        storage,
+        router,
+        reactor,
+        data_dir=data_dir,
+        token_lifetime=options["token-lifetime"],
+        files=[
+            (Path(key_path), "server key"),
+            (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
+            (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
+        ],
+    )
+    try:
+        return manhole_service(
+            options["manhole"],
+            options["admin-keys"],
+            data_dir,
+            lambda who: make_namespace(admin, who),
+            reactor,
+        )
+    except StartupError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None

@@ -1,0 +1,459 @@
+"""The SSH admin shell: a twisted.conch manhole, public-key auth only (docs/admin.rst)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import stat
+import struct
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.application import strports
+from twisted.application.service import IService
+from twisted.conch import error as conch_error
+from twisted.conch import interfaces as iconch
+from twisted.conch import manhole, manhole_ssh
+from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
+from twisted.conch.insults import insults
+from twisted.conch.ssh import keys
+from twisted.cred import error as cred_error
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import components
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.serverkey import StartupError
+
+__all__ = [
+    "HOST_KEY_FILE",
+    "AdminIdentity",
+    "AdminKeys",
+    "AdminManhole",
+    "AdminShellFactory",
+    "load_or_create_host_key",
+    "manhole_service",
+    "openssh_fingerprint",
+    "read_admin_keys",
+]
+
+HOST_KEY_FILE = "ssh_host_ed25519_key"
+
+log = Logger()
+
+#: Anything shaped like an enrollment token is masked before an input line is logged.
+_TOKEN_PATTERN = re.compile(r"enclaves1:[A-Za-z0-9_-]+")
+
+
+def openssh_fingerprint(key: keys.Key) -> str:
+    """The key's fingerprint as OpenSSH prints it: ``SHA256:`` + unpadded base64."""
+    digest = hashlib.sha256(key.blob()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+# Host key ------------------------------------------------------------------
+
+
+def _read_host_key(path: Path) -> keys.Key:
+    try:
+        info = path.stat()
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StartupError(
+                f"SSH host key {path} is readable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+            )
+        data = path.read_bytes()
+    except OSError as error:
+        raise StartupError(f"cannot read SSH host key {path}: {error.strerror}") from None
+    try:
+        key = keys.Key.fromString(data)
+    except (keys.BadKeyError, keys.EncryptedKeyError, ValueError):
+        raise StartupError(f"SSH host key {path} is not a valid private key") from None
+    if key.isPublic() or key.type() != "Ed25519":
+        raise StartupError(f"SSH host key {path} is not an Ed25519 private key")
+    return key
+
+
+def load_or_create_host_key(data_dir: Path) -> tuple[keys.Key, bool]:
+    """Load ``DATA-DIR/ssh_host_ed25519_key``, or make it (mode 0600) on first start.
+
+    Also (re)writes the public half beside it, ``ssh_host_ed25519_key.pub``,
+    for the admin's known_hosts.  Returns the key and whether it was created.
+    """
+    path = Path(data_dir) / HOST_KEY_FILE
+    created = False
+    if not path.exists():
+        private = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        try:
+            create_exclusive(path, private, 0o600)
+            created = True
+        except FileExistsError:
+            pass  # another start made it first: use that one
+        except OSError as error:
+            raise StartupError(f"cannot create SSH host key {path}: {error.strerror}") from None
+    key = _read_host_key(path)
+    public_path = path.with_name(HOST_KEY_FILE + ".pub")
+    public_line = key.public().toString("openssh", comment=b"enclaves-manhole") + b"\n"
+    try:
+        if not public_path.exists() or public_path.read_bytes() != public_line:
+            write_atomic(public_path, public_line, 0o644)
+    except OSError as error:
+        raise StartupError(f"cannot write {public_path}: {error.strerror}") from None
+    return key, created
+
+
+# Admin keys and who is who ---------------------------------------------------
+
+
+@frozen
+class AdminIdentity:
+    """Who is at the shell: SSH user name, key fingerprint and authorized_keys comment."""
+
+    username: str
+    fingerprint: str
+    comment: str
+
+    def __str__(self) -> str:
+        label = f"{self.username} key {self.fingerprint}"
+        return f"{label} ({self.comment})" if self.comment else label
+
+
+@frozen
+class AdminKeys:
+    """The admins' public keys, and the comment each had in authorized_keys."""
+
+    public_keys: tuple[keys.Key, ...]
+    comments: Mapping[bytes, str]
+
+    def comment_for(self, key: keys.Key) -> str:
+        return self.comments.get(key.blob(), "")
+
+
+def read_admin_keys(path: Path) -> AdminKeys:
+    """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged.
+
+    Not ``readAuthorizedKeyFile``: it logs a bad line verbatim, and a private
+    key pasted into the file by mistake must not end up in the log.
+    """
+    found: list[keys.Key] = []
+    comments: dict[bytes, str] = {}
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise StartupError(f"cannot read admin keys {path}: {error.strerror}") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            key = keys.Key.fromString(line)
+            if not key.isPublic():
+                raise keys.BadKeyError("not a public key")
+        except Exception:
+            log.warn(
+                "admin keys {path} line {number}: not an OpenSSH public key, skipped",
+                path=str(path),
+                number=number,
+            )
+            continue
+        fields = line.split(None, 2)
+        comment = fields[2].decode("utf-8", "replace").strip() if len(fields) > 2 else ""
+        comments.setdefault(key.blob(), comment)
+        found.append(key)
+    return AdminKeys(tuple(found), comments)
+
+
+class _AnyUserName(Mapping[bytes, tuple[keys.Key, ...]]):
+    """Every SSH user name maps to the admin keys: the key, not the name, is checked."""
+
+    def __init__(self, admin_keys: tuple[keys.Key, ...]) -> None:
+        self._keys = admin_keys
+
+    def __getitem__(self, name: bytes) -> tuple[keys.Key, ...]:
+        return self._keys
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class AdminKeyChecker(SSHPublicKeyChecker):
+    """``SSHPublicKeyChecker`` over the admin keys; the avatar id is an :class:`AdminIdentity`.
+
+    Being the portal's only checker, it makes Conch offer ``publickey`` alone.
+    """
+
+    def __init__(self, admin_keys: AdminKeys) -> None:
+        super().__init__(InMemorySSHKeyDB(_AnyUserName(admin_keys.public_keys)))
+        self._admin_keys = admin_keys
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AdminIdentity]:
+        username = credentials.username.decode("utf-8", "replace")
+        result: defer.Deferred[Any] = super().requestAvatarId(credentials)
+
+        def accepted(_username: bytes) -> AdminIdentity:
+            key = keys.Key.fromString(credentials.blob)
+            return AdminIdentity(
+                username, openssh_fingerprint(key), self._admin_keys.comment_for(key)
+            )
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(cred_error.UnauthorizedLogin) and not failure.check(
+                conch_error.ValidPublicKey
+            ):
+                try:
+                    offered = openssh_fingerprint(keys.Key.fromString(credentials.blob))
+                except (keys.BadKeyError, ValueError):
+                    offered = "(unreadable key)"
+                log.warn(
+                    "admin shell: refused SSH key {fingerprint} for user {username}",
+                    fingerprint=offered,
+                    username=username,
+                )
+            return failure
+
+        return result.addCallbacks(accepted, refused)
+
+
+# The shell -------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    name = type(error).__name__
+    if getattr(error, "admin_message", False):
+        return f"error: {text}"
+    return f"error: {name}: {text}" if text else f"error: {name}"
+
+
+class AdminInterpreter(manhole.ManholeInterpreter):
+    """The manhole interpreter, for admins: one-line errors, command text not reprs.
+
+    A command returns a Deferred; its text is printed when it fires, while
+    the reactor goes on serving users.
+    """
+
+    def __init__(self, handler: AdminManhole, namespace: dict[str, Any] | None) -> None:
+        super().__init__(handler, namespace)
+        self._synchronous = False
+
+    def showtraceback(self) -> None:
+        error = sys.exc_info()[1]
+        if error is not None:
+            self.handler.log_error(error)
+            self.write(_one_line(error) + "\n")
+
+    def showsyntaxerror(self, filename: str | None = None, **kwargs: Any) -> None:
+        error = sys.exc_info()[1]
+        message = getattr(error, "msg", None) or str(error)
+        self.write(f"error: {message} (type help() for the commands)\n")
+
+    def excepthook(self, excType: Any, excValue: BaseException, excTraceback: Any) -> None:
+        self.write(_one_line(excValue) + "\n")
+
+    def displayhook(self, obj: object) -> None:
+        if obj is None:
+            return
+        self.locals["_"] = obj
+        if isinstance(obj, defer.Deferred):
+            self._synchronous = True
+            try:
+                obj.addCallbacks(self._show_result, self._show_failure)
+            finally:
+                self._synchronous = False
+        elif isinstance(obj, str):
+            self._show_text(obj)
+        else:
+            self.write(repr(obj) + "\n")
+
+    def _show_text(self, text: str) -> None:
+        self.write(text if text.endswith("\n") else text + "\n", not self._synchronous)
+
+    def _show_result(self, result: object) -> object:
+        if isinstance(result, str):
+            self._show_text(result)
+        elif result is not None:
+            self._show_text(repr(result))
+        return result
+
+    def _show_failure(self, failure: Failure) -> None:
+        self.handler.log_error(failure.value, failure)
+        self._show_text(_one_line(failure.value))
+
+    def write(self, data: Any, isAsync: bool | None = None) -> None:
+        if self.handler.terminal is not None:
+            super().write(data, isAsync)
+
+
+class AdminManhole(manhole.Manhole):
+    """A manhole session for one admin; every input line is logged (tokens masked)."""
+
+    ps = (b"enclaves> ", b"... ")
+
+    def __init__(self, namespace: dict[str, Any], identity: AdminIdentity) -> None:
+        super().__init__(namespace)
+        self.identity = identity
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.interpreter = AdminInterpreter(self, self.namespace)
+        self.terminal.write(
+            b"Enclaves admin shell. Type help() for the commands, Ctrl-D to leave.\n"
+        )
+        self.terminal.write(self.ps[self.pn])
+
+    def initializeScreen(self) -> None:
+        # No terminal reset (it would clear the admin's screen) and no prompt
+        # yet: connectionMade writes the banner first.
+        self.setInsertMode()
+
+    def lineReceived(self, line: bytes) -> None:
+        text = _TOKEN_PATTERN.sub("enclaves1:<masked>", line.decode("utf-8", "replace"))
+        if text.strip():
+            log.info("admin {admin} typed: {line}", admin=str(self.identity), line=text)
+        super().lineReceived(line)
+
+    def log_error(self, error: BaseException, failure: Failure | None = None) -> None:
+        """Log an unexpected error in full for the server log; the admin sees one line."""
+        if getattr(error, "admin_message", False) or isinstance(
+            error, (NameError, TypeError, ValueError, AttributeError, SyntaxError)
+        ):
+            return
+        log.failure(
+            "admin {admin}: unexpected error in a command",
+            failure or Failure(),
+            admin=str(self.identity),
+        )
+
+    def connectionLost(self, reason: Failure) -> None:
+        log.info("admin {admin} left the admin shell", admin=str(self.identity))
+        super().connectionLost(reason)
+
+
+class AdminSessionTransport(manhole_ssh.TerminalSessionTransport):
+    """Glues the SSH channel to the terminal; leaving the shell ends with exit status 0."""
+
+    def __init__(self, proto: Any, chainedProtocol: Any, avatar: Any, width: int, height: int):
+        super().__init__(proto, chainedProtocol, avatar, width, height)
+        channel = proto.session
+
+        def close() -> None:
+            avatar.conn.sendRequest(channel, b"exit-status", struct.pack(">L", 0))
+            avatar.conn.sendClose(channel)
+
+        proto.transport.loseConnection = close
+
+
+@implementer(iconch.ISession)
+class AdminTerminalSession(manhole_ssh.TerminalSession):
+    """The stock terminal session, minus its crashes: window changes and EOF are ignored.
+
+    (The stock ``eofReceived`` raises and kills the session of a client that
+    sends EOF, as OpenSSH does when its input is a pipe.)  A client that asks
+    for no pty gets an 80x24 terminal.
+    """
+
+    width = 80
+    height = 24
+    transportFactory = AdminSessionTransport
+
+    def windowChanged(self, newWindowSize: Any) -> None:
+        pass
+
+    def eofReceived(self) -> None:
+        pass
+
+
+class AdminUser(manhole_ssh.TerminalUser):
+    """The SSH avatar of one admin."""
+
+    def __init__(self, original: Any, identity: AdminIdentity) -> None:
+        super().__init__(original, identity)
+        self.identity = identity
+
+
+@implementer(IRealm)
+class AdminRealm:
+    """Gives each admin a terminal session running :class:`AdminManhole`."""
+
+    def __init__(self, make_namespace: Callable[[AdminIdentity], dict[str, Any]]) -> None:
+        self._make_namespace = make_namespace
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        if iconch.IConchUser not in interfaces:
+            raise NotImplementedError("only SSH shells")
+        identity: AdminIdentity = avatarId
+        component = components.Componentized()
+        user = AdminUser(component, identity)
+        session = AdminTerminalSession(component)
+        namespace_factory = self._make_namespace
+
+        def shell() -> insults.ServerProtocol:
+            log.info("admin {admin} opened the admin shell", admin=str(identity))
+            return insults.ServerProtocol(AdminManhole, namespace_factory(identity), identity)
+
+        session.chainedProtocolFactory = shell  # type: ignore[assignment]
+        component.setComponent(iconch.IConchUser, user)
+        component.setComponent(iconch.ISession, session)
+        return iconch.IConchUser, user, lambda: None
+
+
+class AdminShellFactory(manhole_ssh.ConchFactory):
+    """The SSH factory with this server's own host key (never the class-level dicts)."""
+
+    def __init__(self, portal: Portal, host_key: keys.Key) -> None:
+        super().__init__(portal)
+        # Twisted declares these dict[bytes, bytes]; they hold Key objects.
+        self.publicKeys = {b"ssh-ed25519": host_key.public()}  # type: ignore[dict-item]
+        self.privateKeys = {b"ssh-ed25519": host_key}  # type: ignore[dict-item]
+
+
+def manhole_service(
+    endpoint: str,
+    admin_keys_path: Path,
+    data_dir: Path,
+    make_namespace: Callable[[AdminIdentity], dict[str, Any]],
+    reactor: Any,
+) -> IService | None:
+    """The admin shell's listening service, or None (and a log line) without usable keys.
+
+    Raises :class:`StartupError` for an unreadable key file or host key.
+    """
+    admin_keys = read_admin_keys(admin_keys_path)
+    if not admin_keys.public_keys:
+        log.error(
+            "admin shell is off: {path} holds no usable public key; add an OpenSSH "
+            "public key line (ssh-ed25519 AAAA... you@host) and restart",
+            path=str(admin_keys_path),
+        )
+        return None
+    host_key, created = load_or_create_host_key(data_dir)
+    fingerprint = openssh_fingerprint(host_key)
+    log.info(
+        "admin shell on {endpoint} for {count} admin key(s); SSH host key {path} "
+        "({state}), fingerprint {fingerprint}",
+        endpoint=endpoint,
+        count=len(admin_keys.public_keys),
+        path=str(Path(data_dir) / HOST_KEY_FILE),
+        state="created now" if created else "existing",
+        fingerprint=fingerprint,
+    )
+    portal = Portal(AdminRealm(make_namespace), [AdminKeyChecker(admin_keys)])
+    factory = AdminShellFactory(portal, host_key)
+    return strports.service(endpoint, factory, reactor=reactor)

@@ -1,0 +1,115 @@
+"""Host key, admin keys file and fingerprints of the admin shell (real files, real ssh-keygen)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from twisted.conch.ssh import keys
+
+from enclaves.manhole import (
+    HOST_KEY_FILE,
+    AdminIdentity,
+    load_or_create_host_key,
+    openssh_fingerprint,
+    read_admin_keys,
+)
+from enclaves.serverkey import StartupError
+from tests.admin.sshshell import SSH_KEYGEN, make_key
+
+needs_keygen = pytest.mark.skipif(not os.path.exists(SSH_KEYGEN), reason="no ssh-keygen")
+
+
+def test_host_key_created_once_0600_then_loaded(tmp_path: Path) -> None:
+    key, created = load_or_create_host_key(tmp_path)
+    assert created and key.type() == "Ed25519" and not key.isPublic()
+    path = tmp_path / HOST_KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, created_again = load_or_create_host_key(tmp_path)
+    assert not created_again and again == key
+    public = (tmp_path / f"{HOST_KEY_FILE}.pub").read_text()
+    assert public.startswith("ssh-ed25519 ") and keys.Key.fromString(public) == key.public()
+
+
+@needs_keygen
+def test_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
+    key, _ = load_or_create_host_key(tmp_path)
+    out = subprocess.run(
+        [SSH_KEYGEN, "-l", "-E", "sha256", "-f", str(tmp_path / HOST_KEY_FILE)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert out.split()[1] == openssh_fingerprint(key)
+
+
+def test_host_key_readable_by_others_refused(tmp_path: Path) -> None:
+    load_or_create_host_key(tmp_path)
+    (tmp_path / HOST_KEY_FILE).chmod(0o644)
+    with pytest.raises(StartupError, match=r"readable by others \(mode 0644\); run: chmod 600"):
+        load_or_create_host_key(tmp_path)
+
+
+def test_damaged_host_key_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / HOST_KEY_FILE
+    path.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n")
+    path.chmod(0o600)
+    with pytest.raises(StartupError, match="is not a valid private key") as info:
+        load_or_create_host_key(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@needs_keygen
+def test_non_ed25519_host_key_refused(tmp_path: Path) -> None:
+    subprocess.run(
+        [SSH_KEYGEN, "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / HOST_KEY_FILE)],
+        check=True,
+        timeout=30,
+    )
+    with pytest.raises(StartupError, match="not an Ed25519 private key"):
+        load_or_create_host_key(tmp_path)
+
+
+@needs_keygen
+def test_admin_keys_file_comments_and_bad_lines(tmp_path: Path) -> None:
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _check_admin_keys_file(tmp_path)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    log = "\n".join(formatEvent(event) for event in events)
+    private_body = (tmp_path / "alice").read_text().splitlines()[1]
+    assert "line 4: not an OpenSSH public key, skipped" in log
+    assert private_body not in log
+
+
+def _check_admin_keys_file(tmp_path: Path) -> None:
+    alice = make_key(tmp_path / "alice", "alice@laptop")
+    bob = make_key(tmp_path / "bob", "")
+    path = tmp_path / "admin_keys"
+    path.write_text(
+        "# admins\n\n"
+        + alice.with_suffix(".pub").read_text()
+        + "ssh-ed25519 not-base64 broken\n"
+        + bob.with_suffix(".pub").read_text()
+        + alice.read_text()  # a private key pasted by mistake: skipped line by line
+    )
+    admin_keys = read_admin_keys(path)
+    assert len(admin_keys.public_keys) == 2
+    first, second = admin_keys.public_keys
+    assert admin_keys.comment_for(first) == "alice@laptop"
+    assert admin_keys.comment_for(second) == ""
+    who = AdminIdentity("root", openssh_fingerprint(first), "alice@laptop")
+    assert str(who) == f"root key {openssh_fingerprint(first)} (alice@laptop)"
+
+
+def test_unreadable_admin_keys_file(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="cannot read admin keys"):
+        read_admin_keys(tmp_path / "missing")

@@ -1,0 +1,364 @@
+"""The admin shell in a real ``twistd -n enclaves``, driven by the real OpenSSH client."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import pytest
+import pytest_twisted
+
+from enclaves.client.connection import ClientConnection, LoginFailed, connect
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode
+from enclaves.inner import Directory, Rotate, Rotated
+from enclaves.token import parse_token
+from tests.admin.sshshell import (
+    SSH,
+    SSH_KEYGEN,
+    PtyShell,
+    make_key,
+    plain,
+    ssh_argv,
+    wait_port,
+)
+from tests.daemon import Daemon, free_port
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(
+        not (os.path.exists(SSH) and os.path.exists(SSH_KEYGEN)), reason="no OpenSSH client"
+    ),
+]
+
+
+@attrs.define
+class Setup:
+    daemon: Daemon
+    port: int
+    key: Path
+    stranger: Path
+    known_hosts: Path
+    host_fingerprint: str
+
+    def argv(self, *options: str, key: Path | None = None, host: str = "127.0.0.1") -> list[str]:
+        return ssh_argv(self.port, key or self.key, self.known_hosts, *options, host=host)
+
+
+def _fingerprint(public_key: Path) -> str:
+    out = subprocess.run(
+        [SSH_KEYGEN, "-l", "-E", "sha256", "-f", str(public_key)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return out.split()[1]
+
+
+@pytest.fixture(scope="module")
+def shell_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    tmp = tmp_path_factory.mktemp("shell")
+    key = make_key(tmp / "admin_key", "alice@laptop")
+    stranger = make_key(tmp / "stranger_key", "mallory@elsewhere")
+    admin_keys = tmp / "admin_keys"
+    admin_keys.write_text(
+        "# the admins\n\n" + (tmp / "admin_key.pub").read_text() + "not a key line\n"
+    )
+    port = free_port()
+    daemon = Daemon(tmp, f"--manhole=tcp:{port}:interface=127.0.0.1", f"--admin-keys={admin_keys}")
+    daemon.start()
+    try:
+        wait_port(port)
+        host_pub = daemon.data_dir / "ssh_host_ed25519_key.pub"
+        known_hosts = tmp / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub.read_text()}")
+        yield Setup(daemon, port, key, stranger, known_hosts, _fingerprint(host_pub))
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_text()
+
+
+def test_host_key_made_0600_and_fingerprint_logged(shell_server: Setup) -> None:
+    data_dir = shell_server.daemon.data_dir
+    private = data_dir / "ssh_host_ed25519_key"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    log = shell_server.daemon.log_text()
+    assert shell_server.host_fingerprint.startswith("SHA256:")
+    assert f"fingerprint {shell_server.host_fingerprint}" in log
+    assert "created now" in log
+
+
+def test_scripted_conversation(shell_server: Setup) -> None:
+    shell = PtyShell(shell_server.argv("-tt"))
+    try:
+        shell.expect(r"Type help\(\) for the commands")
+        shell.expect(r"enclaves> ")
+        shell.line('issue("chat.example:7500")')
+        first = shell.expect(r"new user (\d+)\s+single use, expires (.+?) \(in 1 d 00:00:00\):")
+        token_text = shell.expect(r"(enclaves1:[A-Za-z0-9_-]{96}@chat\.example:7500)").group(1)
+        token = parse_token(token_text)
+        assert token.user_id == int(first.group(1))
+        shell.expect(r"enclaves> ")
+
+        shell.line("issue(hours=1)")
+        doomed = int(shell.expect(r"new user (\d+)").group(1))
+        shell.expect(r"enclaves> ")
+
+        shell.line("users()")
+        shell.expect(r"2 user\(s\), 0 online")
+        listing = shell.upto(r"enclaves> ")
+        assert re.search(rf"{token.user_id}\s+enrolling until \S+ \S+ UTC\s+offline", listing)
+        assert re.search(rf"{doomed}\s+enrolling until", listing)
+
+        shell.line("pending()")
+        shell.expect(r"no pending messages")
+
+        shell.line("stats()")
+        shell.expect(r"connections\s+\d+")
+        shell.expect(r"uptime\s+\d\d:\d\d:\d\d \(since ")
+
+        shell.line("inventory()")
+        shell.expect(r"Everything this server holds \(data dir ")
+        inventory = shell.upto(r"enclaves> ")
+        for name in ("server.key", "ssh_host_ed25519_key", f"{token.user_id}", f"{doomed}"):
+            assert name in inventory
+        assert "Not written by Enclaves" not in inventory
+
+        shell.line("help()")
+        shell.expect(r"Ctrl-D leaves the shell")
+        shell.line("help(revoke)")
+        shell.expect(r"Remove a user")
+
+        shell.line("revoke()")
+        error = shell.expect(r"error: [^\n]*usage: revoke\(user_id\)").group(0)
+        assert "\n" not in error
+        shell.line('revoke("nobody")')
+        shell.expect(r"error: a user id is a whole number")
+        shell.line("revoke(1)")
+        shell.expect(r"error: no user 1 \(users\(\) lists them\)")
+        shell.line("no_such_name")
+        shell.expect(r"error: NameError: name 'no_such_name' is not defined")
+        shell.line("revoke(")
+        shell.line(")")
+        shell.expect(r"error: ")
+        after_errors = shell.upto(r"enclaves> ")
+        assert "Traceback" not in after_errors
+        assert "<Deferred" not in plain(shell.seen)
+
+        shell.line(f"revoke({doomed})")
+        shell.expect(rf"revoked user {doomed}: key deleted, 0 pending message\(s\) deleted")
+        shell.line("users()")
+        shell.expect(r"1 user\(s\), 0 online")
+
+        shell.send("\x04")  # Ctrl-D leaves
+        assert shell.wait() == 0
+    finally:
+        shell.close()
+    log = shell_server.daemon.log_text()
+    assert "alice@laptop" in log and "SHA256:" in log
+    assert f"issued an enrollment token for user {token.user_id}" in log
+    assert f"revoked user {doomed}" in log
+    secret = token_text.split("@")[0][len("enclaves1:") :]
+    assert secret[:24] not in log
+
+
+def test_piped_input_without_pty_survives_eof(shell_server: Setup) -> None:
+    """OpenSSH sends EOF when its input ends; the session must still answer."""
+    proc = subprocess.Popen(
+        shell_server.argv("-T"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"issue()\r")
+        proc.stdin.close()  # EOF reaches the server before the answer is written
+        out = b""
+        while b"whoever holds it" not in out:
+            chunk = _read_some(proc.stdout, 20.0)
+            if not chunk:
+                break
+            out += chunk
+        assert b"enrollment token for new user" in out, out
+    finally:
+        proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _read_some(stream: IO[bytes], timeout: float) -> bytes:
+    fd = stream.fileno()
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return os.read(fd, 65536) if ready else b""
+
+
+def test_unknown_key_refused(shell_server: Setup) -> None:
+    result = subprocess.run(
+        shell_server.argv("-T", key=shell_server.stranger),
+        input=b"",
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 255
+    assert b"Permission denied (publickey)" in result.stderr
+    assert "refused SSH key" in shell_server.daemon.log_text()
+    assert _fingerprint(shell_server.stranger.with_suffix(".pub")) in shell_server.daemon.log_text()
+
+
+def test_password_and_keyboard_interactive_not_offered(shell_server: Setup) -> None:
+    result = subprocess.run(
+        shell_server.argv(
+            "-T",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+        ),
+        input=b"",
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 255
+    # The server lists the methods it accepts: only publickey.
+    assert b"Permission denied (publickey)." in result.stderr
+
+
+def test_changed_host_key_is_caught(shell_server: Setup, tmp_path: Path) -> None:
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(
+        f"[127.0.0.1]:{shell_server.port} {shell_server.stranger.with_suffix('.pub').read_text()}"
+    )
+    argv = ssh_argv(shell_server.port, shell_server.key, wrong, "-T")
+    result = subprocess.run(argv, input=b"", capture_output=True, timeout=30)
+    assert result.returncode == 255
+    assert b"Host key verification failed" in result.stderr
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its primary interface (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.123", 9))
+            address = str(probe.getsockname()[0])
+        except OSError:
+            return None
+    unusable = address.startswith("127.") or address == "0.0.0.0"  # noqa: S104 - compared, not bound
+    return None if unusable else address
+
+
+def test_not_reachable_on_a_non_loopback_address(shell_server: Setup) -> None:
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, shell_server.port), timeout=5).close()
+    result = subprocess.run(
+        shell_server.argv("-T", host=address), input=b"", capture_output=True, timeout=30
+    )
+    assert result.returncode == 255
+    assert b"Connection refused" in result.stderr
+
+
+def test_no_usable_admin_key_leaves_the_shell_off(tmp_path: Path) -> None:
+    admin_keys = tmp_path / "admin_keys"
+    admin_keys.write_text("# ssh-ed25519 AAAA... alice@laptop\n")
+    port = free_port()
+    daemon = Daemon(
+        tmp_path, f"--manhole=tcp:{port}:interface=127.0.0.1", f"--admin-keys={admin_keys}"
+    )
+    daemon.start()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert f"admin shell is off: {admin_keys} holds no usable public key" in log
+    assert not (daemon.data_dir / "ssh_host_ed25519_key").exists()
+
+
+def test_host_key_kept_across_restarts(shell_server: Setup, tmp_path: Path) -> None:
+    data_dir = shell_server.daemon.data_dir
+    before = (data_dir / "ssh_host_ed25519_key").read_bytes()
+    admin_keys = tmp_path / "admin_keys"
+    admin_keys.write_text(shell_server.key.with_suffix(".pub").read_text())
+    port = free_port()
+    # A second server on a copy of the data directory reuses the same host key.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    subprocess.run(["cp", "-a", str(data_dir), str(copy / "data")], check=True, timeout=30)
+    (copy / "data" / "lock").unlink(missing_ok=True)
+    daemon = Daemon(copy, f"--manhole=tcp:{port}:interface=127.0.0.1", f"--admin-keys={admin_keys}")
+    daemon.start()
+    try:
+        wait_port(port)
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert (copy / "data" / "ssh_host_ed25519_key").read_bytes() == before
+    assert f"(existing), fingerprint {shell_server.host_fingerprint}" in daemon.log_text()
+
+
+async def _next(conn: ClientConnection, timeout: float = 15.0) -> Any:
+    from twisted.internet import reactor
+
+    return await conn.inbox.get().addTimeout(timeout, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_issued_token_enrolls_a_client_over_tcp(shell_server: Setup) -> None:
+    """issue() in the shell, then a client enrolls with the token; the admin sees it."""
+    from twisted.internet import reactor
+
+    port = shell_server.daemon.port
+    shell = PtyShell(shell_server.argv("-tt"))
+    try:
+        shell.expect(r"enclaves> ")
+        shell.line(f'issue("127.0.0.1:{port}")')
+        token = parse_token(shell.expect(r"(enclaves1:\S+)").group(1))
+        assert token.address == f"127.0.0.1:{port}"
+        shell.expect(r"enclaves> ")
+
+        host, _, port_text = token.address.rpartition(":")
+        endpoint = f"tcp:host={host}:port={port_text}:timeout=10"
+        conn = await connect(reactor, endpoint, token.user_id, token.keys)
+        new = KeyPair.generate()
+        conn.send(Rotate(new.enc, new.auth))
+        assert await _next(conn) == Rotated()
+        directory = await _next(conn)
+        assert isinstance(directory, Directory) and token.user_id in directory.user_ids
+
+        shell.line("users()")
+        shell.expect(rf"{token.user_id}\s+enrolled\s+online")
+        shell.line("stats()")
+        shell.expect(r"sessions\s+1\b")
+
+        # The token is dead once used: its keys are no longer the user's.
+        with pytest.raises(LoginFailed):
+            await connect(reactor, endpoint, token.user_id, token.keys)
+
+        # Revoking closes the live session with REVOKED.
+        shell.line(f"revoke({token.user_id})")
+        shell.expect(rf"revoked user {token.user_id}: .* its session was closed")
+        reason = await conn.closed.addTimeout(15, reactor)
+        assert reason.code == ErrorCode.REVOKED
+        with pytest.raises(LoginFailed):
+            await connect(reactor, endpoint, token.user_id, new)
+        shell.send("\x04")
+        assert shell.wait() == 0
+    finally:
+        shell.close()
