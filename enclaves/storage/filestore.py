@@ -667,7 +667,8 @@ class FileStorage(Service):
         d = self._in_pool("store the message", self._apply_batch, ops)
 
         def done(result: list[BaseException | None] | Failure) -> None:
-            self._committing = False
+            # Still "committing" while the waiters' callbacks run: stores they
+            # start must queue for the next batch, not start a batch of one.
             for index, (op, waiting) in enumerate(batch):
                 error = result.value if isinstance(result, Failure) else result[index]
                 if error is None:
@@ -682,6 +683,7 @@ class FileStorage(Service):
                         self.log.error("could not {what}: {error}", what=what, error=str(error))
                         error = storage_failed(error, what)
                     waiting.errback(Failure(error))
+            self._committing = False
             if self._ready:
                 self._commit_batch()
 
