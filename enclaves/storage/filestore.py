@@ -681,6 +681,7 @@ class FileStorage(Service):
         def done(result: list[BaseException | None] | Failure) -> None:
             # Still "committing" while the waiters' callbacks run: stores they
             # start must queue for the next batch, not start a batch of one.
+            failed: list[str] = []
             for index, (op, waiting) in enumerate(batch):
                 error = result.value if isinstance(result, Failure) else result[index]
                 if error is None:
@@ -692,9 +693,17 @@ class FileStorage(Service):
                 else:
                     what = "store the message" if isinstance(op, _Store) else "remove the message"
                     if not isinstance(error, StorageError):
-                        self.log.error("could not {what}: {error}", what=what, error=str(error))
+                        failed.append(str(error))
                         error = storage_failed(error, what)
                     waiting.errback(Failure(error))
+            if failed:
+                # One line per batch, not per message: a full disk fails them all.
+                self.log.error(
+                    "{failed} of {count} pending-message writes failed, e.g. {error}",
+                    failed=len(failed),
+                    count=len(batch),
+                    error=failed[0],
+                )
             self._committing = False
             if self._ready:
                 self._commit_batch()
