@@ -799,12 +799,11 @@ class FileStorage(Service):
             messages, bad = result
             for file_id, target in bad:
                 self._unindex(file_id)
-                if target is not None:
-                    self.log.error(
-                        "pending message {name} failed its integrity check; moved to {target}",
-                        name=msg_file_name(file_id),
-                        target=target,
-                    )
+                self.log.error(
+                    "pending message {name} failed its integrity check; {where}",
+                    name=msg_file_name(file_id),
+                    where=f"moved to {target}" if target else "could not be moved aside",
+                )
             return [m for m in messages if m.recipient == recipient]
 
         return d.addCallback(adopt)
