@@ -225,9 +225,20 @@ class FileStorage(Service):
         self._take_lock()
         try:
             self._clean_temps()
-            quarantined = self._load_enrollment()
-            quarantined += self._load_users()
-            quarantined += self._load_pending()
+            bad: list[Path] = []
+            good = self._load_users(bad) + self._load_pending(bad)
+            if len(bad) >= 2 and not good:
+                # Not one file opens: far likelier a wrong key than damage.
+                # Moving everything to quarantine would only make a mess.
+                raise StorageFailed(
+                    f"none of the {len(bad)} user and message files in {self.data_dir} "
+                    "opens with this server key (is --key-file the key of this data "
+                    "directory?); nothing was moved"
+                )
+            self._load_enrollment()
+            for path in bad:
+                self._quarantine_now(path)
+            quarantined = len(bad)
         except BaseException:
             self._release_lock()
             raise
@@ -272,12 +283,13 @@ class FileStorage(Service):
                     os.unlink(entry.path)
                     self.log.info("removed stray temporary file {path}", path=entry.path)
 
-    def _load_enrollment(self) -> int:
+    def _load_enrollment(self) -> None:
+        """Read the enrollment table and mark the loaded users enrolling."""
         path = self.data_dir / ENROLLMENT_FILE
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return 0
+            return
         except OSError as error:
             raise storage_failed(error, f"read {path}") from None
         try:
@@ -288,10 +300,17 @@ class FileStorage(Service):
                 "(see docs/storage.rst: moving it aside makes every enrolling "
                 "user count as enrolled)"
             ) from None
-        return 0
+        for user_id, expires in self._enrollment.items():
+            if user_id in self._users:
+                self._users[user_id] = UserRecord(user_id, self._users[user_id].keys, expires)
+        stale = set(self._enrollment) - set(self._users)
+        for user_id in stale:
+            del self._enrollment[user_id]
+        if stale:
+            self.log.info("dropped {count} enrollment entries of missing users", count=len(stale))
 
-    def _load_users(self) -> int:
-        quarantined = 0
+    def _load_users(self, bad: list[Path]) -> int:
+        """Read every user file; bad ones are added to ``bad``.  Returns the good count."""
         for entry in os.scandir(self._users_dir):
             user_id = parse_user_name(entry.name)
             if user_id is None:
@@ -303,21 +322,15 @@ class FileStorage(Service):
                     data = handle.read(81)
                 keys = decode_user(self._sealer, user_id, data)
             except FormatError:
-                self._quarantine_now(Path(entry.path))
-                quarantined += 1
+                bad.append(Path(entry.path))
                 continue
             except OSError as error:
                 raise storage_failed(error, f"read {entry.path}") from None
-            self._users[user_id] = UserRecord(user_id, keys, self._enrollment.get(user_id))
-        stale = set(self._enrollment) - set(self._users)
-        for user_id in stale:
-            del self._enrollment[user_id]
-        if stale:
-            self.log.info("dropped {count} enrollment entries of missing users", count=len(stale))
-        return quarantined
+            self._users[user_id] = UserRecord(user_id, keys, None)
+        return len(self._users)
 
-    def _load_pending(self) -> int:
-        quarantined = 0
+    def _load_pending(self, bad: list[Path]) -> int:
+        """Index every pending message; bad ones are added to ``bad``.  Returns the good count."""
         max_seq = 0
         for entry in os.scandir(self._pending_dir):
             file_id = parse_msg_name(entry.name)
@@ -330,8 +343,7 @@ class FileStorage(Service):
                     data = handle.read()
                 record = decode_msg(self._sealer, file_id, data)
             except FormatError:
-                self._quarantine_now(Path(entry.path))
-                quarantined += 1
+                bad.append(Path(entry.path))
                 continue
             except OSError as error:
                 raise storage_failed(error, f"read {entry.path}") from None
@@ -342,7 +354,7 @@ class FileStorage(Service):
         for ids in self._by_recipient.values():
             ids.sort()
         self._next_seq = max_seq + 1
-        return quarantined
+        return len(self._files)
 
     def _quarantine_now(self, path: Path) -> Path | None:
         """Move a bad file aside (synchronously) and log it."""
@@ -667,7 +679,9 @@ class FileStorage(Service):
         d = self._in_pool("store the message", self._apply_batch, ops)
 
         def done(result: list[BaseException | None] | Failure) -> None:
-            self._committing = False
+            # Still "committing" while the waiters' callbacks run: stores they
+            # start must queue for the next batch, not start a batch of one.
+            failed: list[str] = []
             for index, (op, waiting) in enumerate(batch):
                 error = result.value if isinstance(result, Failure) else result[index]
                 if error is None:
@@ -679,9 +693,18 @@ class FileStorage(Service):
                 else:
                     what = "store the message" if isinstance(op, _Store) else "remove the message"
                     if not isinstance(error, StorageError):
-                        self.log.error("could not {what}: {error}", what=what, error=str(error))
+                        failed.append(str(error))
                         error = storage_failed(error, what)
                     waiting.errback(Failure(error))
+            if failed:
+                # One line per batch, not per message: a full disk fails them all.
+                self.log.error(
+                    "{failed} of {count} pending-message writes failed, e.g. {error}",
+                    failed=len(failed),
+                    count=len(batch),
+                    error=failed[0],
+                )
+            self._committing = False
             if self._ready:
                 self._commit_batch()
 
@@ -776,12 +799,11 @@ class FileStorage(Service):
             messages, bad = result
             for file_id, target in bad:
                 self._unindex(file_id)
-                if target is not None:
-                    self.log.error(
-                        "pending message {name} failed its integrity check; moved to {target}",
-                        name=msg_file_name(file_id),
-                        target=target,
-                    )
+                self.log.error(
+                    "pending message {name} failed its integrity check; {where}",
+                    name=msg_file_name(file_id),
+                    where=f"moved to {target}" if target else "could not be moved aside",
+                )
             return [m for m in messages if m.recipient == recipient]
 
         return d.addCallback(adopt)

@@ -335,3 +335,44 @@ async def test_disk_work_never_on_the_reactor_thread(
     assert threads, "no file was opened or synced"
     main = threading.main_thread().name
     assert main not in threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit_batches_concurrent_stores_one_batch_at_a_time(
+    data_dir: Path, keys: KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from twisted.internet.defer import DeferredSemaphore, gatherResults
+
+    storage = make_storage(data_dir, keys)
+    real = FileStorage._apply_batch
+    sizes: list[int] = []
+    running = [0, 0]  # now, most at once
+    lock = threading.Lock()
+
+    def apply_batch(self: FileStorage, ops: list[object]) -> object:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            return real(self, ops)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running[0] -= 1
+                sizes.append(len(ops))
+
+    monkeypatch.setattr(FileStorage, "_apply_batch", apply_batch)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        # A client keeping 50 stores in flight, refilling as each one fires.
+        sem = DeferredSemaphore(50)
+        ids = await gatherResults(
+            [sem.run(storage.store_message, A, B, msg_id(i), b"x") for i in range(400)]
+        )
+    finally:
+        await storage.stopService()
+    assert len(set(ids)) == 400
+    assert sum(sizes) == 400
+    assert running[1] == 1, "two group commits ran at once"
+    assert len(sizes) <= 20, f"stores were not grouped: {sizes}"

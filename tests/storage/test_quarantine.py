@@ -199,3 +199,19 @@ async def test_remove_user_clears_messages_orphaned_by_a_quarantined_user(
         assert not any(f"{n}.msg" in os.listdir(data_dir / PENDING_DIR) for n in ids)
     finally:
         await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_key_without_check_file_moves_nothing(data_dir: Path, keys: KeyPair) -> None:
+    await _populate(data_dir, keys)
+    before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    with pytest.raises(StorageFailed, match="opens with this server key"):
+        FileStorage(data_dir, KeyPair.generate()).load()
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
+    assert _quarantined(data_dir) == []
+    # The right key still opens everything afterwards.
+    storage = make_storage(data_dir, keys)
+    try:
+        assert await storage.list_users() == [A, B, C]
+    finally:
+        await storage.stopService()
