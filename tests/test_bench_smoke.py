@@ -1,0 +1,108 @@
+"""Tiny runs of bench/load.py and bench/join.py as correctness tests (no timing asserted).
+
+The load run restarts the real server in the middle and must lose and
+duplicate nothing; the join run must end with pair keys with every online
+user.  The tally that decides "lost" and "duplicated" is checked on its own
+so that it is known to be able to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.load import partner_graph, tally
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*argv: str, timeout: float = 120) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.stdout, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    assert proc.returncode == (0 if result["ok"] else 1), proc.stderr
+    return result
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("restart", ["term", "kill"])
+def test_load_loses_and_duplicates_nothing_across_a_restart(restart: str) -> None:
+    result = run_bench(
+        "bench/load.py", "--clients", "12", "--messages", "30", "--contacts", "3",
+        "--workers", "2", "--window", "4", "--restart", restart, "--timeout", "90",
+        "--pace", "0.05",  # 25 messages/s per client: the restart comes mid-stream
+    )  # fmt: skip
+    total = 12 * 30
+    assert 0 < result["restart_at_accepted"] < total
+    assert result["created"] == result["accepted"] == result["delivered"] == total
+    assert result["lost"] == result["duplicated"] == result["misrouted"] == 0
+    assert result["unaccepted"] == 0 and not result["timed_out"]
+    assert result["reconnects"] >= 12  # everyone was cut off by the restart
+    assert result["ok"]
+
+
+@pytest.mark.system
+def test_load_opaque_blobs() -> None:
+    result = run_bench(
+        "bench/load.py", "--clients", "6", "--messages", "20", "--e2e", "opaque",
+        "--workers", "1", "--timeout", "60",
+    )  # fmt: skip
+    assert result["delivered"] == 120 and result["lost"] == result["duplicated"] == 0
+
+
+@pytest.mark.system
+def test_join_gets_pair_keys_with_every_online_user() -> None:
+    result = run_bench(
+        "bench/join.py", "--users", "20", "--online", "15", "--workers", "2", "--timeout", "60"
+    )
+    assert result["keyed"] == 15 and result["ok"]
+    assert result["directory_users"] == 21
+    assert result["kex"]["offers_sent"] == 20  # offline users get theirs stored
+    assert result["kex"]["accepts_received"] == 15
+    assert result["online_users_told_joined"] == 15
+
+
+def test_tally_counts_lost_duplicated_and_unaccepted() -> None:
+    def worker(accepted: dict[str, list[int]], delivered: list[list[int]]) -> dict[str, Any]:
+        return {
+            "created": sum(len(v) for v in accepted.values()) + 1,
+            "accepted": accepted,
+            "delivered": delivered,
+            "app_duplicates": 1,
+            "counters": {"raw_duplicates": 2},
+            "errors": {},
+            "latencies": [0.01],
+        }
+
+    result = tally(
+        [worker({"1": [0, 1, 2]}, [[1, 0], [2, 0]]), worker({"2": [0]}, [[1, 2], [9, 9]])], 5
+    )
+    assert result["accepted"] == 4
+    assert result["lost"] == 1  # (1, 1): accepted, never delivered
+    assert result["duplicated"] == 2  # counted by the recipients
+    assert result["unaccepted"] == 2
+    assert result["delivered_not_accepted"] == 1  # (9, 9)
+    assert result["server_resent_duplicates"] == 4
+
+
+def test_partner_graph_is_symmetric_with_the_asked_degree() -> None:
+    ids = list(range(100, 150))
+    graph = partner_graph(ids, 6, seed=3)
+    for user, partners in graph.items():
+        assert len(partners) == 6 and user not in partners
+        for partner in partners:
+            assert user in graph[partner]
+    assert partner_graph(ids, 6, seed=3) == graph
+    small = partner_graph([1, 2, 3], 8, seed=1)
+    assert small == {1: [2, 3], 2: [1, 3], 3: [1, 2]}
