@@ -73,24 +73,37 @@ _OPAQUE = struct.Struct(">4sQQQ")
 
 
 def partner_graph(ids: list[int], degree: int, seed: int) -> dict[int, list[int]]:
-    """A random circulant graph: every id gets ``degree`` partners (fewer if too few ids)."""
+    """Random partners, symmetric: every id gets ``degree`` of them (all the
+    others if there are fewer; with an odd degree and an odd count of ids, a
+    few get more).
+
+    A random circulant graph over a shuffled order (steps 1 .. degree/2); an
+    odd degree adds a perfect matching (step n/2), or with n odd a random
+    partner for each id still short of ``degree``.
+    """
     rng = random.Random(seed)
     order = list(ids)
     rng.shuffle(order)
-    links: dict[int, set[int]] = {u: set() for u in ids}
     n = len(order)
+    links: dict[int, set[int]] = {u: set() for u in ids}
+
+    def link(u: int, v: int) -> None:
+        if u != v:
+            links[u].add(v)
+            links[v].add(u)
+
+    degree = min(degree, n - 1)
     for i, u in enumerate(order):
         for step in range(1, degree // 2 + 1):
-            v = order[(i + step) % n]
-            if v != u:
-                links[u].add(v)
-                links[v].add(u)
-    if degree % 2 and n > 1:  # odd degree: one more random partner each, where possible
-        for u in order:
-            v = rng.choice(order)
-            if v != u:
-                links[u].add(v)
-                links[v].add(u)
+            link(u, order[(i + step) % n])
+    if degree % 2:
+        if n % 2 == 0:
+            for i in range(n // 2):
+                link(order[i], order[i + n // 2])
+        else:
+            for u in order:
+                if len(links[u]) < degree:
+                    link(u, rng.choice([v for v in order if v != u and v not in links[u]]))
     return {u: sorted(p) for u, p in links.items()}
 
 
@@ -553,8 +566,15 @@ class LoadWorker:
             self.command({"cmd": "stop"})
             return
         now = time.monotonic()
-        for client in self.clients:
-            client.pump(now)
+        try:
+            for client in self.clients:
+                client.pump(now)
+        except Exception:
+            # A bug here must end the run loudly, not stall it until the deadline.
+            import traceback
+
+            traceback.print_exc()
+            os._exit(2)
 
     def report(self) -> None:
         if self.stopping:

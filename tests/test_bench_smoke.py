@@ -104,5 +104,9 @@ def test_partner_graph_is_symmetric_with_the_asked_degree() -> None:
         for partner in partners:
             assert user in graph[partner]
     assert partner_graph(ids, 6, seed=3) == graph
+    for n in (2, 7, 10):
+        for degree in (1, 3):
+            graph = partner_graph(list(range(n)), degree, seed=5)
+            assert all(len(p) >= min(degree, n - 1) for p in graph.values())
     small = partner_graph([1, 2, 3], 8, seed=1)
     assert small == {1: [2, 3], 2: [1, 3], 3: [1, 2]}
