@@ -53,6 +53,20 @@ def test_load_loses_and_duplicates_nothing_across_a_restart(restart: str) -> Non
 
 
 @pytest.mark.system
+def test_load_with_a_window_wider_than_the_replay_window() -> None:
+    """Up to 200 unaccepted messages per pair through a SIGKILL: any reordering by
+    the server wider than the recipient's 64-counter replay window would be a
+    loss (tests/server/test_router_order.py pins the bug this found)."""
+    result = run_bench(
+        "bench/load.py", "--clients", "16", "--messages", "300", "--contacts", "1",
+        "--workers", "2", "--window", "200", "--restart", "kill", "--timeout", "90",
+    )  # fmt: skip
+    assert result["delivered"] == 16 * 300
+    assert result["lost"] == result["duplicated"] == 0
+    assert result["other"].get("dropped replay", 0) == 0
+
+
+@pytest.mark.system
 def test_load_opaque_blobs() -> None:
     result = run_bench(
         "bench/load.py", "--clients", "6", "--messages", "20", "--e2e", "opaque",

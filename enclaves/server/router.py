@@ -149,6 +149,9 @@ class Router:
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
         self._online: dict[int, _Online] = {}
         self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
+        # Stores in flight per recipient: while any is, newer messages for that
+        # recipient queue behind them in storage (arrival order, protocol.rst).
+        self._storing: dict[int, int] = {}
         self.connections = 0
         self.messages_routed = 0
         self.messages_stored = 0
@@ -273,8 +276,12 @@ class Router:
             for stored in pending:
                 self._offer(state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id))
             backlog, state.backlog = state.backlog, []
+            if any(item.file_id is not None for item in backlog):
+                # Stored after the read above: storage holds the order now.
+                state.spilled = True
             for item in backlog:
                 self._offer(state, item)
+            self._maybe_refill(state)
 
         def failed(failure: Failure) -> None:
             self.log.failure("could not start the session of {user_id}", failure, user_id=uid)
@@ -343,6 +350,11 @@ class Router:
         """Deliver now if the window allows, else leave the message to storage."""
         if not state.ready:
             state.backlog.append(item)
+        elif item.file_id is None and self._storing.get(state.peer.user_id):
+            # Older messages for this recipient are still being stored: this
+            # one goes behind them, and a refill delivers all in order.
+            state.spilled = True
+            self._store(item, state.peer.user_id)
         elif (
             not state.spilled and not state.refilling and len(state.inflight) < self.max_inflight
         ) or item.msg_id in state.inflight:
@@ -380,6 +392,7 @@ class Router:
     def _maybe_refill(self, state: _Online) -> None:
         if (
             state.spilled
+            and state.ready
             and not state.refilling
             and not state.closed
             and len(state.inflight) <= self.max_inflight // 2
@@ -399,16 +412,35 @@ class Router:
         state.peer.send(Deliver(item.msg_id, item.sender, item.blob))
 
     def _store(self, item: _Item, recipient: int) -> None:
+        self._storing[recipient] = self._storing.get(recipient, 0) + 1
+
+        def settled() -> _Online | None:
+            """One store fewer in flight; the recipient's live state, if any."""
+            left = self._storing.pop(recipient) - 1
+            if left:
+                self._storing[recipient] = left
+            target = self._online.get(recipient)
+            if target is None or target.closed or target.enrolling:
+                return None
+            return target
+
         def stored(file_id: int) -> None:
             self.messages_stored += 1
             item.file_id = file_id
             self._tell(item.sender, Accepted(item.msg_id))
-            target = self._online.get(recipient)
-            if target is None or target.closed or target.enrolling:
+            target = settled()
+            if target is None:
+                return
+            if target.ready and self._storing.get(recipient):
+                target.spilled = True  # the last store to finish refills, in order
                 return
             self._offer(target, item)
+            self._maybe_refill(target)
 
         def refused(failure: Failure) -> None:
+            target = settled()
+            if target is not None and target.ready:
+                self._maybe_refill(target)
             if failure.check(UnknownUser):
                 code, text = ErrorCode.UNKNOWN_RECIPIENT, "no such user"
             elif failure.check(QuotaExceeded):
