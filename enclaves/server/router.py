@@ -14,7 +14,7 @@ import time
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -149,9 +149,11 @@ class Router:
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
         self._online: dict[int, _Online] = {}
         self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
-        # Stores in flight per recipient: while any is, newer messages for that
-        # recipient queue behind them in storage (arrival order, protocol.rst).
+        # Stores in flight per recipient, and who waits for them to finish: a
+        # message must never overtake an older one still being written
+        # (arrival order, docs/protocol.rst).
         self._storing: dict[int, int] = {}
+        self._settle_waiters: dict[int, list[Deferred[None]]] = {}
         self.connections = 0
         self.messages_routed = 0
         self.messages_stored = 0
@@ -269,6 +271,11 @@ class Router:
             if state.closed:
                 return
             state.peer.send(Directory(tuple(users)))
+            # Messages for this user still being written (it was offline, or
+            # its previous session's were in flight) come before live ones.
+            await self._stores_settled(uid)
+            if state.closed:
+                return
             pending = await self.storage.pending_for(uid)
             if state.closed:
                 return
@@ -276,7 +283,7 @@ class Router:
             for stored in pending:
                 self._offer(state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id))
             backlog, state.backlog = state.backlog, []
-            if any(item.file_id is not None for item in backlog):
+            if any(i.file_id is not None and i.file_id not in state.sent_files for i in backlog):
                 # Stored after the read above: storage holds the order now.
                 state.spilled = True
             for item in backlog:
@@ -389,6 +396,20 @@ class Router:
 
         self.storage.pending_for(uid).addCallbacks(loaded, failed)
 
+    def _stores_settled(self, user_id: int) -> Deferred[None]:
+        """Fires once no store for ``user_id`` is in flight."""
+        if not self._storing.get(user_id):
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._settle_waiters.setdefault(user_id, []).append(waiter)
+        return waiter
+
+    def _wake(self, user_id: int) -> None:
+        """Fire the waiters of :meth:`_stores_settled` once nothing is in flight."""
+        if not self._storing.get(user_id):
+            for waiter in self._settle_waiters.pop(user_id, []):
+                waiter.callback(None)
+
     def _maybe_refill(self, state: _Online) -> None:
         if (
             state.spilled
@@ -429,13 +450,13 @@ class Router:
             item.file_id = file_id
             self._tell(item.sender, Accepted(item.msg_id))
             target = settled()
-            if target is None:
-                return
-            if target.ready and self._storing.get(recipient):
-                target.spilled = True  # the last store to finish refills, in order
-                return
-            self._offer(target, item)
-            self._maybe_refill(target)
+            if target is not None:
+                if target.ready and self._storing.get(recipient):
+                    target.spilled = True  # the last store to finish refills, in order
+                else:
+                    self._offer(target, item)
+                    self._maybe_refill(target)
+            self._wake(recipient)
 
         def refused(failure: Failure) -> None:
             target = settled()
@@ -453,6 +474,7 @@ class Router:
                 "message for {recipient} not stored: {code}", recipient=recipient, code=code.name
             )
             self._tell(item.sender, _error(code, text, item.msg_id))
+            self._wake(recipient)
 
         self.storage.store_message(recipient, item.sender, item.msg_id, item.blob).addCallbacks(
             stored, refused
