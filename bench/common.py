@@ -124,6 +124,7 @@ def _cmd_make_users(data_dir: str, spec_path: str, out: str) -> None:
         storage = FileStorage(Path(data_dir), keys, reactor=reactor, threads=8)
         storage.startService()
         expires = int((time.time() + 3600) * 1000)
+        users: list[tuple[int, KeyPair, int | None]]
         users = [(u, KeyPair.generate(), None) for u in spec["ids"]]
         users += [(u, KeyPair.generate(), expires) for u in spec["enrolling"]]
         sem = DeferredSemaphore(64)

@@ -66,23 +66,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         daemon.start(timeout=60)
         workers: list[Worker] = []
         try:
-            for w in range(args.workers):
+            for n in range(args.workers):
                 config = {
                     "port": daemon.port,
                     "users": str(users_path),
-                    "ids": online[w :: args.workers],
+                    "ids": online[n :: args.workers],
                     "deadline": time.time() + args.timeout + 30,
                 }
-                path = work / f"existing{w}.json"
+                path = work / f"existing{n}.json"
                 path.write_text(json.dumps(config))
                 workers.append(Worker("bench.join", "existing", str(path)))
 
             def total_of(key: str) -> int:
                 return sum(int(w.status().get(key, 0)) for w in workers)
 
-            def check_alive() -> None:
+            def check_alive() -> bool:
                 if not all(w.alive() for w in workers):
                     raise RuntimeError("a join worker died; see its stderr above")
+                return False
 
             t0 = time.monotonic()
             if not wait_for(lambda: check_alive() or total_of("ready") == len(online), deadline):
@@ -399,17 +400,19 @@ def cmd_role(role: str, config_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
     if role == "existing":
         existing = Existing(reactor, config)
-        reactor.callWhenRunning(existing.start)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(existing.start)
     else:
         newcomer = Newcomer(reactor, config)
 
-        def go() -> None:
-            ensureDeferred(newcomer.run()).addErrback(
-                lambda f: (f.printTraceback(file=sys.stderr), newcomer.finish(timed_out=True))
-            )
+        def failed(failure: Any) -> None:
+            failure.printTraceback(file=sys.stderr)
+            newcomer.finish(timed_out=True)
 
-        reactor.callWhenRunning(go)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+        def go() -> None:
+            ensureDeferred(newcomer.run()).addErrback(failed)
+
+        reactor.callWhenRunning(go)
+    reactor.run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workers: list[Worker] = []
         server_cpu = 0.0
         try:
-            for w in range(args.workers):
-                mine = ids[w :: args.workers]
+            for n in range(args.workers):
+                mine = ids[n :: args.workers]
                 config = {
                     "port": daemon.port,
                     "users": str(users_path),
@@ -158,20 +158,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "pace": args.pace * args.message_rate,
                     "e2e": args.e2e,
                     "body": args.body,
-                    "seed": args.seed * 1000 + w,
+                    "seed": args.seed * 1000 + n,
                     "deadline": time.time() + args.timeout + 30,
                 }
-                path = work / f"worker{w}.json"
+                path = work / f"worker{n}.json"
                 path.write_text(json.dumps(config))
                 workers.append(Worker("bench.load", "worker", str(path)))
 
             def total_of(key: str) -> int:
                 return sum(int(w.status().get(key, 0)) for w in workers)
 
-            def check_alive() -> None:
+            def check_alive() -> bool:
                 for w in workers:
                     if not w.alive():
                         raise RuntimeError("a load worker died; see its stderr above")
+                return False
 
             # Phase 1: everyone connected and keyed with every partner.
             t0 = time.monotonic()
@@ -613,8 +614,8 @@ def cmd_worker(config_path: str) -> None:
     from twisted.internet import reactor
 
     worker = LoadWorker(reactor, json.loads(Path(config_path).read_text()))
-    reactor.callWhenRunning(worker.start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(worker.start)
+    reactor.run()
 
 
 def main(argv: list[str] | None = None) -> int:
