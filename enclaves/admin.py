@@ -11,10 +11,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME, create_enrollment
 from enclaves.storage.interface import (
@@ -246,7 +247,10 @@ class Admin:
         entries = defer.maybeDeferred(self._storage.inventory)
         records = self._records()
         summary = defer.maybeDeferred(self._storage.pending_summary)
-        d = defer.gatherResults([entries, records, summary], consumeErrors=True)
+        d: defer.Deferred[list[Any]] = defer.gatherResults(
+            [entries, records, summary],
+            consumeErrors=True,
+        )
 
         def unwrap(failure: Any) -> Any:
             failure.trap(defer.FirstError)
@@ -264,7 +268,7 @@ class Admin:
         def load_all(user_ids: list[int]) -> defer.Deferred[list[UserRecord]]:
             loads = [defer.maybeDeferred(self._storage.load_user, uid) for uid in user_ids]
             gathered = defer.gatherResults(loads, consumeErrors=True)
-            gathered.addErrback(lambda f: f.trap(defer.FirstError) and f.value.subFailure)
+            gathered.addErrback(_first_error)
             return gathered.addCallback(lambda rs: [r for r in rs if r is not None])
 
         return defer.maybeDeferred(self._storage.list_users).addCallback(load_all)
@@ -467,3 +471,9 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
     for function in (issue, users, revoke, pending, stats, inventory, help):
         commands[function.__name__] = Command(function)
     return dict(commands)
+
+
+def _first_error(failure: Failure) -> Failure:
+    """Unwrap gatherResults' FirstError into the failure that caused it."""
+    failure.trap(defer.FirstError)
+    return cast(Failure, failure.value.subFailure)  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from attrs import frozen
 from cryptography.hazmat.primitives import serialization
@@ -294,7 +294,7 @@ class AdminInterpreter(manhole.ManholeInterpreter):
 
     def _show_failure(self, failure: Failure) -> None:
         self.handler.log_error(failure.value, failure)
-        self._show_text(_one_line(failure.value))
+        self._show_text(_one_line(cast(BaseException, failure.value)))
 
     def write(self, data: Any, isAsync: bool | None = None) -> None:
         if self.handler.terminal is not None:
@@ -420,7 +420,7 @@ class AdminShellFactory(manhole_ssh.ConchFactory):
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)
         # Twisted declares these dict[bytes, bytes]; they hold Key objects.
-        self.publicKeys = {b"ssh-ed25519": host_key.public()}  # type: ignore[dict-item]
+        self.publicKeys = {b"ssh-ed25519": host_key.public()}  # type: ignore[dict-item,unused-ignore]
         self.privateKeys = {b"ssh-ed25519": host_key}  # type: ignore[dict-item]
 
 

@@ -30,6 +30,9 @@ __all__ = ["Options", "makeService"]
 
 log = Logger()
 
+#: Admin keys file used when --admin-keys is not given and it exists.
+ADMIN_KEYS_FILE = "admin_keys"
+
 
 def _positive_int(name: str, minimum: int = 1, maximum: int = 1 << 31) -> Any:
     def coerce(value: str) -> int:
@@ -71,7 +74,13 @@ class Options(usage.Options):
             "tcp:7522:interface=127.0.0.1",
             "SSH admin shell endpoint (on only with --admin-keys).",
         ],
-        ["admin-keys", None, None, "OpenSSH authorized_keys file of admin public keys."],
+        [
+            "admin-keys",
+            None,
+            None,
+            "OpenSSH authorized_keys file of admin public keys "
+            "(default: DATA-DIR/admin_keys if it exists).",
+        ],
         [
             "max-connections",
             None,
@@ -131,7 +140,11 @@ class Options(usage.Options):
         self["data-dir"] = Path(self["data-dir"]).absolute()
         if self["key-file"] is not None:
             self["key-file"] = Path(self["key-file"]).absolute()
-        if self["admin-keys"] is not None:
+        if self["admin-keys"] is None:
+            default = self["data-dir"] / ADMIN_KEYS_FILE
+            if default.is_file():
+                self["admin-keys"] = default
+        else:
             path = Path(self["admin-keys"]).absolute()
             if not path.is_file():
                 raise usage.UsageError(f"--admin-keys: no such file: {path}")
@@ -214,7 +227,11 @@ def _admin_shell(
 ) -> IService | None:
     """The SSH admin shell's service, or None (with a log line saying why it is off)."""
     if options["admin-keys"] is None:
-        log.info("admin shell is off: start with --admin-keys FILE to turn it on")
+        log.info(
+            "admin shell is off: put admin SSH public keys in {path} "
+            "(authorized_keys format) or start with --admin-keys FILE",
+            path=str(options["data-dir"] / ADMIN_KEYS_FILE),
+        )
         return None
     # Imported here: conch is loaded only when the shell is on.
     from enclaves.manhole import HOST_KEY_FILE, manhole_service

@@ -22,7 +22,7 @@ import time
 from bisect import insort
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from attrs import define, field
 from twisted.application.service import Service
@@ -428,7 +428,7 @@ class FileStorage(Service):
                 )
             else:
                 self.log.error("could not {what}: {error}", what=what, error=str(failure.value))
-            return Failure(storage_failed(failure.value, what))
+            return Failure(storage_failed(cast(BaseException, failure.value), what))
 
         return self._track(d.addErrback(translate))
 

@@ -1,0 +1,31 @@
+"""``twistd enclaves`` option parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from enclaves.tap import Options
+
+
+def test_admin_keys_default_is_used_only_when_present(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions([f"--data-dir={tmp_path}"])
+    assert options["admin-keys"] is None
+    (tmp_path / "admin_keys").write_text("# none yet\n")
+    options = Options()
+    options.parseOptions([f"--data-dir={tmp_path}"])
+    assert options["admin-keys"] == tmp_path / "admin_keys"
+
+
+def test_missing_explicit_admin_keys_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="no such file"):
+        Options().parseOptions([f"--admin-keys={tmp_path / 'nope'}"])
+
+
+@pytest.mark.parametrize("value", ["12", "abc", "99999999999"])
+def test_max_frame_bounds(value: str) -> None:
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions([f"--max-frame={value}"])
