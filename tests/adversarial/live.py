@@ -30,8 +30,18 @@ A, B = 1_000_001, 2_000_002
 class Live:
     """A ``twistd -n enclaves`` on a free port with users made on disk first."""
 
-    def __init__(self, workdir: Path, *extra: str, users: dict[int, KeyPair] | None = None):
-        self.daemon = Daemon(workdir, *extra)
+    def __init__(
+        self,
+        workdir: Path,
+        *extra: str,
+        users: dict[int, KeyPair] | None = None,
+        daemon: Daemon | None = None,
+        setup_dir: Path | None = None,
+    ) -> None:
+        """``daemon`` replaces the default one; ``setup_dir`` is where this process
+        writes the users (its data directory, unless that is out of reach)."""
+        self.daemon = daemon or Daemon(workdir, *extra)
+        self.setup_dir = setup_dir or self.daemon.data_dir
         self.keys: dict[int, KeyPair] = {A: KeyPair.generate(), B: KeyPair.generate()}
         self.keys.update(users or {})
 
@@ -40,7 +50,7 @@ class Live:
         return self.daemon.port
 
     async def start(self) -> Live:
-        await make_users(self.daemon.data_dir, self.keys)
+        await make_users(self.setup_dir, self.keys)
         self.daemon.start()
         return self
 
