@@ -79,7 +79,7 @@ class Live:
     async def check(self, bind: str | None = None) -> None:
         """The daemon still serves an honest pair, and logged no Traceback."""
         assert self.daemon.process is not None and self.daemon.process.poll() is None, (
-            "the daemon died: " + self.daemon.log_text()
+            "the daemon died: " + self.log_text()[-20000:]
         )
         a = await self.login(A, bind)
         b = await self.login(B, bind)
@@ -91,9 +91,15 @@ class Live:
             await b.disconnect()
         self.assert_clean_log()
 
+    def log_text(self) -> str:
+        """The whole log, rotated parts (twistd rotates at 1 MB) included."""
+        path = self.daemon.log_path
+        parts = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+        return "".join(p.read_text() for p in [*parts, path] if p.exists())
+
     def assert_clean_log(self) -> None:
-        log = self.daemon.log_text()
-        assert "Traceback" not in log, log
+        log = self.log_text()
+        assert "Traceback" not in log, log[-20000:]
 
     def stop(self) -> None:
         """SIGTERM; the daemon must exit 0 with a clean log."""
@@ -105,10 +111,6 @@ class Live:
 async def drain(conn: ClientConnection, kind: type[T], count: int, **kw: Any) -> list[T]:
     """The next ``count`` messages of ``kind`` (others are skipped)."""
     return [await expect(conn, kind, **kw) for _ in range(count)]
-
-
-def count_in_log(live: Live, text: str) -> int:
-    return live.daemon.log_text().count(text)
 
 
 Predicate = Callable[[bytes], bool]
