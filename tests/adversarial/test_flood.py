@@ -97,7 +97,7 @@ async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> N
     SERVER_BUSY (the accepted cost); dribbling does not extend the deadline, so
     within the handshake timeout every one is told HANDSHAKE_TIMEOUT and
     closed, and honest users connect and chat again."""
-    slots, extra, timeout = 40, 10, 3
+    slots, extra, timeout = 40, 10, 5
     live = await Live(
         tmp_path, f"--max-connections={slots}", f"--handshake-timeout={timeout}"
     ).start()
@@ -108,9 +108,10 @@ async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> N
         if sum(d.closed.called for d in dribblers) >= extra:
             break
         await deferLater(reactor, 0.05)
+    probed = time.monotonic() - started
     with pytest.raises(LoginFailed) as busy:
         await live.login(A, bind=HONEST)
-    assert busy.value.code == ErrorCode.SERVER_BUSY
+    assert busy.value.code == ErrorCode.SERVER_BUSY, probed
     held = [await d.closed for d in dribblers]
     assert max(held) < timeout + 2, held
     assert time.monotonic() - started < timeout + 3
