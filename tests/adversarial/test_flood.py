@@ -103,20 +103,28 @@ async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> N
     ).start()
     started = time.monotonic()
     dribblers = await attack(live.port, slots + extra, lambda: Attacker(dribble=bad_hello()))
-    # The ones beyond the limit are refused at once: then every slot is taken.
-    for _ in range(100):
-        if sum(d.closed.called for d in dribblers) >= extra:
+    # Those beyond the limit are refused at once.  (A connection of our own
+    # closing at the same moment can make one more refused: top up until
+    # every slot is held.)
+    for _ in range(10):
+        closed = -1
+        while closed != sum(d.closed.called for d in dribblers):
+            closed = sum(d.closed.called for d in dribblers)
+            await deferLater(reactor, 0.2)
+        if len(dribblers) - closed >= slots:
             break
-        await deferLater(reactor, 0.05)
+        more = slots - (len(dribblers) - closed)
+        dribblers += await attack(live.port, more, lambda: Attacker(dribble=bad_hello()))
     probed = time.monotonic() - started
     with pytest.raises(LoginFailed) as busy:
         await live.login(A, bind=HONEST)
     assert busy.value.code == ErrorCode.SERVER_BUSY, probed
     held = [await d.closed for d in dribblers]
     assert max(held) < timeout + 2, held
-    assert time.monotonic() - started < timeout + 3
-    codes = sorted(code for d in dribblers for code in d.error_codes())
-    assert codes == sorted([ErrorCode.HANDSHAKE_TIMEOUT] * slots + [ErrorCode.SERVER_BUSY] * extra)
+    assert time.monotonic() - started < timeout + 5
+    codes = [d.error_codes() for d in dribblers]
+    timed_out = codes.count([ErrorCode.HANDSHAKE_TIMEOUT])
+    assert timed_out >= slots and timed_out + codes.count([ErrorCode.SERVER_BUSY]) == len(codes)
     await live.check(bind=HONEST)
     live.stop()
 
