@@ -453,6 +453,11 @@ class ClientCore:
         contact = self._contacts[sender]
         if isinstance(parsed, MessageBlob):
             return self._message(contact, msg_id, raw, parsed, now)
+        if hmac.compare_digest(parsed.ik, self.identity.public):
+            # Our own OFFER or ACCEPT sent back to us as the contact's (reflection):
+            # never pin our own key on a contact, never let it end our exchange.
+            log.warn("dropped our own key exchange blob reflected as {peer}'s", peer=sender)
+            return [BlobDropped(sender, msg_id, "reflected")]
         events: list[Event] = []
         first_ik = contact.ik is None
         if not first_ik and not hmac.compare_digest(contact.ik or b"", parsed.ik):

@@ -501,7 +501,14 @@ class Router:
 
         def failed(failure: Failure) -> None:
             # The copy stays and is delivered again; the recipient drops the duplicate.
-            self.log.failure("could not delete a delivered message", failure)
+            # A refusing disk is a condition storage already logged, not a bug.
+            if failure.check(StorageError):
+                self.log.warn(
+                    "delivered message kept (it will be delivered again): {error}",
+                    error=str(failure.value),
+                )
+            else:
+                self.log.failure("could not delete a delivered message", failure)
 
         self.storage.remove_message(item.file_id).addCallbacks(removed, failed)
 

@@ -1,0 +1,220 @@
+"""A malicious server: it holds every e2e blob and decides who gets what, when.
+
+Driven at the level of the client's sans-IO core (:class:`ClientCore`), with
+the server's relay replaced by the attacker's own routing.  What must hold:
+the server never reads a message between users whose identity keys are
+verified; a substitution of identity keys leaves the contacts ``unverified``
+and is revealed the moment the two people compare safety numbers (or import
+keys in person); reflected, duplicated, replayed and redirected blobs are
+never shown; reordering within the 64-message window loses nothing.  What
+it can do, and the user may not see, is in docs/security.rst: drop or hold
+back messages, and lie about DELIVERED.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from enclaves.client.contacts import ContactError, Trust
+from enclaves.client.core import (
+    BlobDropped,
+    ClientCore,
+    Event,
+    IdentityKeyChanged,
+    KexCompleted,
+    MessageReceived,
+    Refused,
+    SendBlob,
+)
+from enclaves.client.state import decode_state, encode_state
+from tests.client.helpers import Relay, make_core
+
+A, B, C = 100, 200, 300
+
+
+class ManInTheMiddle:
+    """The server runs its own KEX with each side: ``as_b`` talks to A as B, ``as_a`` to B as A."""
+
+    def __init__(self, a: ClientCore, b: ClientCore) -> None:
+        self.a, self.b = a, b
+        self.as_b = make_core(B, seed=b"mallory")
+        self.as_a = make_core(A, seed=b"mallory")
+        self.route = {a: self.as_b, self.as_b: a, b: self.as_a, self.as_a: b}
+        self.queue: deque[tuple[ClientCore, int, bytes, bytes]] = deque()
+        self.events: dict[ClientCore, list[Event]] = {c: [] for c in self.route}
+
+    def post(self, sender: ClientCore, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, SendBlob):
+                sender.on_accepted(event.msg_id)
+                target = self.route[sender]
+                self.queue.append((target, sender.user_id, event.msg_id, event.blob))
+            else:
+                self.events[sender].append(event)
+
+    def flush(self, now: float) -> None:
+        for _ in range(100):
+            if not self.queue:
+                return
+            target, sender, msg_id, blob = self.queue.popleft()
+            self.post(target, target.handle_blob(sender, msg_id, blob, now))
+        raise AssertionError("did not settle")
+
+    def texts(self, core: ClientCore) -> list[str]:
+        return [e.text for e in self.events[core] if isinstance(e, MessageReceived)]
+
+
+def test_identity_key_substitution_leaves_unverified_and_safety_numbers_differ() -> None:
+    """The server answers A's OFFER itself (as B) and offers to B itself (as A), so each
+    side completes a KEX with the server.  Both must end ``unverified`` (the UI
+    asks before the first message), the server can then read and relay, and the
+    two people's safety numbers differ, so comparing them reveals it; an
+    in-person import refuses the server's key."""
+    a, b = make_core(A), make_core(B)
+    mitm = ManInTheMiddle(a, b)
+    mitm.post(a, a.on_directory([B], 0.0, start_kex=True))
+    mitm.post(mitm.as_a, mitm.as_a.on_directory([B], 0.0, start_kex=True))
+    mitm.flush(1.0)
+    assert [type(e) for e in mitm.events[a]] == [KexCompleted]
+    assert [type(e) for e in mitm.events[b]] == [KexCompleted]
+    for me, other in ((a, B), (b, A)):
+        assert me.contact(other).trust is Trust.UNVERIFIED
+        refused = me.encrypt_message(other, "hello?", 2.0)
+        assert isinstance(refused, Refused) and refused.reason == "confirm unverified"
+    # Unverified means exactly this: the server reads and re-encrypts.
+    mitm.post(a, [a.encrypt_message(B, "meet at noon", 2.0, confirmed=True)])
+    mitm.flush(2.0)
+    (stolen,) = mitm.texts(mitm.as_b)
+    mitm.post(mitm.as_a, [mitm.as_a.encrypt_message(B, stolen, 2.5, confirmed=True)])
+    mitm.flush(2.5)
+    (shown,) = [e for e in mitm.events[b] if isinstance(e, MessageReceived)]
+    assert (shown.text, shown.trust) == ("meet at noon", Trust.UNVERIFIED)
+    # Comparing safety numbers reveals the substitution.
+    assert a.safety_number(B) != b.safety_number(A)
+    assert a.safety_number(B) == mitm.as_b.safety_number(A)
+    assert b.safety_number(A) == mitm.as_a.safety_number(B)
+    # Control: without the server in the middle the two numbers agree.
+    honest_a, honest_b = make_core(A), make_core(B)
+    relay = Relay(honest_a, honest_b)
+    relay.post(A, honest_a.on_directory([B], 0.0, start_kex=True))
+    relay.flush(1.0)
+    assert honest_a.safety_number(B) == honest_b.safety_number(A)
+    # Importing the real key in person refuses the server's.
+    with pytest.raises(ContactError, match="NOT"):
+        a.import_ik(B, b.own_ik_text(), 3.0)
+    assert a.contact(B).trust is Trust.UNVERIFIED
+
+
+def test_key_imported_in_person_defeats_substitution() -> None:
+    """A imported B's key in person before any KEX.  The server's OFFER under its own
+    key is held as an identity-key change: no pair keys with the server, and
+    sending to B is refused, so nothing reaches the server readable."""
+    a, b = make_core(A), make_core(B)
+    a.add_contact(B)
+    a.import_ik(B, b.own_ik_text(), 0.0)
+    mitm = ManInTheMiddle(a, b)
+    mitm.post(mitm.as_b, mitm.as_b.on_directory([A], 0.0, start_kex=True))
+    mitm.flush(1.0)
+    (alert,) = [e for e in mitm.events[a] if isinstance(e, IdentityKeyChanged)]
+    assert alert.peer == B
+    assert a.contact(B).current is None and a.contact(B).trust is Trust.IN_PERSON
+    refused = a.encrypt_message(B, "secret", 2.0, confirmed=True)
+    assert isinstance(refused, Refused) and refused.reason == "identity key changed"
+
+
+def _pair() -> tuple[ClientCore, ClientCore, Relay]:
+    a, b = make_core(A), make_core(B)
+    relay = Relay(a, b)
+    relay.post(A, a.on_directory([B], 0.0, start_kex=True))
+    relay.flush(1.0)
+    return a, b, relay
+
+
+@pytest.mark.parametrize(("me", "peer"), [(A, B), (C, B)])
+def test_reflected_key_exchange_is_dropped(me: int, peer: int) -> None:
+    """The server sends a user's own OFFER back as the peer's, with a lower and with
+    a higher peer id (crossing-offer rules differ).  Regression: the higher id
+    used to answer its own OFFER, complete a "KEX" with itself and pin its own
+    identity key on the contact.  Now it is dropped as reflected; a reflected
+    ACCEPT does not end the user's outstanding exchange either, and the real
+    exchange completes afterwards."""
+    core, other = make_core(me), make_core(peer)
+    (offer,) = core.start_kex(peer, 0.0)
+    assert core.handle_blob(peer, b"r" * 16, offer.blob, 1.0) == [
+        BlobDropped(peer, b"r" * 16, "reflected")
+    ]
+    contact = core.contact(peer)
+    assert contact.ik is None and contact.current is None and contact.kex.pending is not None
+    # The peer's real ACCEPT, and the same ACCEPT reflected back to the peer.
+    events = other.handle_blob(me, offer.msg_id, offer.blob, 1.0)
+    (accept,) = [e for e in events if isinstance(e, SendBlob)]
+    assert other.handle_blob(me, b"s" * 16, accept.blob, 1.5) == [
+        BlobDropped(me, b"s" * 16, "reflected")
+    ]
+    assert [type(e) for e in core.handle_blob(peer, accept.msg_id, accept.blob, 2.0)] == [
+        KexCompleted
+    ]
+    assert core.contact(peer).ik == other.identity.public
+    assert core.safety_number(peer) == other.safety_number(me)
+
+
+def test_reflected_and_redirected_messages_are_never_shown() -> None:
+    """The server sends A's message to B back to A (as B's, and as A's own), and to a
+    third user C as A's.  None opens: the sender and recipient ids are bound
+    into every message, and C's keys with A are other keys."""
+    a, b, relay = _pair()
+    c = make_core(C)
+    relay.cores[C], relay.queues[C], relay.events[C] = c, deque(), []
+    relay.post(C, c.on_directory([A], 2.0, start_kex=True))
+    relay.flush(3.0)
+    out = a.encrypt_message(B, "for B only", 4.0, confirmed=True)
+    assert isinstance(out, SendBlob)
+    assert a.handle_blob(B, b"1" * 16, out.blob, 5.0)[0].reason == "failed authentication"
+    assert a.handle_blob(A, b"2" * 16, out.blob, 5.0)[0].reason == "bad sender"
+    assert c.handle_blob(A, b"3" * 16, out.blob, 5.0)[0].reason == "failed authentication"
+    assert [h.text for h in c.history(A)] == []
+    assert b.handle_blob(A, out.msg_id, out.blob, 5.0)[0].text == "for B only"
+
+
+def test_server_duplicates_reorders_holds_back_and_drops() -> None:
+    """The server plays with A's 100 messages to B.  Duplicates (same or new msg_id)
+    and replays are dropped; any order within the 64-message window shows
+    every message once; a message held back by more than 64 is dropped as a
+    replay, and a dropped one is simply missing: those two the user cannot
+    tell from a message never sent (an accepted limit, docs/security.rst)."""
+    a, b, _relay = _pair()
+    outs = [a.encrypt_message(B, f"m{i}", 2.0, confirmed=True) for i in range(1, 101)]
+    assert all(isinstance(o, SendBlob) for o in outs)
+    m = {i: outs[i - 1] for i in range(1, 101)}
+    shown: list[str] = []
+    dropped: list[str] = []
+
+    def deliver(i: int, msg_id: bytes | None = None) -> None:
+        for event in b.handle_blob(A, msg_id or m[i].msg_id, m[i].blob, 3.0):
+            if isinstance(event, MessageReceived):
+                shown.append(event.text)
+            elif isinstance(event, BlobDropped):
+                dropped.append(event.reason)
+
+    deliver(1)
+    deliver(1)  # duplicate msg_id
+    deliver(1, b"x" * 16)  # same blob, new msg_id: a replay
+    for i in range(10, 1, -1):  # reordered within the window
+        deliver(i)
+    for i in range(12, 81):  # m11 held back...
+        deliver(i)
+    deliver(11)  # ...by more than 64: gone
+    for i in range(83, 101):  # m81 and m82 dropped by the server
+        deliver(i)
+    expected = [1, *range(10, 1, -1), *range(12, 81), *range(83, 101)]
+    assert shown == [f"m{i}" for i in expected]
+    assert dropped == ["duplicate", "replay", "replay"]
+    # The same blobs replayed after B restarts from its keystore: still dropped.
+    restarted = ClientCore(decode_state(encode_state(b.state())))
+    for i in (1, 50, 100):
+        (event,) = restarted.handle_blob(A, m[i].msg_id, m[i].blob, 4.0)
+        assert isinstance(event, BlobDropped)
+        (event,) = restarted.handle_blob(A, bytes([i]) * 16, m[i].blob, 4.0)
+        assert isinstance(event, BlobDropped) and event.reason == "replay"

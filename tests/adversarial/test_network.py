@@ -1,0 +1,365 @@
+"""A network attacker on the path between client and daemon (tests/adversarial/proxy.py).
+
+The attacker reads, drops, changes, replays, truncates and injects bytes, and
+opens as many connections as it likes.  What must hold in every case: no
+forged, replayed or foreign frame is acted on; the victim's session ends with
+a clear code (the worst the attacker achieves is a closed connection); no
+message is lost or delivered twice; and the daemon keeps serving an honest
+pair with no Traceback in its log (:meth:`Live.check`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from enclaves.client.connection import LoginFailed
+from enclaves.frames import ErrorCode, FrameDecoder, FrameType, decode_error
+from enclaves.inner import Accepted, Deliver, Delivered, Directory, Ping, Pong, Received, Send
+from tests.adversarial.live import A, B, Live
+from tests.adversarial.proxy import C2S, S2C, Edit, Pipe, Proxy
+from tests.system.helpers import expect, quiet
+
+pytestmark = pytest.mark.system
+
+MAX = 65536
+
+
+def flip(direction: str, index: int, offset: int, mask: int) -> Edit:
+    """Flip ``mask`` at ``offset`` (negative: from the end) of one frame."""
+
+    def edit(pipe: Pipe, d: str, i: int, raw: bytes) -> bytes:
+        if (d, i) != (direction, index):
+            return raw
+        out = bytearray(raw)
+        out[offset] ^= mask
+        return bytes(out)
+
+    return edit
+
+
+def delivers(messages: list[object]) -> list[bytes]:
+    return [m.msg_id for m in messages if isinstance(m, Deliver)]
+
+
+def raw_exchange(port: int, data: bytes, half_close: bool = True, limit: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh socket, then read until the daemon closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error_code(reply: bytes) -> int:
+    (frame,) = FrameDecoder(1 << 20).feed(reply)
+    assert frame.type is FrameType.ERROR, frame
+    return decode_error(frame.payload)[0]
+
+
+async def _login_then_closed(live: Live, proxy: Proxy) -> int | None:
+    """Log A in through the proxy; the code that ended the connection.
+
+    WELCOME and the tampered frame may arrive in one read: then the login
+    itself fails.  Either way nothing of the tampered frame reached A.
+    """
+    try:
+        a = await live.login(A, port=proxy.port)
+    except LoginFailed as refused:
+        return refused.code
+    reason = await a.closed
+    assert a.inbox.pending == []
+    return reason.code
+
+
+# HELLO on the wire: prefix 0-3, version 4, type 5, user id 6-13, nc 14-45,
+# ec_pub 46-77, tag 78-93.  WELCOME: ns 6-37, es_pub 38-69, tag 70-85.
+# SEALED: seq 6-13, IV 14-29, ciphertext, tag the last 16.  The SEALED body
+# length is always 42 + 16k, so flipping bit 1 of the prefix shortens it by two.
+HELLO_FLIPS = [
+    ("length prefix", 0, 0x80, ErrorCode.FRAME_TOO_LARGE),
+    ("version", 4, 0x01, ErrorCode.BAD_FRAME),
+    ("type", 5, 0x01, ErrorCode.BAD_FRAME),
+    ("user id", 13, 0x01, ErrorCode.AUTH_FAILED),
+    ("nc", 20, 0x10, ErrorCode.AUTH_FAILED),
+    ("ec_pub", 50, 0x04, ErrorCode.AUTH_FAILED),
+    ("tag", 93, 0x80, ErrorCode.AUTH_FAILED),
+]
+WELCOME_FLIPS = [
+    ("length prefix", 0, 0x80, ErrorCode.FRAME_TOO_LARGE),
+    ("version", 4, 0x01, ErrorCode.BAD_FRAME),
+    ("type", 5, 0x04, ErrorCode.BAD_FRAME),
+    ("ns", 10, 0x01, ErrorCode.AUTH_FAILED),
+    ("es_pub", 40, 0x01, ErrorCode.AUTH_FAILED),
+    ("tag", 85, 0x01, ErrorCode.AUTH_FAILED),
+]
+SEALED_FLIPS = [
+    ("length prefix", 3, 0x02, ErrorCode.BAD_SESSION_FRAME),
+    ("version", 4, 0x01, ErrorCode.BAD_FRAME),
+    ("type", 5, 0x01, ErrorCode.BAD_FRAME),
+    ("seq", 13, 0x01, ErrorCode.BAD_SESSION_FRAME),
+    ("IV", 20, 0x01, ErrorCode.BAD_SESSION_FRAME),
+    ("ciphertext", 40, 0x01, ErrorCode.BAD_SESSION_FRAME),
+    ("tag", -1, 0x01, ErrorCode.BAD_SESSION_FRAME),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bit_flip_in_any_field_ends_only_that_connection(tmp_path: Path) -> None:
+    """The attacker flips one bit of each field of HELLO, WELCOME and SEALED frames
+    (both ways).  Each time the connection ends with the documented code, the
+    tampered frame is never acted on (no DELIVER to B, nothing in A's inbox),
+    and the daemon serves everyone else."""
+    live = await Live(tmp_path, "--handshake-timeout=3").start()
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    b = await live.login(B)
+    try:
+        for name, offset, mask, code in HELLO_FLIPS:
+            proxy.edit = flip(C2S, 0, offset, mask)
+            with pytest.raises(LoginFailed) as refused:
+                await live.login(A, port=proxy.port)
+            assert refused.value.code == code, name
+        for name, offset, mask, code in WELCOME_FLIPS:
+            proxy.edit = flip(S2C, 0, offset, mask)
+            with pytest.raises(LoginFailed) as refused:
+                await live.login(A, port=proxy.port)
+            assert refused.value.code == code, name
+        sent = []
+        for name, offset, mask, code in SEALED_FLIPS:
+            proxy.edit = flip(C2S, 1, offset, mask)  # A's first SEALED: a SEND to B
+            a = await live.login(A, port=proxy.port)
+            sent.append(os.urandom(16))
+            a.send(Send(sent[-1], B, b"tampered on the way"))
+            assert (await a.closed).code == code, name
+            proxy.edit = flip(S2C, 1, offset, mask)  # the daemon's first SEALED: DIRECTORY
+            assert await _login_then_closed(live, proxy) == code, name
+        assert not set(delivers(await quiet(b, 0.5))) & set(sent)
+    finally:
+        await b.disconnect()
+        await proxy.close()
+    await live.check(bind="127.0.0.2")
+    live.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_length_prefixes_0_1_max_and_2_32_minus_1(tmp_path: Path) -> None:
+    """The attacker sends frames whose length prefix is 0, 1, the limit, the limit
+    + 1 and 2^32-1, before a session and injected into live sessions both ways.
+    0 and 1 are BAD_FRAME; the limit is read whole and refused for what it holds;
+    above it is FRAME_TOO_LARGE from the prefix alone (the daemon waits for no
+    body); nothing crashes."""
+    live = await Live(tmp_path).start()
+    before_session = {
+        0: (struct.pack(">I", 0), ErrorCode.BAD_FRAME),
+        1: (struct.pack(">I", 1) + b"\x01", ErrorCode.BAD_FRAME),
+        MAX: (struct.pack(">I", MAX) + b"\x01\x01" + bytes(MAX - 2), ErrorCode.BAD_FRAME),
+        MAX + 1: (struct.pack(">I", MAX + 1), ErrorCode.FRAME_TOO_LARGE),
+        2**32 - 1: (struct.pack(">I", 2**32 - 1), ErrorCode.FRAME_TOO_LARGE),
+    }
+    for size, (data, code) in before_session.items():
+        # No half-close for the large ones: the refusal must not wait for a body.
+        reply = raw_exchange(live.port, data, half_close=size <= MAX)
+        assert error_code(reply) == code, size
+    in_session = {
+        0: ErrorCode.BAD_FRAME,
+        1: ErrorCode.BAD_FRAME,
+        MAX: ErrorCode.BAD_SESSION_FRAME,
+        MAX + 1: ErrorCode.FRAME_TOO_LARGE,
+        2**32 - 1: ErrorCode.FRAME_TOO_LARGE,
+    }
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    try:
+        for size, code in in_session.items():
+            junk = struct.pack(">I", size)
+            if size in (1, MAX):
+                body = bytes([1, FrameType.SEALED]) + os.urandom(max(size - 2, 0))
+                junk += body[:size]
+            for direction in (C2S, S2C):
+                a = await live.login(A, port=proxy.port)
+                await expect(a, Directory)
+                proxy.pipes[-1].inject(direction, junk)
+                assert (await a.closed).code == code, (size, direction)
+    finally:
+        await proxy.close()
+    await live.check()
+    live.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_replayed_hello_and_session_frames(tmp_path: Path) -> None:
+    """The attacker records A's connection (HELLO, then a sealed SEND) and replays it,
+    later and while A is online.  A replayed HELLO is answered (the server
+    cannot tell it from a new one) but the attacker holds no session keys: the
+    replayed SEND fails, so B gets the message once.  A replayed HELLO does end
+    A's live session (REPLACED, as a cut connection would); what was sent to A
+    meanwhile is stored and delivered once when A is back."""
+    live = await Live(tmp_path).start()
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    b = await live.login(B)
+    try:
+        a = await live.login(A, port=proxy.port)
+        first = await live.exchange(a, b, b"say it once")
+        await a.disconnect()
+        hello, *sealed = proxy.pipes[0].frames[C2S]
+        reply = raw_exchange(live.port, hello + b"".join(sealed), half_close=False)
+        frames = FrameDecoder(1 << 20).feed(reply)
+        assert frames[0].type is FrameType.WELCOME
+        assert all(f.type is FrameType.SEALED for f in frames[1:])  # DIRECTORY, then ERROR
+        assert first not in delivers(await quiet(b, 0.5))
+        assert "BAD_SESSION_FRAME" in live.daemon.log_text()
+        # A replayed frame inside a live session is refused too.
+        proxy.edit = lambda pipe, d, i, raw: raw * 2 if (d, i) == (C2S, 1) else raw
+        a = await live.login(A, port=proxy.port)
+        twice = os.urandom(16)
+        a.send(Send(twice, B, b"doubled on the wire"))
+        assert (await a.closed).code == ErrorCode.BAD_SESSION_FRAME
+        seen = [await expect(b, Deliver)] + await quiet(b, 0.5)
+        assert delivers(seen) == [twice]
+        b.send(Received(twice))
+        proxy.edit = lambda pipe, d, i, raw: raw
+        # Replay A's HELLO while A is online: A is kicked, nothing is lost.
+        a = await live.login(A)
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as zombie:
+            zombie.sendall(hello)
+            assert (await a.closed).code == ErrorCode.REPLACED
+            meanwhile = os.urandom(16)
+            b.send(Send(meanwhile, A, b"while the replay holds A's place"))
+            await quiet(b, 0.3)
+        # The zombie closed without RECEIVED: the message is stored, then ACCEPTED.
+        await expect(b, Accepted, where=lambda m: m.msg_id == meanwhile)
+        a = await live.login(A)
+        got = await expect(a, Deliver)
+        assert got.msg_id == meanwhile
+        a.send(Received(meanwhile))
+        assert meanwhile not in delivers(await quiet(a, 0.5))
+        await a.disconnect()
+    finally:
+        await b.disconnect()
+        await proxy.close()
+    await live.check()
+    live.stop()
+
+
+def _seq(raw: bytes) -> int:
+    return int(struct.unpack_from(">Q", raw, 6)[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_from_another_session_are_refused(tmp_path: Path) -> None:
+    """The attacker takes a sealed frame of A's session, with the very sequence
+    number B's session expects next, and injects it into B's connection, toward
+    the daemon and toward B's client.  Both refuse it (the keys differ per
+    session): B's session ends, nothing of A's reaches B, and a message to B
+    sent afterwards is delivered once when B is back."""
+    live = await Live(tmp_path).start()
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    try:
+        a = await live.login(A, port=proxy.port)
+        b = await live.login(B, port=proxy.port)
+        pa, pb = proxy.pipes
+        await expect(a, Directory)
+        await expect(b, Directory)
+        await live.exchange(a, b)
+        # Toward the daemon: A's first SEALED (seq 0) into B's stream (B sent nothing yet).
+        pb.inject(C2S, pa.frames[C2S][1])
+        assert (await b.closed).code == ErrorCode.BAD_SESSION_FRAME
+        b = await live.login(B, port=proxy.port)
+        pb = proxy.pipes[-1]
+        await expect(b, Directory)
+        # Toward B's client: a frame the daemon sealed for A, with the seq B expects.
+        wanted = sum(1 for raw in pb.frames[S2C] if raw[5] == FrameType.SEALED)
+        nonce = 0
+        while not [r for r in pa.frames[S2C] if r[5] == FrameType.SEALED and _seq(r) == wanted]:
+            nonce += 1
+            a.send(Ping(nonce))
+            await expect(a, Pong)
+        (foreign,) = [r for r in pa.frames[S2C] if r[5] == FrameType.SEALED and _seq(r) == wanted]
+        pb.inject(S2C, foreign)
+        assert (await b.closed).code == ErrorCode.BAD_SESSION_FRAME
+        assert b.inbox.pending == []
+        later = os.urandom(16)
+        a.send(Send(later, B, b"after the injection"))
+        await expect(a, Accepted)
+        b = await live.login(B)
+        assert (await expect(b, Deliver)).msg_id == later
+        b.send(Received(later))
+        assert later not in delivers(await quiet(b, 0.5))
+        await a.disconnect()
+        await b.disconnect()
+    finally:
+        await proxy.close()
+    await live.check()
+    live.stop()
+
+
+def cut_half_way(direction: str, index: int) -> Edit:
+    def edit(pipe: Pipe, d: str, i: int, raw: bytes) -> bytes:
+        if (d, i) == (direction, index):
+            pipe.inject(d, raw[: len(raw) // 2])
+            pipe.cut()
+            return b""
+        return raw
+
+    return edit
+
+
+@pytest_twisted.ensureDeferred
+async def test_truncated_streams(tmp_path: Path) -> None:
+    """The attacker cuts a stream in the middle of a frame: half a HELLO, half of
+    A's SEND, half of the DELIVER to B.  The daemon drops the partial frame and
+    acts on nothing in it; the SEND is not ACCEPTED (the client resends it); the
+    DELIVER stays the daemon's duty (it is stored, then ACCEPTED) and reaches B
+    exactly once after B reconnects."""
+    live = await Live(tmp_path, "--handshake-timeout=2").start()
+    hello_half = struct.pack(">I", 90) + b"\x01\x01" + os.urandom(40)
+    assert raw_exchange(live.port, hello_half) == b""  # EOF mid-frame: dropped quietly
+    silent = raw_exchange(live.port, hello_half, half_close=False)  # open: timed out
+    assert error_code(silent) == ErrorCode.HANDSHAKE_TIMEOUT
+    proxy = Proxy(live.port, cut_half_way(C2S, 1))
+    await proxy.listen()
+    try:
+        a = await live.login(A, port=proxy.port)
+        b = await live.login(B)
+        lost_send = Send(os.urandom(16), B, b"cut on the way in")
+        a.send(lost_send)
+        assert (await a.closed).code is None
+        assert not [m for m in a.inbox.pending if isinstance(m, Accepted)]
+        assert delivers(await quiet(b, 0.5)) == []
+        a = await live.login(A)
+        a.send(lost_send)  # from the outbox: never ACCEPTED, so sent again
+        await expect(b, Deliver, where=lambda m: m.msg_id == lost_send.msg_id)
+        b.send(Received(lost_send.msg_id))
+        await expect(a, Delivered, where=lambda m: m.msg_id == lost_send.msg_id)
+        await b.disconnect()
+        # Cut the DELIVER to B half way: the daemon keeps the message.
+        proxy.edit = cut_half_way(S2C, 2)  # WELCOME, DIRECTORY, then the DELIVER
+        b = await live.login(B, port=proxy.port)
+        await expect(b, Directory)
+        cut = os.urandom(16)
+        a.send(Send(cut, B, b"cut on the way out"))
+        assert (await b.closed).code is None
+        assert b.inbox.pending == []
+        await expect(a, Accepted, where=lambda m: m.msg_id == cut)  # stored once B was gone
+        b = await live.login(B)
+        assert (await expect(b, Deliver)).msg_id == cut
+        b.send(Received(cut))
+        await expect(a, Delivered, where=lambda m: m.msg_id == cut)
+        assert cut not in delivers(await quiet(b, 0.5))
+        await a.disconnect()
+        await b.disconnect()
+    finally:
+        await proxy.close()
+    await live.check()
+    live.stop()
