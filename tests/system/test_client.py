@@ -1,0 +1,285 @@
+"""The real client (``python -m enclaves``) against a real ``twistd -n enclaves``.
+
+Every client is a separate process driven through its stdin/stdout pipes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from attrs import evolve
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from enclaves.client.kex import KexState
+from enclaves.client.keystore import Keystore
+from tests.daemon import Daemon
+from tests.system.clients import PASSPHRASE, Client, chat, enroll, new_tokens
+
+pytestmark = pytest.mark.system
+
+
+def enrolled_id(client: Client) -> int:
+    assert client.process.returncode == 0, client.output()
+    return int(client.expect(r"^\[enrolled\] you are user (\d+)").group(1))
+
+
+def contacts(client: Client) -> dict[int, str]:
+    """``/contacts`` as {id: line}."""
+    client.send("/contacts")
+    client.send("/help")  # its first line marks the end of the list
+    found: dict[int, str] = {}
+    start = len(client.lines)
+    client.expect(r"^\[help\] /msg ")
+    for line in client.lines[start:]:
+        m = re.match(r"^\[contact\] \S+ id=(\d+) ", line)
+        if m:
+            found[int(m.group(1))] = line
+    return found
+
+
+def wait_keys(client: Client, peers: list[int], timeout: float = 20.0) -> dict[int, str]:
+    """Poll ``/contacts`` until ``client`` has pair keys with every peer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = contacts(client)
+        if all("keys=epoch-" in found.get(p, "") for p in peers):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no keys with all of {peers}: {found}\n{client.output()}")
+        time.sleep(0.2)
+
+
+def send_confirmed(client: Client, who: str, text: str) -> str:
+    """``/msg`` to an unverified contact: the client asks, we answer yes."""
+    client.send(f"/msg {who} {text}")
+    client.expect(r"^\[confirm\] .*not verified.*Send anyway\? \(yes/no\)")
+    client.send("yes")
+    return client.expect(rf"^\[sent\] id=([0-9a-f]{{8}}) to {who}$").group(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_users_enroll_chat_verify_import(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    tokens = await new_tokens(daemon, 3)
+    daemon.start()
+    running: list[Client] = []
+    try:
+        ks = {n: tmp_path / f"{n}.keystore" for n in "abc"}
+        ids = {}
+        for n, token in zip("abc", tokens, strict=True):
+            result = enroll(token, ks[n])
+            ids[n] = enrolled_id(result)
+            result.expect(r"^\[fingerprint\] \d+: (\d{5} ){5}\d{5}$")
+            result.expect(r"^\[ik\] enclaves-ik:")
+            assert ks[n].stat().st_mode & 0o777 == 0o600
+        a, b = chat(ks["a"]), chat(ks["b"])
+        running += [a, b]
+        # Everyone online so far ends up with pair keys with everyone (c is offline:
+        # the exchanges with c ran through the server's store).
+        wait_keys(a, [ids["b"], ids["c"]])
+        wait_keys(b, [ids["a"], ids["c"]])
+        # Messages flow both ways; the first to an unverified contact needs a yes.
+        a.send(f"/name {ids['b']} bob")
+        a.expect(r"^\[info\] \d+ is now called bob")
+        send_confirmed(a, "bob", "hello bob")
+        b.expect(rf"^\[msg\] \d\d:\d\d:\d\d {ids['a']} \(unverified\): hello bob$")
+        a.expect(r"^\[delivered\] id=[0-9a-f]{8} to bob$")
+        send_confirmed(b, str(ids["a"]), "hi alice")
+        a.expect(r"^\[msg\] \d\d:\d\d:\d\d bob \(unverified\): hi alice$")
+        # Only the first message asks.
+        a.send("/msg bob second")
+        a.expect(r"^\[sent\] id=[0-9a-f]{8} to bob$")
+        b.expect(r"\(unverified\): second$")
+        # An offline user receives on return.
+        send_confirmed(a, str(ids["c"]), "while you were away")
+        a.expect(rf"^\[accepted\] id=[0-9a-f]{{8}} to {ids['c']}$")
+        c = chat(ks["c"])
+        running.append(c)
+        c.expect(rf"^\[msg\] .* {ids['a']} \(unverified\): while you were away$")
+        wait_keys(c, [ids["a"], ids["b"]])
+        # The same safety number on both sides.
+        a.send("/verify bob")
+        number_a = a.expect(r"^\[safety\] bob: ((?:\d{5} ){11}\d{5})$").group(1)
+        a.expect(r"^\[confirm\] does bob read out exactly these 60 digits\? \(yes/no\)")
+        a.send("yes")
+        a.expect(r"^\[trust\] bob is now verified$")
+        b.send(f"/verify {ids['a']}")
+        number_b = b.expect(r"^\[safety\] \d+: ((?:\d{5} ){11}\d{5})$").group(1)
+        assert number_a == number_b
+        b.expect(r"^\[confirm\] ")
+        b.send("no")
+        b.expect(r"^\[warn\] not verified")
+        assert f"id={ids['b']} trust=verified" in contacts(a)[ids["b"]]
+        assert "trust=unverified" in contacts(b)[ids["a"]]
+        # Messages now show the sender's trust level as the recipient sees it.
+        b.send(f"/msg {ids['a']} now verified")
+        a.expect(r"^\[msg\] .* bob \(verified\): now verified$")
+        # Import in person upgrades trust; no confirmation needed afterwards.
+        c.send("/fingerprint")
+        ik_c = c.expect(r"^\[ik\] (enclaves-ik:\S+)$").group(1)
+        a.send(f"/import {ids['c']} {ik_c}")
+        a.expect(rf"^\[trust\] {ids['c']} is now in person$")
+        assert "trust=in person" in contacts(a)[ids["c"]]
+        # A wrong key is refused and changes nothing.
+        b.send("/fingerprint")
+        ik_b = b.expect(r"^\[ik\] (enclaves-ik:\S+)$").group(1)
+        a.send(f"/import {ids['c']} {ik_b}")
+        a.expect(r"^\[error\] the key you imported is NOT the key the server gave")
+        a.send(f"/msg {ids['c']} in person now")
+        a.expect(rf"^\[sent\] id=[0-9a-f]{{8}} to {ids['c']}$")
+        c.expect(rf"^\[msg\] .* {ids['a']} \(unverified\): in person now$")
+        # History is kept in the keystore.
+        b.send(f"/history {ids['a']}")
+        b.expect(r"^\[history\] \S+ \S+ \(unverified, received\): hello bob$")
+        b.expect(r"^\[history\] \S+ me \(unverified, (accepted|delivered)\): hi alice$")
+        for client in running:
+            assert client.quit() == 0, client.output()
+            assert not client.seen(r"^\[fatal\]"), client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+async def two_users(
+    tmp_path: Path, daemon: Daemon
+) -> tuple[dict[str, Path], dict[str, int], list[str]]:
+    """Start ``daemon`` and enroll a and b; their keystores, ids and (used) tokens."""
+    tokens = await new_tokens(daemon, 2)
+    daemon.start()
+    ks = {n: tmp_path / f"{n}.keystore" for n in "ab"}
+    ids = {n: enrolled_id(enroll(t, ks[n])) for n, t in zip("ab", tokens, strict=True)}
+    return ks, ids, tokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_changed_identity_key_blocks_sending_until_accepted(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a, b = chat(ks["a"]), chat(ks["b"])
+        running += [a, b]
+        wait_keys(a, [ids["b"]])
+        wait_keys(b, [ids["a"]])
+        assert b.quit() == 0
+        # b loses its identity key (a reinstall — or an attacker): a new one, and
+        # no pair keys with a any more.
+        keystore, state = Keystore.unlock(ks["b"], PASSPHRASE)
+        contact = evolve(state.contacts[ids["a"]], current=None, previous=None, kex=KexState())
+        keystore.save(
+            evolve(
+                state,
+                identity_private=X25519PrivateKey.generate().private_bytes_raw(),
+                contacts={ids["a"]: contact},
+            )
+        )
+        b = chat(ks["b"])
+        running.append(b)
+        b.send(f"/rekey {ids['a']}")
+        b.expect(r"^\[kex\] key exchange with \d+ started$")
+        warn = a.expect(rf"^\[warn\] {ids['b']}'s identity key CHANGED\. Sending to \d+ is "
+                        r"blocked\. New safety number: ((?:\d{5} ){11}\d{5})\.")  # fmt: skip
+        a.send(f"/msg {ids['b']} are you still you?")
+        a.expect(rf"^\[refused\] not sent to {ids['b']}: .*identity key changed")
+        assert "keys=IDENTITY-KEY-CHANGED" in contacts(a)[ids["b"]]
+        # Inspect the new safety number, then accept it.
+        a.send(f"/accept {ids['b']}")
+        shown = a.expect(r"^\[safety\] \d+ \(new key\): ((?:\d{5} ){11}\d{5})$").group(1)
+        assert shown == warn.group(1)
+        a.expect(r"^\[confirm\] accept ")
+        a.send("yes")
+        a.expect(r"^\[trust\] accepted the new identity key")
+        wait_keys(a, [ids["b"]])
+        b.send(f"/verify {ids['a']}")
+        assert b.expect(r"^\[safety\] \d+: ((?:\d{5} ){11}\d{5})$").group(1) == shown
+        b.send("no")
+        a.send(f"/msg {ids['b']} welcome back")
+        a.expect(r"^\[sent\] ")
+        b.expect(r"^\[msg\] .*: welcome back$")
+        for client in running:
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_outbox_resent_after_server_restart_exactly_once(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a, b = chat(ks["a"]), chat(ks["b"])
+        running += [a, b]
+        wait_keys(a, [ids["b"]])
+        a.send(f"/verify {ids['b']} yes")
+        a.expect(r"^\[trust\] \d+ is now verified$")
+        assert b.quit() == 0
+        daemon.kill()
+        a.expect(r"^\[conn\] disconnected ")
+        for n in range(5):
+            a.send(f"/msg {ids['b']} queued {n}")
+            a.expect(r"^\[sent\] ")
+        a.send("/outbox")
+        assert len([a.expect(r"^\[outbox\] id=\S+ message to \d+ pending$") for _ in range(5)]) == 5
+        daemon.start()
+        a.expect(r"^\[conn\] connected ", timeout=20)
+        a.expect(r"^\[info\] sending 5 queued item")
+        for _ in range(5):
+            a.expect(r"^\[accepted\] ")
+        b = chat(ks["b"])
+        running.append(b)
+        for n in range(5):
+            b.expect(rf"\(unverified\): queued {n}$")
+        # Nothing more arrives, also after reconnecting again.
+        assert b.quit() == 0
+        b = chat(ks["b"])
+        running.append(b)
+        b.send(f"/history {ids['a']}")
+        b.send("/help")
+        b.expect(r"^\[help\] /msg ")
+        assert len(b.seen(r"^\[history\] .*: queued \d$")) == 5
+        assert not b.seen(r"^\[msg\]")
+        a.send("/outbox")
+        a.expect(r"^\[outbox\] empty$")
+        for client in running:
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_passphrase_reused_and_expired_tokens(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    (expired,) = await new_tokens(daemon, 1, lifetime=-60)
+    try:
+        ks, _ids, tokens = await two_users(tmp_path, daemon)
+        before = ks["a"].read_bytes()
+        wrong = Client(["--keystore", str(ks["a"])], "not the passphrase")
+        assert wrong.wait() == 1
+        assert "wrong passphrase" in "\n".join(wrong.err)
+        assert ks["a"].read_bytes() == before
+        # Reusing a token: a plain error and no keystore left behind.
+        token = tokens[0]
+        again = enroll(token, tmp_path / "again.keystore")
+        assert again.process.returncode == 1
+        assert "already used" in "\n".join(again.err), again.output()
+        assert not (tmp_path / "again.keystore").exists()
+        late = enroll(expired, tmp_path / "late.keystore")
+        assert late.process.returncode == 1
+        assert "expired" in "\n".join(late.err), late.output()
+        assert not (tmp_path / "late.keystore").exists()
+        # Enrolling over an existing keystore is refused and leaves it alone.
+        over = enroll(token, ks["b"])
+        assert over.process.returncode == 1
+        assert ks["a"].read_bytes() == before
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
