@@ -284,7 +284,7 @@ class ClientApp:
                 if e.code == ErrorCode.TOKEN_EXPIRED:
                     self.token_refused = True
                     raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None
-                if e.code == 0 and "certificate" in e.text.lower():
+                if e.code == 0 and _tls_refused(e.text):
                     raise _Fatal(
                         "the server's TLS certificate could not be verified "
                         f"({e.text}). Check the host name and --ca-file."
@@ -651,6 +651,12 @@ class ClientApp:
             log.debug("held a blob from {sender}: {why}", sender=event.sender, why=event.reason)
         elif isinstance(event, BlobDropped) and event.reason != "duplicate":
             log.info("dropped a blob from {sender}: {why}", sender=event.sender, why=event.reason)
+
+
+def _tls_refused(text: str) -> bool:
+    """Does a connection failure's text say the certificate check failed?"""
+    lowered = text.lower()
+    return any(w in lowered for w in ("certificate", "verificationerror", "mismatch"))
 
 
 def _one_line(digits: str) -> str:

@@ -16,8 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from enclaves.client.kex import KexState
 from enclaves.client.keystore import Keystore
+from enclaves.crypto import KeyPair
+from enclaves.inner import Rotate, Rotated
 from tests.daemon import Daemon
 from tests.system.clients import PASSPHRASE, Client, chat, enroll, new_tokens
+from tests.system.helpers import expect, login
 
 pytestmark = pytest.mark.system
 
@@ -282,4 +285,77 @@ async def test_wrong_passphrase_reused_and_expired_tokens(tmp_path: Path) -> Non
         assert over.process.returncode == 1
         assert ks["a"].read_bytes() == before
     finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotation_survives_a_crash_at_either_side_and_invites(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, "--allow-invites")
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a = chat(ks["a"])
+        running.append(a)
+        a.send("/rotate")
+        a.expect(r"^\[info\] the server now knows only your new keys")
+        assert a.quit() == 0
+        # Crash before the server saw ROTATE: the keystore holds pending keys the
+        # server never stored. Login falls back to the old keys and rotates again.
+        keystore, state = Keystore.unlock(ks["a"], PASSPHRASE)
+        fresh = KeyPair.generate()
+        keystore.save(evolve(state, pending_server_keys=fresh))
+        a = chat(ks["a"])
+        running.append(a)
+        a.expect(r"^\[info\] the server now knows only your new keys")
+        assert a.quit() == 0
+        _, state = Keystore.unlock(ks["a"], PASSPHRASE)
+        assert state.server_keys == fresh and state.pending_server_keys is None
+        # Crash after the server stored ROTATE but before the client saved ROTATED.
+        newer = KeyPair.generate()
+        conn = await login(daemon, ids["a"], state.server_keys)
+        conn.send(Rotate(newer.enc, newer.auth))
+        await expect(conn, Rotated)
+        await conn.disconnect()
+        keystore.save(evolve(state, pending_server_keys=newer))
+        a = chat(ks["a"])
+        running.append(a)
+        # The new keys log in (tried first): the rotation is complete at once.
+        assert a.seen(r"^\[info\] the server now knows only your new keys")
+        _, state = Keystore.unlock(ks["a"], PASSPHRASE)
+        assert state.server_keys == newer and state.pending_server_keys is None
+        # An invitation, and the newcomer announced to a.
+        a.send("/invite")
+        token = a.expect(r"^\[invite\] token for a new user (\d+), valid until .*: (\S+)$")
+        joined = enroll(
+            token.group(2), tmp_path / "c.keystore", "--server", f"127.0.0.1:{daemon.port}"
+        )
+        assert enrolled_id(joined) == int(token.group(1))
+        a.expect(rf"^\[joined\] user {token.group(1)} joined")
+        wait_keys(a, [ids["b"], int(token.group(1))])
+        assert a.quit() == 0
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, "--message-rate", "5")
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a, b = chat(ks["a"], "--send-rate", "4"), chat(ks["b"])
+        running += [a, b]
+        wait_keys(a, [ids["b"]])
+        a.send(f"/verify {ids['b']} yes")
+        a.send("\n".join(f"/msg {ids['b']} burst {n}" for n in range(16)))
+        for n in range(16):
+            b.expect(rf": burst {n}$")
+        assert not a.seen(r"^\[conn\] disconnected"), a.output()
+        for client in running:
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
         assert daemon.stop() == 0, daemon.log_text()
