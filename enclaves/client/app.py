@@ -418,7 +418,7 @@ class ClientApp:
         now = self.now()
         for conn, message in batch:
             if conn is None:
-                conn = self.conn  # type: ignore[assignment]
+                conn = self.conn
             if isinstance(message, Deliver):
                 events += self.core.handle_blob(message.sender, message.msg_id, message.blob, now)
                 receipts.append((conn, message.msg_id))

@@ -192,7 +192,12 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []
-    ui = LineUI(on_eof=lambda: holder[0].stop(0) if holder else None)
+
+    def on_eof() -> None:
+        if holder:
+            holder[0].stop(0)
+
+    ui = LineUI(on_eof=on_eof)
     StandardIO(ui, reactor=reactor)
     app = ClientApp(
         reactor,
@@ -248,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         run = enroll if is_enroll else chat
         d: Deferred[Any] = ensureDeferred(run(reactor, args))
         d.addCallbacks(lambda code: outcome.update(code=code), report)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        d.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(go)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(go)
+    reactor.run()
     return int(outcome["code"])

@@ -88,6 +88,6 @@ def client_endpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
             options, HostnameEndpoint(reactor, fields["host"], int(fields["port"]))
         )
     try:
-        return clientFromString(reactor, description)  # type: ignore[no-any-return]
+        return clientFromString(reactor, description)
     except (ValueError, TypeError) as e:
         raise EndpointError(f"bad server address {description!r}: {e}") from None
