@@ -507,8 +507,8 @@ class ClientApp:
         first = not self._enrolled
         if first and self._pending_keys is not None:
             return []  # the old session's answer: wait for ROTATED
-        events = self.core.on_directory(message.user_ids, now, start_kex=first)
         if first:
+            events = self.core.on_directory(message.user_ids, now, start_kex=True)
             self._enrolled = True
             others = [u for u in message.user_ids if u != self.core.user_id]
             self.out(
@@ -521,6 +521,15 @@ class ClientApp:
             if not self.enrolled.called:
                 self.enrolled.callback(None)
             return []
+        known = {c.user_id for c in self.core.contacts()}
+        events = self.core.on_directory(message.user_ids, now, start_kex=False)
+        for user_id in message.user_ids:
+            if user_id not in known and user_id not in (0, self.core.user_id):
+                self.out(
+                    "joined",
+                    f"user {user_id} is new on this server; a key exchange with them runs "
+                    "automatically",
+                )
         self._save_soon()
         return events
 

@@ -210,6 +210,8 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
         retry_max=args.retry_max,
     )
     holder.append(app)
+    # ^C or SIGTERM: save and disconnect cleanly before the reactor stops.
+    reactor.addSystemEventTrigger("before", "shutdown", app.stop, 130)
     ui.line("info", f"user {state.user_id}; /help lists the commands")
     ui.attach(app)
     code, text = await app.start()
@@ -230,6 +232,15 @@ def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
 
 
 # -- entry point ----------------------------------------------------------------
+
+
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         run = enroll if is_enroll else chat
         d: Deferred[Any] = ensureDeferred(run(reactor, args))
         d.addCallbacks(lambda code: outcome.update(code=code), report)
-        d.addBoth(lambda _: reactor.stop())
+        d.addBoth(lambda _: _stop(reactor))
 
     reactor.callWhenRunning(go)
     reactor.run()
