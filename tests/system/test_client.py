@@ -359,3 +359,42 @@ async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) ->
         for client in running:
             client.kill()
         assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, "--max-pending", "2")
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a, b = chat(ks["a"]), chat(ks["b"])
+        running += [a, b]
+        wait_keys(a, [ids["b"]])
+        wait_keys(b, [ids["a"]])
+        assert b.quit() == 0
+        a.send(f"/verify {ids['b']} yes")
+        for n in range(3):
+            a.send(f"/msg {ids['b']} note {n}")
+        failed = a.expect(
+            rf"^\[failed\] id=([0-9a-f]{{8}}) message to {ids['b']} refused: the recipient's "
+            r"mailbox on the server is full; /retry ([0-9a-f]{8}) sends it again$"
+        )
+        a.send("/outbox")
+        a.expect(rf"^\[outbox\] id={failed.group(1)} message to \d+ failed: .*mailbox.*full$")
+        b = chat(ks["b"])
+        running.append(b)
+        # Stores run concurrently: which of the three was refused is not fixed.
+        got = {b.expect(r": note (\d)$").group(1) for _ in range(2)}
+        a.expect(r"^\[delivered\] ")
+        a.expect(r"^\[delivered\] ")
+        a.send(f"/retry {failed.group(1)}")
+        a.expect(rf"^\[sent\] id={failed.group(1)} to \d+ \(again\)$")
+        got.add(b.expect(r": note (\d)$").group(1))
+        assert got == {"0", "1", "2"}
+        a.expect(rf"^\[delivered\] id={failed.group(1)} ")
+        for client in running:
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
