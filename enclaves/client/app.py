@@ -425,7 +425,13 @@ class ClientApp:
                 continue
             events += self._handle(message, now)
         if (receipts or any(isinstance(e, SendBlob) for e in events)) and not self._save():
-            return  # not acknowledged: the server delivers again
+            # Not acknowledged and nothing sent: the server delivers again (the
+            # copy is then a duplicate, acknowledged once a save succeeds), and
+            # the outbox is resent after the next reconnect.
+            for event in events:
+                if not isinstance(event, SendBlob):
+                    self._show(event)
+            return
         for conn, msg_id in receipts:
             if conn is not None and conn.established:
                 conn.send(Received(msg_id))
@@ -486,8 +492,7 @@ class ClientApp:
                 self.out("error", "this server does not allow invitations (ask the admin)")
             elif code is ErrorCode.STORAGE_FAILED:
                 self.out("error", f"the server could not store the request: {message.text}")
-            elif code is not ErrorCode.ENROLLMENT_REQUIRED:
-                self.out("error", f"the server says {name}: {message.text}")
+            # Any other session ERROR ends the session; the reconnect loop reports it.
             return []
         entry = self._outbox_entry(message.msg_id)
         if entry is None:

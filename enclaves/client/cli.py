@@ -31,6 +31,9 @@ sensitive and tell your admin. Or exchange identity keys in person: your key
 is the 'enclaves-ik:' line above; theirs goes into /import NAME KEY."""
 
 
+EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
+
+
 class UserError(Exception):
     """A plain-language error for the user; exit status 1."""
 
@@ -195,7 +198,9 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
 
     def on_eof() -> None:
         if holder:
-            holder[0].stop(0)
+            app = holder[0]
+            ui.line("info", "end of input: sending what is queued, then quitting")
+            ensureDeferred(app.wait_sent(EOF_GRACE)).addBoth(lambda _: app.stop(0))
 
     ui = LineUI(on_eof=on_eof)
     StandardIO(ui, reactor=reactor)

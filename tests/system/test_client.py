@@ -353,6 +353,15 @@ async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) ->
         for n in range(16):
             b.expect(rf": burst {n}$")
         assert not a.seen(r"^\[conn\] disconnected"), a.output()
+        assert a.quit() == 0
+        # A one-shot script: commands piped in, end of input; what was queued is
+        # sent before the client exits.
+        script = Client(["--keystore", str(ks["a"])], f"{PASSPHRASE}\n/msg {ids['b']} one-shot")
+        assert script.process.stdin is not None
+        script.process.stdin.close()
+        assert script.wait() == 0, script.output()
+        script.expect(r"^\[accepted\] ")
+        b.expect(r": one-shot$")
         for client in running:
             assert client.quit() == 0, client.output()
     finally:
