@@ -32,12 +32,13 @@ def enrolled_id(client: Client) -> int:
 
 def contacts(client: Client) -> dict[int, str]:
     """``/contacts`` as {id: line}."""
+    start = len(client.lines)
     client.send("/contacts")
     client.send("/help")  # its first line marks the end of the list
     found: dict[int, str] = {}
-    start = len(client.lines)
-    client.expect(r"^\[help\] /msg ")
-    for line in client.lines[start:]:
+    end = client.expect(r"^\[help\] /msg ").string
+    lines = client.lines[start:]
+    for line in lines[: lines.index(end) if end in lines else len(lines)]:
         m = re.match(r"^\[contact\] \S+ id=(\d+) ", line)
         if m:
             found[int(m.group(1))] = line

@@ -27,7 +27,7 @@ class Terminal:
     def __init__(self, cwd: Path) -> None:
         self.socket = f"enclaves-test-{os.getpid()}-{time.monotonic_ns()}"
         self.tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "60",
-                  "bash --norc --noprofile", cwd=cwd)  # fmt: skip
+                  "env PS1='PROMPT> ' bash --norc --noprofile", cwd=cwd)  # fmt: skip
 
     def tmux(self, *args: str, cwd: Path | None = None) -> str:
         result = subprocess.run(
@@ -115,7 +115,9 @@ async def test_enroll_and_chat_in_a_real_terminal(tmp_path: Path) -> None:
         term.wait_for("Keystore passphrase:", count=2)
         term.type(PASSPHRASE)
         term.wait_for("[conn] connected as", count=3)
+        prompts = term.screen().count("PROMPT> ")
         term.tmux("send-keys", "-t", "t", "C-c")
+        term.wait_for("PROMPT> ", count=prompts + 1)  # the shell is back
         term.type("echo after-interrupt-$((40 + 2))")
         screen = term.wait_for("after-interrupt-42")
         # The passphrase never appeared on the screen; no traceback either.
