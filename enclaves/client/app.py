@@ -13,6 +13,7 @@ docs/client.rst ("Output lines").
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from enclaves.client.connection import ClientConnection, Disconnected, LoginFailed, connect
+from enclaves.client.connection import ClientConnection, LoginFailed, connect
 from enclaves.client.contacts import ContactError
 from enclaves.client.core import (
     BlobDropped,
@@ -61,7 +62,7 @@ from enclaves.inner import (
     Send,
 )
 
-__all__ = ["Output", "ClientApp", "short_id", "REFUSAL_TEXT"]
+__all__ = ["Output", "ClientApp", "short_id", "clock_text", "REFUSAL_TEXT"]
 
 Output = Callable[[str, str], None]
 
@@ -477,7 +478,7 @@ class ClientApp:
             self.out(
                 "invite",
                 f"token for a new user {message.user_id}, valid until "
-                f"{_clock_text(message.expires_ms)} — give it to them privately: {message.token}",
+                f"{clock_text(message.expires_ms)} — give it to them privately: {message.token}",
             )
         return []
 
@@ -636,7 +637,7 @@ class ClientApp:
         if isinstance(event, MessageReceived):
             self.out(
                 "msg",
-                f"{_clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
+                f"{clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
             )
         elif isinstance(event, KexCompleted):
             if event.first:
@@ -677,9 +678,8 @@ def _one_line(digits: str) -> str:
     return " ".join(digits.split())
 
 
-def _clock_text(unix_ms: int) -> str:
-    import time
-
+def clock_text(unix_ms: int) -> str:
+    """``HH:MM:SS`` in local time."""
     return time.strftime("%H:%M:%S", time.localtime(unix_ms / 1000))
 
 
@@ -697,6 +697,3 @@ def _code_name(code: int) -> str:
         return ErrorCode(code).name
     except ValueError:
         return str(code)
-
-
-_ = Disconnected  # re-exported for callers that inspect ``conn.closed``

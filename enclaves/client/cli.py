@@ -99,7 +99,9 @@ def _read_stdin_line() -> str:
 
 
 def _print(tag: str, text: str) -> None:
-    sys.stdout.write(f"[{tag}] {text}\n")
+    from enclaves.client.ui import printable
+
+    sys.stdout.write(f"[{tag}] {printable(text)}\n")
     sys.stdout.flush()
 
 
@@ -239,6 +241,21 @@ def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
 # -- entry point ----------------------------------------------------------------
 
 
+def _log_warnings_to_stderr() -> None:
+    """Warnings and errors of the client's own log go to stderr (never secrets)."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
 def _stop(reactor: Any) -> None:
     from twisted.internet.error import ReactorNotRunning
 
@@ -254,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser(is_enroll).parse_args(argv[1:] if is_enroll else argv)
     from twisted.internet import reactor
 
+    _log_warnings_to_stderr()
     outcome: dict[str, Any] = {"code": 1}
 
     def report(failure: Any) -> None:

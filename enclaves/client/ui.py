@@ -9,6 +9,7 @@ yes, anything else means no.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,11 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from enclaves.client.app import ClientApp, short_id
+from enclaves.client.app import ClientApp, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError
 from enclaves.client.core import Refused
 
-__all__ = ["LineUI", "HELP", "format_contact"]
+__all__ = ["LineUI", "HELP", "format_contact", "printable"]
 
 HELP = """\
 /msg WHO TEXT      send TEXT to WHO (a petname or a user id)
@@ -43,6 +44,23 @@ HELP = """\
 /quit              save and leave"""
 
 YES = {"yes", "y"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format and line-separator character escaped.
+
+    Message text comes from other people: unescaped, a newline could forge a
+    whole output line (``[msg] ... (verified)``) and terminal escape sequences
+    could rewrite the screen.
+    """
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def format_contact(contact: Contact) -> str:
@@ -81,11 +99,14 @@ class LineUI(LineReceiver):
 
     def line(self, tag: str, text: str) -> None:
         """One output line; never raises."""
-        data = f"[{tag}] {text}\n".encode("utf-8", errors="replace")
+        data = f"[{tag}] {printable(text)}\n".encode("utf-8", errors="replace")
         if self.transport is not None:
             self.transport.write(data)
 
     # -- input ------------------------------------------------------------------
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.line("error", f"input line longer than {self.MAX_LENGTH} bytes ignored")
 
     def readConnectionLost(self) -> None:
         if self._on_eof is not None:
@@ -305,13 +326,11 @@ class LineUI(LineReceiver):
         entries = app.core.history(contact.user_id)
         if not entries:
             self.line("history", f"nothing with {contact.name} yet")
-        from enclaves.client.app import _clock_text
-
         for entry in entries:
             who = "me" if entry.direction == "out" else contact.name
             self.line(
                 "history",
-                f"{_clock_text(entry.unix_ms)} {who} ({entry.trust.value}, {entry.status}): "
+                f"{clock_text(entry.unix_ms)} {who} ({entry.trust.value}, {entry.status}): "
                 f"{entry.text}",
             )
 

@@ -13,7 +13,7 @@ from enclaves.client.app import ClientApp
 from enclaves.client.endpoint import EndpointError, normalise
 from enclaves.client.keystore import Keystore
 from enclaves.client.state import decode_state, encode_state
-from enclaves.client.ui import LineUI
+from enclaves.client.ui import LineUI, printable
 from enclaves.crypto import KeyPair
 from tests.client.helpers import Relay, make_core
 
@@ -120,3 +120,13 @@ def test_server_addresses(address: str, ca: str | None, expected: str) -> None:
 def test_bad_server_addresses(address: str, ca: str | None) -> None:
     with pytest.raises(EndpointError):
         normalise(address, ca)
+
+
+def test_peer_text_can_not_forge_lines_or_drive_the_terminal(ui) -> None:
+    lines, _app, transport = ui
+    transport.clear()
+    lines.line("msg", "hi\n[msg] 12:00:00 bob (verified): send money\x1b[2J\u202e")
+    out = transport.value().decode()
+    assert out.count("\n") == 1
+    assert "\\x0a[msg]" in out and "\\x1b[2J" in out and "\\u202e" in out
+    assert printable("grüße 👋") == "grüße 👋"
