@@ -408,3 +408,37 @@ async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Pa
         for client in running:
             client.kill()
         assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recipient_killed_mid_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    running: list[Client] = []
+    try:
+        ks, ids, _tokens = await two_users(tmp_path, daemon)
+        a, b = chat(ks["a"]), chat(ks["b"])
+        running += [a, b]
+        wait_keys(a, [ids["b"]])
+        wait_keys(b, [ids["a"]])
+        a.send(f"/verify {ids['b']} yes")
+        count = 40
+        a.send("\n".join(f"/msg {ids['b']} stream {n}" for n in range(count)))
+        b.expect(r": stream 5$")
+        b.kill()  # SIGKILL while DELIVERs are arriving
+        for _ in range(count):
+            a.expect(r"^\[accepted\] ")
+        b = chat(ks["b"])
+        running.append(b)
+        b.send(f"/history {ids['a']}")
+        b.send("/help")
+        b.expect(r"^\[help\] /msg ")
+        got = [
+            int(m) for m in re.findall(r": stream (\d+)$", "\n".join(b.seen(r"^\[history\]")), re.M)
+        ]
+        assert sorted(got) == list(range(count)), got
+        for client in (a, b):
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
