@@ -605,8 +605,12 @@ class ClientApp:
         keys = self._pending_keys
         self._enqueue(Rotate(keys.enc, keys.auth))
 
-    def invite(self) -> None:
+    def invite(self) -> bool:
+        """Ask for a newcomer's token; False (and nothing sent) while offline."""
+        if self.conn is None or not self._enrolled:
+            return False
         self._enqueue(Invite())
+        return True
 
     def pending_count(self) -> int:
         return sum(1 for e in self.core.outbox() if e.status == "pending")

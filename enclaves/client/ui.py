@@ -234,8 +234,10 @@ class LineUI(LineReceiver):
             item = app.retry(args[0])
             self.line("sent", f"id={short_id(item.msg_id)} to {self._name(item.recipient)} (again)")
         elif name == "/invite":
-            app.invite()
-            self.line("info", "asked the server for an invitation token")
+            if app.invite():
+                self.line("info", "asked the server for an invitation token")
+            else:
+                self.line("error", "not connected to the server; try /invite again later")
         elif name == "/rotate":
             app.rotate()
             self.line("info", "asked the server to replace your keys")
