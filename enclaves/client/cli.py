@@ -31,6 +31,10 @@ sensitive and tell your admin. Or exchange identity keys in person: your key
 is the 'enclaves-ik:' line above; theirs goes into /import NAME KEY."""
 
 
+INPUT_NOTE = (
+    "When standard input is not a terminal, the passphrase is its first line "
+    "(or the first line of the file named by ENCLAVES_PASSPHRASE_FILE)."
+)
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
 
 
@@ -47,18 +51,21 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="enclaves enroll",
             description="Join a server with the enrollment token your admin gave you.",
+            epilog=INPUT_NOTE,
         )
         parser.add_argument("token", help="the enrollment token (enclaves1:...)")
     else:
         parser = argparse.ArgumentParser(
             prog="enclaves",
             description="Chat (after 'enclaves enroll TOKEN'). Type /help once running.",
-            epilog="When standard input is not a terminal, the passphrase is its first "
-            "line (or the first line of the file named by ENCLAVES_PASSPHRASE_FILE).",
+            epilog=INPUT_NOTE,
         )
     parser.add_argument("--keystore", type=Path, default=None, help="default ~/.enclaves/keystore")
     parser.add_argument(
-        "--server", default=None, help="host:port or tls:HOST:PORT (default: from the token)"
+        "--server",
+        default=None,
+        help="host:port or tls:HOST:PORT (default: from the "
+        + ("token)" if enroll else "keystore)"),
     )
     parser.add_argument("--ca-file", default=None, help="PEM CA certificate for tls: servers")
     parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
