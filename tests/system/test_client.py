@@ -14,10 +14,12 @@ import pytest_twisted
 from attrs import evolve
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from enclaves.client.core import ClientCore
 from enclaves.client.kex import KexState
 from enclaves.client.keystore import Keystore
 from enclaves.crypto import KeyPair
 from enclaves.inner import Rotate, Rotated
+from enclaves.token import parse_token
 from tests.daemon import Daemon
 from tests.system.clients import PASSPHRASE, Client, chat, enroll, new_tokens
 from tests.system.helpers import expect, login
@@ -441,4 +443,36 @@ async def test_recipient_killed_mid_stream_loses_and_repeats_nothing(tmp_path: P
     finally:
         for client in running:
             client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enrollment_interrupted_after_rotate_resumes(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path)
+    (token_text,) = await new_tokens(daemon, 1)
+    daemon.start()
+    try:
+        # What 'enclaves enroll' writes before its first ROTATE...
+        token = parse_token(token_text)
+        pending = KeyPair.generate()
+        core = ClientCore.new(token.user_id, token.keys, f"tcp:host=127.0.0.1:port={daemon.port}")
+        path = tmp_path / "a.keystore"
+        Keystore.create(
+            path, PASSPHRASE, evolve(core.state(), pending_server_keys=pending, enrolled=False)
+        )
+        # ...then the ROTATE reaches the server, and the client dies before ROTATED.
+        conn = await login(daemon, token.user_id, token.keys)
+        conn.send(Rotate(pending.enc, pending.auth))
+        await expect(conn, Rotated)
+        await conn.disconnect()
+        # Running the same command again finishes the enrollment (the token's keys
+        # are dead by now; the pending keys log in).
+        again = enroll(token_text, path)
+        assert again.process.returncode == 0, again.output()
+        again.expect(r"^\[info\] resuming the interrupted enrollment$")
+        assert enrolled_id(again) == token.user_id
+        _, state = Keystore.unlock(path, PASSPHRASE)
+        assert state.enrolled and state.server_keys == pending
+        assert state.pending_server_keys is None
+    finally:
         assert daemon.stop() == 0, daemon.log_text()
