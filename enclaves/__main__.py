@@ -1,14 +1,13 @@
-"""``enclaves`` / ``python -m enclaves``: the line-mode client."""
+"""``enclaves`` / ``python -m enclaves``: the line-mode client (docs/client.rst)."""
 
 from __future__ import annotations
-
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    sys.stderr.write("enclaves: the client is not built yet; see README.rst\n")
-    return 2
+    from enclaves.client.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -161,7 +162,10 @@ class ClientConnection(Protocol):
             self._flush_call.cancel()
         result = self._reason or Disconnected(None, "connection closed")
         if not self.ready.called:
-            self.ready.errback(LoginFailed(result.code or 0, result.text))
+            text = result.text
+            if self._reason is None:  # e.g. a TLS certificate check failed
+                text = f"{text}: {reason.getErrorMessage()}"
+            self.ready.errback(LoginFailed(result.code or 0, text))
         self.closed.callback(result)
 
     # -- frames -------------------------------------------------------------------
@@ -269,7 +273,7 @@ class ClientConnectionFactory(Factory):
 
 def connect(
     reactor: Any,
-    endpoint: str,
+    endpoint: str | IStreamClientEndpoint,
     user_id: int,
     keys: KeyPair,
     *,
@@ -277,7 +281,8 @@ def connect(
     on_message: Callable[[InnerMessage], None] | None = None,
     timeout: float = 30.0,
 ) -> Deferred[ClientConnection]:
-    """Connect to ``endpoint`` (a ``clientFromString`` description) and log in.
+    """Connect to ``endpoint`` (a ``clientFromString`` description, or an
+    endpoint object such as a TLS-wrapped one) and log in.
 
     Fires with the established :class:`ClientConnection`; fails with
     :class:`LoginFailed` if the server refuses or sends no WELCOME within
@@ -288,7 +293,8 @@ def connect(
         protocol = ClientConnection(
             user_id, keys, clock=reactor, max_frame=max_frame, on_message=on_message
         )
-        await connectProtocol(clientFromString(reactor, endpoint), protocol)
+        target = clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
+        await connectProtocol(target, protocol)
         try:
             return await protocol.ready.addTimeout(timeout, reactor)
         except defer.TimeoutError:

@@ -87,6 +87,11 @@ class ClientState:
     outbox: tuple[OutboxEntry, ...] = ()
     seen: tuple[bytes, ...] = field(default=(), repr=False)
     history: Mapping[int, tuple[HistoryEntry, ...]] = field(factory=dict, repr=False)
+    # Keys sent (or about to be sent) in a ROTATE that the server has not yet
+    # confirmed with ROTATED: the next login tries them first.
+    pending_server_keys: KeyPair | None = field(default=None, repr=False)
+    # False from enrollment until the first DIRECTORY after ROTATED was handled.
+    enrolled: bool = True
 
 
 # -- encoding ---------------------------------------------------------------------
@@ -174,6 +179,10 @@ def encode_state(state: ClientState) -> bytes:
         "outbox": [_outbox(e) for e in state.outbox],
         "seen": [_b(m) for m in state.seen],
         "history": {str(k): [_history(h) for h in v] for k, v in sorted(state.history.items())},
+        "pending_server_keys": None
+        if state.pending_server_keys is None
+        else _b(state.pending_server_keys.to_bytes()),
+        "enrolled": state.enrolled,
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -341,11 +350,19 @@ def decode_state(data: bytes) -> ClientState:
             outbox=tuple(_d_outbox(e) for e in _get(doc, "outbox", list)),
             seen=tuple(_unb(m) for m in _get(doc, "seen", list)),
             history=history,
+            pending_server_keys=_opt(doc, "pending_server_keys", _keys),
+            enrolled=_enrolled(doc.get("enrolled", True)),
         )
     except StateError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError):
         raise StateError("malformed client state") from None
+
+
+def _enrolled(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise StateError("bad enrolled flag in state")
+    return value
 
 
 def _list(value: Any) -> list[Any]:

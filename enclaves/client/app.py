@@ -1,0 +1,703 @@
+"""The client's glue: :class:`ClientCore` + keystore + one connection at a time.
+
+:class:`ClientApp` logs in (trying keys of an unconfirmed ROTATE first),
+rotates the token's keys on the first session, feeds the core every inner
+message, saves the keystore before anything leaves the machine (a DELIVER is
+acknowledged with RECEIVED only after the save), resends the outbox after a
+reconnect at a paced rate, reconnects with exponential backoff and jitter,
+and stops for good on refusals that retrying can not fix.  Everything the
+user should see goes to ``out(tag, text)``; the tags are listed in
+docs/client.rst ("Output lines").
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from attrs import evolve
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from enclaves.client.connection import ClientConnection, LoginFailed, connect
+from enclaves.client.contacts import ContactError
+from enclaves.client.core import (
+    BlobDropped,
+    BlobHeld,
+    ClientCore,
+    Event,
+    IdentityKeyChanged,
+    KexCompleted,
+    KexFailed,
+    KexRetried,
+    KexStuck,
+    MessageReceived,
+    Refused,
+    SendBlob,
+)
+from enclaves.client.endpoint import EndpointError, client_endpoint
+from enclaves.client.keystore import Keystore
+from enclaves.client.state import ClientState
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode
+from enclaves.inner import (
+    Accepted,
+    Deliver,
+    Delivered,
+    Directory,
+    Error,
+    InnerMessage,
+    Invite,
+    InviteToken,
+    Joined,
+    Received,
+    Removed,
+    Rotate,
+    Rotated,
+    Send,
+)
+
+__all__ = ["Output", "ClientApp", "short_id", "clock_text", "REFUSAL_TEXT"]
+
+Output = Callable[[str, str], None]
+
+log = Logger()
+
+# Plain words for the server's per-message refusals.
+REFUSAL_TEXT = {
+    ErrorCode.UNKNOWN_RECIPIENT: "the server has no such user (removed?)",
+    ErrorCode.QUOTA_EXCEEDED: "the recipient's mailbox on the server is full",
+    ErrorCode.STORAGE_FAILED: "the server could not store it",
+    ErrorCode.MESSAGE_TOO_LARGE: "it is larger than the server accepts",
+    ErrorCode.ENROLLMENT_REQUIRED: "enrollment is not complete yet",
+}
+
+# Session endings that retrying can not fix, in plain words.
+FATAL_TEXT = {
+    ErrorCode.REVOKED: "The admin has removed your account from this server.",
+    ErrorCode.REPLACED: (
+        "Another client logged in with this account (the same keystore is in use "
+        "elsewhere); this one stops so the two do not fight."
+    ),
+    ErrorCode.TOKEN_EXPIRED: (
+        "This enrollment token has expired. Ask your admin for a new one and run "
+        "'enclaves enroll' again."
+    ),
+}
+
+
+def short_id(msg_id: bytes) -> str:
+    """The first 8 hex digits of a message id, as shown to the user."""
+    return msg_id.hex()[:8]
+
+
+class _Fatal(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class ClientApp:
+    """One user's client: runs until :meth:`stop` or a fatal refusal.
+
+    ``finished`` fires with ``(exit_code, text)`` when it has stopped for good.
+    ``enrolled`` fires once enrollment is complete (the token's keys rotated
+    and the first DIRECTORY handled); at once for an enrolled keystore.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        keystore: Keystore,
+        state: ClientState,
+        endpoint: str,
+        out: Output,
+        *,
+        core: ClientCore | None = None,
+        send_rate: float = 20.0,
+        tick_interval: float = 30.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        connect_timeout: float = 30.0,
+        reconnect: bool = True,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._reactor = reactor
+        self._keystore = keystore
+        self.core = core if core is not None else ClientCore(state)
+        self.endpoint = endpoint
+        self.out = out
+        self._pending_keys: KeyPair | None = state.pending_server_keys
+        self._enrolled = state.enrolled
+        self._send_rate = send_rate
+        self._tokens = send_rate
+        self._last_refill = reactor.seconds()
+        self._tick_interval = tick_interval
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._connect_timeout = connect_timeout
+        self._reconnect = reconnect
+        self._rng = rng
+        self.conn: ClientConnection | None = None
+        self._queue: deque[InnerMessage] = deque()
+        self._pump_call: Any = None
+        self._incoming: list[tuple[ClientConnection, InnerMessage]] = []
+        self._drain_call: Any = None
+        self._save_call: Any = None
+        self._tick_call: Any = None
+        self._sleep: Deferred[None] | None = None
+        self._stopping = False
+        self.rotate_sent = False
+        self.token_refused = False
+        self.outcome: tuple[int, str] | None = None
+        self.finished: Deferred[tuple[int, str]] = Deferred()
+        self.enrolled: Deferred[None] = Deferred()
+        if self._enrolled:
+            self.enrolled.callback(None)
+        self.connected_once = False
+
+    # -- life cycle -----------------------------------------------------------
+
+    def now(self) -> float:
+        return float(self._reactor.seconds())
+
+    def start(self) -> Deferred[tuple[int, str]]:
+        ensureDeferred(self._run()).addErrback(self._crashed)
+        self._tick_call = self._reactor.callLater(self._tick_interval, self._tick)
+        return self.finished
+
+    def stop(self, code: int = 0, text: str = "") -> Deferred[tuple[int, str]]:
+        """Save, disconnect, and fire ``finished`` with ``(code, text)``."""
+        if self._stopping:
+            return self.finished
+        self._stopping = True
+        for call in (self._tick_call, self._pump_call, self._save_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+            self._drain()
+        self._save()
+        if self._sleep is not None:
+            self._sleep.cancel()
+        conn, self.conn = self.conn, None
+
+        self.outcome = (code, text)
+
+        def done(_: object) -> tuple[int, str]:
+            if not self.finished.called:
+                self.finished.callback((code, text))
+            return (code, text)
+
+        if conn is not None and conn.established:
+            conn.disconnect().addBoth(done)
+        else:
+            done(None)
+        return self.finished
+
+    def _crashed(self, failure: Any) -> None:
+        log.failure("client loop failed", failure)
+        self.stop(1, "internal error; see the log")
+
+    async def _run(self) -> None:
+        delay = self._retry_initial
+        while not self._stopping:
+            try:
+                conn = await self._login()
+            except _Fatal as fatal:
+                self.stop(1, fatal.text)
+                return
+            except Exception as e:
+                if self._stopping:
+                    return
+                if not self._reconnect:
+                    self.stop(1, f"could not connect to the server: {_reason(e)}")
+                    return
+                wait = self._jitter(delay)
+                self.out(
+                    "conn", f"cannot reach the server ({_reason(e)}); retrying in {wait:.1f} s"
+                )
+                delay = min(delay * 2, self._retry_max)
+                await self._pause(wait)
+                continue
+            if self._stopping:
+                conn.disconnect()
+                return
+            delay = self._retry_initial
+            self._session_started(conn)
+            reason = await conn.closed
+            self._session_ended(conn)
+            if self._stopping:
+                return
+            if reason.code is not None and reason.code in FATAL_TEXT:
+                self.stop(1, FATAL_TEXT[ErrorCode(reason.code)])
+                return
+            if not self._reconnect:
+                self.stop(1, f"disconnected: {reason.name} {reason.text}")
+                return
+            wait = self._jitter(delay)
+            self.out(
+                "conn", f"disconnected ({reason.name}: {reason.text}); reconnecting in {wait:.1f} s"
+            )
+            await self._pause(wait)
+
+    def _jitter(self, delay: float) -> float:
+        return float(delay * (0.8 + 0.4 * self._rng()))
+
+    async def _pause(self, seconds: float) -> None:
+        self._sleep = deferLater(self._reactor, seconds, lambda: None)
+        try:
+            await self._sleep
+        except CancelledError:
+            pass
+        finally:
+            self._sleep = None
+
+    async def _login(self) -> ClientConnection:
+        try:
+            endpoint = client_endpoint(self._reactor, self.endpoint)
+        except EndpointError as e:
+            raise _Fatal(str(e)) from None
+        candidates: list[tuple[str, KeyPair]] = []
+        if self._pending_keys is not None:
+            candidates.append(("new", self._pending_keys))
+        candidates.append(("current", self.core.server_keys))
+        last: LoginFailed | None = None
+        for which, keys in candidates:
+            try:
+                conn: ClientConnection = await connect(
+                    self._reactor,
+                    endpoint,
+                    self.core.user_id,
+                    keys,
+                    on_message=self._on_message_for(None),
+                    timeout=self._connect_timeout,
+                )
+            except LoginFailed as e:
+                last = e
+                if e.code == ErrorCode.AUTH_FAILED:
+                    continue
+                if e.code == ErrorCode.TOKEN_EXPIRED:
+                    self.token_refused = True
+                    raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None
+                if e.code == 0 and _tls_refused(e.text):
+                    raise _Fatal(
+                        "the server's TLS certificate could not be verified "
+                        f"({e.text}). Check the host name and --ca-file."
+                    ) from None
+                raise
+            conn.on_message = self._on_message_for(conn)
+            if which == "new":
+                self._rotation_confirmed()
+            return conn
+        assert last is not None
+        if not self._enrolled and self._pending_keys is not None:
+            self.token_refused = True
+            raise _Fatal(
+                "The server refused this enrollment token: it was already used, or it "
+                "belongs to another server. Ask your admin for a new token."
+            )
+        raise _Fatal(
+            "The server does not accept this keystore's keys: your account may have "
+            "been removed, or the keystore belongs to another server. Ask your admin."
+        )
+
+    def _session_started(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.connected_once = True
+        self._queue.clear()
+        self.out("conn", f"connected as {self.core.user_id}")
+        if self._pending_keys is not None:
+            keys = self._pending_keys
+            self._queue.append(Rotate(keys.enc, keys.auth))
+            self.rotate_sent = True
+        if self._enrolled or self._pending_keys is None:
+            self._resend_outbox()
+        self._pump()
+
+    def _session_ended(self, conn: ClientConnection) -> None:
+        if self.conn is conn:
+            self.conn = None
+
+    def _resend_outbox(self) -> None:
+        pending = self.core.pending_sends()
+        if pending:
+            self.out("info", f"sending {len(pending)} queued item(s) from the outbox")
+        for item in pending:
+            self._queue.append(Send(item.msg_id, item.recipient, item.blob))
+
+    # -- saving ---------------------------------------------------------------
+
+    def state(self) -> ClientState:
+        return evolve(
+            self.core.state(), pending_server_keys=self._pending_keys, enrolled=self._enrolled
+        )
+
+    def _save(self) -> bool:
+        if self._save_call is not None and self._save_call.active():
+            self._save_call.cancel()
+        self._save_call = None
+        try:
+            self._keystore.save(self.state())
+        except OSError as e:
+            self.out("error", f"could not save the keystore: {e.strerror}")
+            return False
+        return True
+
+    def _save_soon(self) -> None:
+        if self._save_call is None or not self._save_call.active():
+            self._save_call = self._reactor.callLater(0.2, self._save)
+
+    # -- sending --------------------------------------------------------------
+
+    def _enqueue(self, message: InnerMessage) -> None:
+        self._queue.append(message)
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pump_call is not None and self._pump_call.active():
+            return
+        self._pump_call = None
+        conn = self.conn
+        if conn is None or not conn.established:
+            return
+        now = self.now()
+        self._tokens = min(
+            self._send_rate, self._tokens + (now - self._last_refill) * self._send_rate
+        )
+        self._last_refill = now
+        while self._queue and self._tokens >= 1:
+            message = self._queue.popleft()
+            if isinstance(message, Send) and len(message.blob) > conn.max_blob:
+                self.core.on_refused(message.msg_id, "too large for this server")
+                self.out("failed", f"id={short_id(message.msg_id)}: too large for this server")
+                continue
+            conn.send(message)
+            self._tokens -= 1
+        if self._queue:
+            wait = (1 - self._tokens) / self._send_rate
+            self._pump_call = self._reactor.callLater(max(wait, 0.001), self._pump)
+
+    def _send_events(self, events: list[Event]) -> None:
+        """Show events; queue every SendBlob (the state is already saved)."""
+        for event in events:
+            if isinstance(event, SendBlob):
+                if self.conn is not None and (self._enrolled or self._pending_keys is None):
+                    self._enqueue(Send(event.msg_id, event.recipient, event.blob))
+            else:
+                self._show(event)
+
+    def _apply(self, events: list[Event]) -> None:
+        """Save, then send and show: nothing leaves before it is on disk."""
+        if any(isinstance(e, SendBlob) for e in events):
+            if not self._save():
+                return
+        else:
+            self._save_soon()
+        self._send_events(events)
+
+    # -- incoming -------------------------------------------------------------
+
+    def _on_message_for(self, conn: ClientConnection | None) -> Callable[[InnerMessage], None]:
+        def on_message(message: InnerMessage) -> None:
+            self._incoming.append((conn or self.conn, message))  # type: ignore[arg-type]
+            if self._drain_call is None or not self._drain_call.active():
+                self._drain_call = self._reactor.callLater(0, self._drain)
+
+        return on_message
+
+    def _drain(self) -> None:
+        """Handle one batch; DELIVERs are acknowledged after a single save."""
+        batch, self._incoming = self._incoming, []
+        receipts: list[tuple[ClientConnection, bytes]] = []
+        events: list[Event] = []
+        now = self.now()
+        for conn, message in batch:
+            if conn is None:
+                conn = self.conn
+            if isinstance(message, Deliver):
+                events += self.core.handle_blob(message.sender, message.msg_id, message.blob, now)
+                receipts.append((conn, message.msg_id))
+                continue
+            events += self._handle(message, now)
+        if (receipts or any(isinstance(e, SendBlob) for e in events)) and not self._save():
+            # Not acknowledged and nothing sent: the server delivers again (the
+            # copy is then a duplicate, acknowledged once a save succeeds), and
+            # the outbox is resent after the next reconnect.
+            for event in events:
+                if not isinstance(event, SendBlob):
+                    self._show(event)
+            return
+        for conn, msg_id in receipts:
+            if conn is not None and conn.established:
+                conn.send(Received(msg_id))
+        self._send_events(events)
+
+    def _handle(self, message: InnerMessage, now: float) -> list[Event]:
+        if isinstance(message, Accepted):
+            entry = self._outbox_entry(message.msg_id)
+            self.core.on_accepted(message.msg_id)
+            if entry is not None and entry.kind == "message":
+                self.out(
+                    "accepted", f"id={short_id(message.msg_id)} to {self._name(entry.recipient)}"
+                )
+            self._save_soon()
+        elif isinstance(message, Delivered):
+            recipient = self.core.on_delivered(message.msg_id)
+            if recipient is not None:
+                self.out("delivered", f"id={short_id(message.msg_id)} to {self._name(recipient)}")
+            self._save_soon()
+        elif isinstance(message, Error):
+            return self._on_error(message)
+        elif isinstance(message, Rotated):
+            self._rotation_confirmed()
+        elif isinstance(message, Directory):
+            return self._on_directory(message, now)
+        elif isinstance(message, Joined):
+            if message.user_id != self.core.user_id:
+                known = message.user_id in {c.user_id for c in self.core.contacts()}
+                self.core.add_contact(message.user_id)
+                self._save_soon()
+                if not known:
+                    self.out(
+                        "joined",
+                        f"user {message.user_id} joined; a key exchange with them runs "
+                        "automatically",
+                    )
+        elif isinstance(message, Removed):
+            name = self._name(message.user_id)
+            self.core.remove_contact(message.user_id)
+            self._save_soon()
+            self.out("removed", f"{name} ({message.user_id}) was removed from the server")
+        elif isinstance(message, InviteToken):
+            self.out(
+                "invite",
+                f"token for a new user {message.user_id}, valid until "
+                f"{clock_text(message.expires_ms)} — give it to them privately: {message.token}",
+            )
+        return []
+
+    def _on_error(self, message: Error) -> list[Event]:
+        try:
+            code = ErrorCode(message.code)
+            name = code.name
+        except ValueError:
+            code, name = None, f"ERROR {message.code}"
+        if message.msg_id == bytes(16):
+            if code is ErrorCode.INVITES_DISABLED:
+                self.out("error", "this server does not allow invitations (ask the admin)")
+            elif code is ErrorCode.STORAGE_FAILED:
+                self.out("error", f"the server could not store the request: {message.text}")
+            # Any other session ERROR ends the session; the reconnect loop reports it.
+            return []
+        entry = self._outbox_entry(message.msg_id)
+        if entry is None:
+            return []
+        reason = REFUSAL_TEXT.get(code, f"{name}: {message.text}") if code else name
+        self.core.on_refused(message.msg_id, reason)
+        self._save_soon()
+        what = "message" if entry.kind == "message" else "key exchange"
+        self.out(
+            "failed",
+            f"id={short_id(message.msg_id)} {what} to {self._name(entry.recipient)} refused: "
+            f"{reason}; /retry {short_id(message.msg_id)} sends it again",
+        )
+        return []
+
+    def _on_directory(self, message: Directory, now: float) -> list[Event]:
+        first = not self._enrolled
+        if first and self._pending_keys is not None:
+            return []  # the old session's answer: wait for ROTATED
+        if first:
+            events = self.core.on_directory(message.user_ids, now, start_kex=True)
+            self._enrolled = True
+            others = [u for u in message.user_ids if u != self.core.user_id]
+            self.out(
+                "info",
+                f"{len(others)} other user(s) on this server; key exchanges started with each",
+            )
+            if not self._save():
+                return []
+            self._send_events(events)
+            if not self.enrolled.called:
+                self.enrolled.callback(None)
+            return []
+        known = {c.user_id for c in self.core.contacts()}
+        events = self.core.on_directory(message.user_ids, now, start_kex=False)
+        for user_id in message.user_ids:
+            if user_id not in known and user_id not in (0, self.core.user_id):
+                self.out(
+                    "joined",
+                    f"user {user_id} is new on this server; a key exchange with them runs "
+                    "automatically",
+                )
+        self._save_soon()
+        return events
+
+    def _rotation_confirmed(self) -> None:
+        if self._pending_keys is None:
+            return
+        self.core.set_server_keys(self._pending_keys)
+        self._pending_keys = None
+        self._save()
+        self.out("info", "the server now knows only your new keys (rotation complete)")
+
+    # -- periodic -------------------------------------------------------------
+
+    def _tick(self) -> None:
+        try:
+            events = self.core.tick(self.now())
+            if events:
+                self._apply(events)
+        except Exception:
+            log.failure("tick failed")
+        if not self._stopping:
+            self._tick_call = self._reactor.callLater(self._tick_interval, self._tick)
+
+    # -- the UI's API ---------------------------------------------------------
+
+    def send_text(self, user_id: int, text: str, confirmed: bool = False) -> Refused | SendBlob:
+        """Seal, save, send; a :class:`Refused` is returned for the UI to explain."""
+        result = self.core.encrypt_message(user_id, text, self.now(), confirmed)
+        if isinstance(result, Refused):
+            return result
+        self._apply([result])
+        return result
+
+    def rekey(self, user_id: int) -> None:
+        events = self.core.start_kex(user_id, self.now())
+        if not events:
+            self.out("info", f"a key exchange with {self._name(user_id)} is already running")
+        self._apply(events)
+
+    def accept_new_ik(self, user_id: int) -> None:
+        self._apply(self.core.accept_new_ik(user_id, self.now()))
+
+    def import_ik(self, user_id: int, text: str) -> None:
+        self._apply(self.core.import_ik(user_id, text, self.now()))
+
+    def verify(self, user_id: int) -> None:
+        self.core.verify(user_id)
+        self._save()
+
+    def set_petname(self, user_id: int, petname: str | None) -> None:
+        self.core.set_petname(user_id, petname)
+        self._save()
+
+    def retry(self, prefix: str) -> SendBlob:
+        matches = [e for e in self.core.outbox() if e.msg_id.hex().startswith(prefix.lower())]
+        if not prefix or len(matches) != 1:
+            raise ContactError(f"no single outbox message matches {prefix!r} (see /outbox)")
+        item = self.core.retry(matches[0].msg_id)
+        self._apply([item])
+        return item
+
+    def rotate(self) -> None:
+        if self._pending_keys is None:
+            self._pending_keys = KeyPair.generate()
+        if not self._save():
+            return
+        keys = self._pending_keys
+        self._enqueue(Rotate(keys.enc, keys.auth))
+
+    def invite(self) -> bool:
+        """Ask for a newcomer's token; False (and nothing sent) while offline."""
+        if self.conn is None or not self._enrolled:
+            return False
+        self._enqueue(Invite())
+        return True
+
+    def pending_count(self) -> int:
+        return sum(1 for e in self.core.outbox() if e.status == "pending")
+
+    async def wait_sent(self, timeout: float) -> bool:
+        """True once nothing in the outbox waits for ACCEPTED (polls; bounded)."""
+        deadline = self.now() + timeout
+        while self.pending_count() and self.now() < deadline and not self._stopping:
+            await deferLater(self._reactor, 0.05, lambda: None)
+        return self.pending_count() == 0
+
+    # -- helpers --------------------------------------------------------------
+
+    def _outbox_entry(self, msg_id: bytes) -> Any:
+        for entry in self.core.outbox():
+            if entry.msg_id == msg_id:
+                return entry
+        return None
+
+    def _name(self, user_id: int) -> str:
+        try:
+            return self.core.contact(user_id).name
+        except ContactError:
+            return str(user_id)
+
+    def _show(self, event: Event) -> None:
+        name = self._name(getattr(event, "peer", getattr(event, "sender", 0)))
+        if isinstance(event, MessageReceived):
+            self.out(
+                "msg",
+                f"{clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
+            )
+        elif isinstance(event, KexCompleted):
+            if event.first:
+                contact = self.core.contact(event.peer)
+                self.out(
+                    "kex",
+                    f"keys agreed with {name} (epoch {event.epoch}); trust: "
+                    f"{contact.trust.value} — compare safety numbers with /verify {name}",
+                )
+            else:
+                self.out("kex", f"new keys with {name} (epoch {event.epoch})")
+        elif isinstance(event, KexRetried):
+            self.out("kex", f"key exchange with {name}: offer sent again ({event.offers_sent})")
+        elif isinstance(event, KexStuck):
+            self.out("kex", f"key exchange with {name} not complete — is {name} offline?")
+        elif isinstance(event, KexFailed):
+            self.out("warn", f"key exchange with {name} failed: {event.reason}")
+        elif isinstance(event, IdentityKeyChanged):
+            self.out(
+                "warn",
+                f"{name}'s identity key CHANGED. Sending to {name} is blocked. New safety "
+                f"number: {_one_line(event.safety_number)}. Check it with {name}, then "
+                f"/accept {name}",
+            )
+        elif isinstance(event, BlobHeld):
+            log.debug("held a blob from {sender}: {why}", sender=event.sender, why=event.reason)
+        elif isinstance(event, BlobDropped) and event.reason != "duplicate":
+            log.info("dropped a blob from {sender}: {why}", sender=event.sender, why=event.reason)
+
+
+def _tls_refused(text: str) -> bool:
+    """Does a connection failure's text say the certificate check failed?"""
+    lowered = text.lower()
+    return any(w in lowered for w in ("certificate", "verificationerror", "mismatch"))
+
+
+def _one_line(digits: str) -> str:
+    return " ".join(digits.split())
+
+
+def clock_text(unix_ms: int) -> str:
+    """``HH:MM:SS`` in local time."""
+    return time.strftime("%H:%M:%S", time.localtime(unix_ms / 1000))
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, LoginFailed):
+        return error.text if error.code == 0 else f"{_code_name(error.code)}: {error.text}"
+    if isinstance(error, defer.TimeoutError):
+        return "timed out"
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

@@ -1,0 +1,301 @@
+"""``enclaves enroll TOKEN`` and ``enclaves``: the console script (docs/client.rst)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve
+from twisted.internet.defer import Deferred, ensureDeferred
+
+from enclaves.client.app import ClientApp
+from enclaves.client.core import ClientCore
+from enclaves.client.endpoint import EndpointError, normalise
+from enclaves.client.keystore import Keystore, KeystoreError
+from enclaves.client.state import ClientState
+from enclaves.crypto import KeyPair
+from enclaves.token import TokenError, parse_token
+
+__all__ = ["main", "default_keystore", "read_passphrase", "UserError"]
+
+ENROLL_HELP = """\
+Next: verify your contacts. Each contact is 'unverified' until you compare
+safety numbers with them: run 'enclaves', type /verify NAME, and read the 60
+digits to each other over the phone or in person (recognise their voice).
+If every group matches, answer yes. If anything differs, send nothing
+sensitive and tell your admin. Or exchange identity keys in person: your key
+is the 'enclaves-ik:' line above; theirs goes into /import NAME KEY."""
+
+
+INPUT_NOTE = (
+    "When standard input is not a terminal, the passphrase is its first line "
+    "(or the first line of the file named by ENCLAVES_PASSPHRASE_FILE)."
+)
+EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
+
+
+class UserError(Exception):
+    """A plain-language error for the user; exit status 1."""
+
+
+def default_keystore() -> Path:
+    return Path.home() / ".enclaves" / "keystore"
+
+
+def _parser(enroll: bool) -> argparse.ArgumentParser:
+    if enroll:
+        parser = argparse.ArgumentParser(
+            prog="enclaves enroll",
+            description="Join a server with the enrollment token your admin gave you.",
+            epilog=INPUT_NOTE,
+        )
+        parser.add_argument("token", help="the enrollment token (enclaves1:...)")
+    else:
+        parser = argparse.ArgumentParser(
+            prog="enclaves",
+            description="Chat (after 'enclaves enroll TOKEN'). Type /help once running.",
+            epilog=INPUT_NOTE,
+        )
+    parser.add_argument("--keystore", type=Path, default=None, help="default ~/.enclaves/keystore")
+    parser.add_argument(
+        "--server",
+        default=None,
+        help="host:port or tls:HOST:PORT (default: from the "
+        + ("token)" if enroll else "keystore)"),
+    )
+    parser.add_argument("--ca-file", default=None, help="PEM CA certificate for tls: servers")
+    parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument("--retry-max", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--tick", type=float, default=30.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def read_passphrase(prompt: str, confirm: bool = False) -> str:
+    """From ENCLAVES_PASSPHRASE_FILE, the terminal (getpass), or stdin's first line."""
+    path = os.environ.get("ENCLAVES_PASSPHRASE_FILE")
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise UserError(f"cannot read ENCLAVES_PASSPHRASE_FILE: {e.strerror}") from None
+        passphrase = text[0] if text else ""
+    elif os.isatty(0):
+        passphrase = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Same passphrase again: ") != passphrase:
+            raise UserError("the two passphrases differ; nothing was created")
+    else:
+        passphrase = _read_stdin_line()
+    if not passphrase:
+        raise UserError("the passphrase must not be empty")
+    return passphrase
+
+
+def _read_stdin_line() -> str:
+    """One line from fd 0, byte by byte, so that no later command is swallowed."""
+    data = bytearray()
+    while True:
+        byte = os.read(0, 1)
+        if not byte or byte == b"\n":
+            break
+        data += byte
+    return data.decode("utf-8", errors="replace").rstrip("\r")
+
+
+def _print(tag: str, text: str) -> None:
+    from enclaves.client.ui import printable
+
+    sys.stdout.write(f"[{tag}] {printable(text)}\n")
+    sys.stdout.flush()
+
+
+def _keystore_path(args: argparse.Namespace) -> Path:
+    path: Path = args.keystore if args.keystore is not None else default_keystore()
+    return path.expanduser().absolute()
+
+
+# -- enroll ---------------------------------------------------------------------
+
+
+async def enroll(reactor: Any, args: argparse.Namespace) -> int:
+    try:
+        token = parse_token(args.token)
+    except TokenError as e:
+        raise UserError(str(e)) from None
+    address = args.server or token.address
+    if not address:
+        raise UserError("this token names no server: give --server HOST:PORT")
+    try:
+        endpoint = normalise(address, args.ca_file)
+    except EndpointError as e:
+        raise UserError(str(e)) from None
+    path = _keystore_path(args)
+    created = False
+    if path.exists():
+        keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
+        if state.user_id != token.user_id or state.enrolled:
+            raise UserError(f"{path} already holds an account; it was left untouched")
+        _print("info", "resuming the interrupted enrollment")
+    else:
+        passphrase = read_passphrase("New keystore passphrase: ", confirm=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        core = ClientCore.new(token.user_id, token.keys, endpoint)
+        state = evolve(core.state(), pending_server_keys=KeyPair.generate(), enrolled=False)
+        keystore = Keystore.create(path, passphrase, state)
+        created = True
+        _print("info", f"created keystore {path}")
+    app = ClientApp(
+        reactor,
+        keystore,
+        state,
+        endpoint,
+        _print,
+        send_rate=args.send_rate,
+        tick_interval=args.tick,
+        reconnect=False,
+    )
+    finished = app.start()
+    either: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        if not either.called:
+            either.callback(None)
+        return result
+
+    app.enrolled.addCallback(fire)
+    finished.addCallback(fire)
+    await either
+    if not app.enrolled.called:
+        code, text = app.outcome or (1, "stopped")
+        if created and (app.token_refused or not app.rotate_sent):
+            path.unlink(missing_ok=True)
+            text += " (the new keystore was removed; nothing is left behind)"
+        elif app.rotate_sent:
+            text += (
+                f" The enrollment may be half done: run the same 'enclaves enroll' command "
+                f"again (it reuses {path})."
+            )
+        raise UserError(text)
+    await app.wait_sent(30.0)
+    core = app.core
+    _print("enrolled", f"you are user {core.user_id}")
+    _print("fingerprint", f"{core.user_id}: {' '.join(core.fingerprint().split())}")
+    _print("ik", core.own_ik_text())
+    for line in ENROLL_HELP.splitlines():
+        _print("help", line)
+    code, text = await app.stop(0)
+    return code
+
+
+# -- chat -----------------------------------------------------------------------
+
+
+async def chat(reactor: Any, args: argparse.Namespace) -> int:
+    from twisted.internet.stdio import StandardIO
+
+    from enclaves.client.ui import LineUI
+
+    path = _keystore_path(args)
+    if not path.exists():
+        raise UserError(f"no keystore at {path}: enroll first with 'enclaves enroll TOKEN'")
+    keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
+    endpoint = _chat_endpoint(args, state)
+    holder: list[ClientApp] = []
+
+    def on_eof() -> None:
+        if holder:
+            app = holder[0]
+            ui.line("info", "end of input: sending what is queued, then quitting")
+            ensureDeferred(app.wait_sent(EOF_GRACE)).addBoth(lambda _: app.stop(0))
+
+    ui = LineUI(on_eof=on_eof)
+    StandardIO(ui, reactor=reactor)
+    app = ClientApp(
+        reactor,
+        keystore,
+        state,
+        endpoint,
+        ui.line,
+        send_rate=args.send_rate,
+        tick_interval=args.tick,
+        retry_max=args.retry_max,
+    )
+    holder.append(app)
+    # ^C or SIGTERM: save and disconnect cleanly before the reactor stops.
+    reactor.addSystemEventTrigger("before", "shutdown", app.stop, 130)
+    ui.line("info", f"user {state.user_id}; /help lists the commands")
+    ui.attach(app)
+    code, text = await app.start()
+    if text:
+        ui.line("fatal" if code else "info", text)
+    await ui.close()
+    return code
+
+
+def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
+    address = args.server or state.endpoint
+    if not address:
+        raise UserError("the keystore names no server: give --server HOST:PORT")
+    try:
+        return normalise(address, args.ca_file)
+    except EndpointError as e:
+        raise UserError(str(e)) from None
+
+
+# -- entry point ----------------------------------------------------------------
+
+
+def _log_warnings_to_stderr() -> None:
+    """Warnings and errors of the client's own log go to stderr (never secrets)."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _stop(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_enroll = bool(argv) and argv[0] == "enroll"
+    args = _parser(is_enroll).parse_args(argv[1:] if is_enroll else argv)
+    from twisted.internet import reactor
+
+    _log_warnings_to_stderr()
+    outcome: dict[str, Any] = {"code": 1}
+
+    def report(failure: Any) -> None:
+        error = failure.value
+        if isinstance(error, (UserError, KeystoreError)):
+            sys.stderr.write(f"enclaves: error: {error}\n")
+        else:
+            sys.stderr.write(f"enclaves: internal error: {failure.getErrorMessage()}\n")
+            failure.printTraceback(file=sys.stderr)
+        outcome["code"] = 1
+
+    def go() -> None:
+        run = enroll if is_enroll else chat
+        d: Deferred[Any] = ensureDeferred(run(reactor, args))
+        d.addCallbacks(lambda code: outcome.update(code=code), report)
+        d.addBoth(lambda _: _stop(reactor))
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    return int(outcome["code"])

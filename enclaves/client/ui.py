@@ -1,0 +1,348 @@
+"""The line-mode UI: commands in, tagged lines out (docs/client.rst, "Chatting").
+
+Works the same on a terminal and on pipes: input is read line by line
+(``StandardIO`` + ``LineReceiver``), every output line starts with a
+``[tag]``.  A question (send to an unverified contact? does the safety
+number match?) is answered by the very next line: ``yes`` (or ``y``) means
+yes, anything else means no.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from enclaves.client.app import ClientApp, clock_text, short_id
+from enclaves.client.contacts import Contact, ContactError
+from enclaves.client.core import Refused
+
+__all__ = ["LineUI", "HELP", "format_contact", "printable"]
+
+HELP = """\
+/msg WHO TEXT      send TEXT to WHO (a petname or a user id)
+/to WHO            talk to WHO: every line not starting with / goes to them
+/contacts          every contact with trust level and key state
+/name ID PETNAME   give user ID a local name (never sent anywhere)
+/verify WHO        show the safety number to compare with WHO; answer yes if it matches
+/verify WHO yes    the same, already confirmed (for scripts)
+/fingerprint       your own fingerprint and identity key (for /import by others)
+/import WHO KEY    WHO's identity key (enclaves-ik:...) received in person
+/accept WHO        accept WHO's changed identity key after checking the new safety number
+/rekey WHO         run a fresh key exchange with WHO
+/history WHO       your conversation with WHO
+/outbox            messages not yet accepted by the server, and failed ones
+/retry ID          send a failed message again (ID: the 8 digits shown)
+/invite            ask the server for a token for a newcomer
+/rotate            replace your keys for this server with fresh ones
+/help              this list
+/quit              save and leave"""
+
+YES = {"yes", "y"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format and line-separator character escaped.
+
+    Message text comes from other people: unescaped, a newline could forge a
+    whole output line (``[msg] ... (verified)``) and terminal escape sequences
+    could rewrite the screen.
+    """
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def format_contact(contact: Contact) -> str:
+    """``NAME id=N trust=T keys=...`` for /contacts."""
+    if contact.pending_ik is not None:
+        keys = "IDENTITY-KEY-CHANGED"
+    elif contact.current is not None:
+        keys = f"epoch-{contact.current.epoch}"
+    elif contact.kex.pending is not None:
+        keys = "exchanging"
+    else:
+        keys = "none"
+    return f"{contact.name} id={contact.user_id} trust={contact.trust.value} keys={keys}"
+
+
+@implementer(IHalfCloseableProtocol)
+class LineUI(LineReceiver):
+    """Reads commands, writes ``[tag] text`` lines; ``app`` is attached later.
+
+    End of input (a closed pipe, ^D) calls ``on_eof``; output keeps working
+    until :meth:`close`, whose Deferred fires once every line is written.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self, on_eof: Callable[[], None] | None = None) -> None:
+        self.app: ClientApp | None = None
+        self._to: int | None = None
+        self._answer: Callable[[str], None] | None = None
+        self._on_eof = on_eof
+        self._early: list[str] = []
+        self.lost: Deferred[None] = Deferred()
+
+    # -- output -----------------------------------------------------------------
+
+    def line(self, tag: str, text: str) -> None:
+        """One output line; never raises."""
+        data = f"[{tag}] {printable(text)}\n".encode("utf-8", errors="replace")
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- input ------------------------------------------------------------------
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.line("error", f"input line longer than {self.MAX_LENGTH} bytes ignored")
+
+    def readConnectionLost(self) -> None:
+        if self._on_eof is not None:
+            self._on_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Flush every line written, then close; fires when done."""
+        if self.transport is not None and not self.lost.called:
+            self.transport.loseConnection()
+        return self.lost
+
+    def lineReceived(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if self.app is None:
+            self._early.append(line)
+            return
+        self.handle(line)
+
+    def attach(self, app: ClientApp) -> None:
+        """Start reading commands for ``app`` (lines typed before are handled now)."""
+        self.app = app
+        early, self._early = self._early, []
+        for line in early:
+            self.handle(line)
+
+    def handle(self, line: str) -> None:
+        text = line.strip()
+        try:
+            if self._answer is not None:
+                answer, self._answer = self._answer, None
+                answer(text)
+            elif not text:
+                return
+            elif text.startswith("/"):
+                self._command(text)
+            elif self._to is not None:
+                self._send(self._to, line)
+            else:
+                self.line("error", "not in a conversation: /to WHO first, or /msg WHO TEXT")
+        except ContactError as e:
+            self.line("error", str(e))
+
+    def ask(self, tag: str, question: str, then: Callable[[bool], None]) -> None:
+        """Show ``question``; the next input line answers it."""
+        self.line(tag, f"{question} (yes/no)")
+        self._answer = lambda reply: then(reply.lower() in YES)
+
+    # -- commands -----------------------------------------------------------------
+
+    def _command(self, text: str) -> None:
+        app = self.app
+        assert app is not None
+        name, _, rest = text.partition(" ")
+        rest = rest.strip()
+        args = rest.split()
+        core = app.core
+        if name == "/msg":
+            who, _, body = rest.partition(" ")
+            if not who or not body.strip():
+                raise ContactError("usage: /msg WHO TEXT")
+            self._send(core.find(who).user_id, body)
+        elif name == "/to":
+            if len(args) != 1:
+                raise ContactError("usage: /to WHO")
+            contact = core.find(args[0])
+            self._to = contact.user_id
+            self.line(
+                "info", f"talking to {contact.name} ({contact.trust.value}); /to again to switch"
+            )
+        elif name == "/contacts":
+            contacts = core.contacts()
+            if not contacts:
+                self.line("contact", "no contacts yet")
+            for contact in contacts:
+                self.line("contact", format_contact(contact))
+        elif name == "/name":
+            if len(args) != 2:
+                raise ContactError("usage: /name ID PETNAME")
+            contact = core.find(args[0])
+            app.set_petname(contact.user_id, args[1])
+            self.line("info", f"{contact.user_id} is now called {args[1]}")
+        elif name == "/verify":
+            self._verify(args)
+        elif name == "/accept":
+            self._accept(args)
+        elif name == "/fingerprint":
+            self.line("fingerprint", f"{core.user_id}: {_one_line(core.fingerprint())}")
+            self.line("ik", core.own_ik_text())
+        elif name == "/import":
+            if len(args) != 2:
+                raise ContactError("usage: /import WHO enclaves-ik:...")
+            contact = core.find(args[0])
+            app.import_ik(contact.user_id, args[1])
+            after = core.contact(contact.user_id)
+            self.line("trust", f"{after.name} is now {after.trust.value}")
+        elif name == "/rekey":
+            if len(args) != 1:
+                raise ContactError("usage: /rekey WHO")
+            contact = core.find(args[0])
+            app.rekey(contact.user_id)
+            self.line("kex", f"key exchange with {contact.name} started")
+        elif name == "/history":
+            self._history(args)
+        elif name == "/outbox":
+            entries = core.outbox()
+            if not entries:
+                self.line("outbox", "empty")
+            for entry in entries:
+                why = f": {entry.reason}" if entry.reason else ""
+                self.line(
+                    "outbox",
+                    f"id={short_id(entry.msg_id)} {entry.kind} to {self._name(entry.recipient)} "
+                    f"{entry.status}{why}",
+                )
+        elif name == "/retry":
+            if len(args) != 1:
+                raise ContactError("usage: /retry ID")
+            item = app.retry(args[0])
+            self.line("sent", f"id={short_id(item.msg_id)} to {self._name(item.recipient)} (again)")
+        elif name == "/invite":
+            if app.invite():
+                self.line("info", "asked the server for an invitation token")
+            else:
+                self.line("error", "not connected to the server; try /invite again later")
+        elif name == "/rotate":
+            app.rotate()
+            self.line("info", "asked the server to replace your keys")
+        elif name == "/help":
+            for help_line in HELP.splitlines():
+                self.line("help", help_line)
+        elif name == "/quit":
+            self.line("info", "bye")
+            app.stop(0)
+        else:
+            self.line("error", f"unknown command {name}; /help lists them")
+
+    def _send(self, user_id: int, text: str, confirmed: bool = False) -> None:
+        app = self.app
+        assert app is not None
+        result = app.send_text(user_id, text, confirmed)
+        if isinstance(result, Refused):
+            if result.reason == "confirm unverified":
+
+                def then(yes: bool) -> None:
+                    if yes:
+                        self._send(user_id, text, confirmed=True)
+                    else:
+                        self.line("info", "not sent")
+
+                self.ask("confirm", result.text, then)
+                return
+            self.line("refused", f"not sent to {self._name(user_id)}: {result.text}")
+            return
+        self.line("sent", f"id={short_id(result.msg_id)} to {self._name(user_id)}")
+
+    def _verify(self, args: list[str]) -> None:
+        app = self.app
+        assert app is not None
+        if len(args) not in (1, 2):
+            raise ContactError("usage: /verify WHO [yes]")
+        contact = app.core.find(args[0])
+        number = app.core.safety_number(contact.user_id)
+        self.line("safety", f"{contact.name}: {_one_line(number)}")
+
+        def then(yes: bool) -> None:
+            if yes:
+                app.verify(contact.user_id)
+                after = app.core.contact(contact.user_id)
+                self.line("trust", f"{after.name} is now {after.trust.value}")
+            else:
+                self.line(
+                    "warn",
+                    f"not verified. If the numbers differ, someone may be between you and "
+                    f"{contact.name}: send nothing sensitive and tell your admin",
+                )
+
+        if len(args) == 2:
+            then(args[1].lower() in YES)
+        else:
+            self.ask("confirm", f"does {contact.name} read out exactly these 60 digits?", then)
+
+    def _accept(self, args: list[str]) -> None:
+        app = self.app
+        assert app is not None
+        if len(args) not in (1, 2):
+            raise ContactError("usage: /accept WHO [yes]")
+        contact = app.core.find(args[0])
+        number = app.core.pending_safety_number(contact.user_id)
+        self.line("safety", f"{contact.name} (new key): {_one_line(number)}")
+
+        def then(yes: bool) -> None:
+            if yes:
+                app.accept_new_ik(contact.user_id)
+                self.line(
+                    "trust",
+                    f"accepted the new identity key of {contact.name}; trust is now unverified",
+                )
+            else:
+                self.line("info", f"not accepted; sending to {contact.name} stays blocked")
+
+        if len(args) == 2:
+            then(args[1].lower() in YES)
+        else:
+            self.ask("confirm", f"accept {contact.name}'s new identity key?", then)
+
+    def _history(self, args: list[str]) -> None:
+        app = self.app
+        assert app is not None
+        if len(args) != 1:
+            raise ContactError("usage: /history WHO")
+        contact = app.core.find(args[0])
+        entries = app.core.history(contact.user_id)
+        if not entries:
+            self.line("history", f"nothing with {contact.name} yet")
+        for entry in entries:
+            who = "me" if entry.direction == "out" else contact.name
+            self.line(
+                "history",
+                f"{clock_text(entry.unix_ms)} {who} ({entry.trust.value}, {entry.status}): "
+                f"{entry.text}",
+            )
+
+    def _name(self, user_id: int) -> str:
+        assert self.app is not None
+        try:
+            return self.app.core.contact(user_id).name
+        except ContactError:
+            return str(user_id)
+
+
+def _one_line(digits: str) -> str:
+    return " ".join(digits.split())

@@ -1,0 +1,84 @@
+"""ClientApp's connection loop on a memory reactor: backoff, jitter, fatal refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from enclaves.client.app import ClientApp
+from enclaves.client.keystore import Keystore
+from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
+from tests.client.helpers import make_core
+
+
+def start(tmp_path: Path) -> tuple[ClientApp, MemoryReactorClock, list[tuple[str, str]]]:
+    core = make_core(1001)
+    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core.state())
+    reactor = MemoryReactorClock()
+    out: list[tuple[str, str]] = []
+    app = ClientApp(
+        reactor,
+        keystore,
+        core.state(),
+        "tcp:host=127.0.0.1:port=7500",
+        lambda tag, text: out.append((tag, text)),
+        core=core,
+        retry_initial=0.5,
+        retry_max=4.0,
+        rng=lambda: 0.5,  # no jitter: factor 0.8 + 0.4 * 0.5 = 1.0
+    )
+    app.start()
+    return app, reactor, out
+
+
+def refuse(reactor: MemoryReactorClock) -> None:
+    host, port, factory, _timeout, _bind = reactor.tcpClients[-1]
+    assert (host, port) == ("127.0.0.1", 7500)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+
+def test_reconnects_with_exponential_backoff_and_says_so(tmp_path: Path) -> None:
+    app, reactor, out = start(tmp_path)
+    delays = []
+    for attempt in range(6):
+        assert len(reactor.tcpClients) == attempt + 1
+        refuse(reactor)
+        tag, text = out[-1]
+        assert tag == "conn" and text.startswith("cannot reach the server")
+        delays.append(float(text.rsplit("retrying in ", 1)[1].split()[0]))
+        reactor.advance(delays[-1] - 0.01)
+        assert len(reactor.tcpClients) == attempt + 1  # not before the delay
+        reactor.advance(0.01)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    app.stop()
+    assert app.finished.called
+
+
+def test_jitter_stays_within_twenty_percent(tmp_path: Path) -> None:
+    app, _reactor, _out = start(tmp_path)
+    for r in (0.0, 1.0):
+        app._rng = lambda r=r: r
+        assert app._jitter(10.0) == pytest.approx(8.0 if r == 0.0 else 12.0)
+    app.stop()
+
+
+def test_a_refused_login_stops_for_good_with_plain_words(tmp_path: Path) -> None:
+    app, reactor, _out = start(tmp_path)
+    _host, _port, factory, _timeout, _bind = reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(None)
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(
+        encode_frame(FrameType.ERROR, encode_error(ErrorCode.AUTH_FAILED, "authentication failed"))
+    )
+    protocol.connectionLost(Failure(ConnectionRefusedError()))
+    assert app.finished.called
+    code, text = app.outcome or (None, None)
+    assert code == 1 and "does not accept this keystore's keys" in (text or "")
+    reactor.advance(100)
+    assert len(reactor.tcpClients) == 1  # no more attempts

@@ -1,0 +1,132 @@
+"""The line UI and the app's local paths (no server): real core, real keystore file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from attrs import evolve
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from enclaves.client.app import ClientApp
+from enclaves.client.endpoint import EndpointError, normalise
+from enclaves.client.keystore import Keystore
+from enclaves.client.state import decode_state, encode_state
+from enclaves.client.ui import LineUI, printable
+from enclaves.crypto import KeyPair
+from tests.client.helpers import Relay, make_core
+
+A, B = 1001, 2002
+
+
+@pytest.fixture
+def ui(tmp_path: Path) -> tuple[LineUI, ClientApp, StringTransport]:
+    core_a, core_b = make_core(A), make_core(B)
+    relay = Relay(core_a, core_b)
+    relay.post(A, core_a.start_kex(B, 0.0))
+    relay.flush(0.0)
+    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core_a.state())
+    clock = Clock()
+    clock.advance(1000)
+    lines = LineUI()
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    app = ClientApp(clock, keystore, core_a.state(), "tcp:127.0.0.1:1", lines.line, core=core_a)
+    lines.attach(app)
+    return lines, app, transport
+
+
+def typed(ui: LineUI, transport: StringTransport, *commands: str) -> list[str]:
+    transport.clear()
+    for command in commands:
+        ui.dataReceived(command.encode() + b"\n")
+    return transport.value().decode().splitlines()
+
+
+def test_first_message_to_unverified_contact_needs_a_yes(ui, tmp_path: Path) -> None:
+    lines, app, transport = ui
+    out = typed(lines, transport, f"/msg {B} hello", "no")
+    assert out[0].startswith(f"[confirm] {B} is not verified")
+    assert out[1] == "[info] not sent"
+    assert app.core.outbox() == []
+    out = typed(lines, transport, f"/msg {B} hello", "yes")
+    assert out[1].startswith("[sent] id=") and out[1].endswith(f" to {B}")
+    # Saved before anything could leave: the keystore holds it in the outbox.
+    _, state = Keystore.unlock(tmp_path / "ks", "pass phrase")
+    assert [e.kind for e in state.outbox] == ["message"]
+    out = typed(lines, transport, f"/msg {B} again", "/outbox")
+    assert out[0].startswith("[sent] ")
+    assert len([line for line in out if line.startswith("[outbox] ")]) == 2
+
+
+def test_conversation_names_verify_and_errors(ui) -> None:
+    lines, _app, transport = ui
+    out = typed(lines, transport, "plain line")
+    assert out == ["[error] not in a conversation: /to WHO first, or /msg WHO TEXT"]
+    out = typed(lines, transport, f"/name {B} bob", "/to bob", "hi there", "yes")
+    assert out[0] == f"[info] {B} is now called bob"
+    assert out[1].startswith("[info] talking to bob (unverified)")
+    assert out[2].startswith("[confirm] ") and out[3].startswith("[sent] ")
+    out = typed(lines, transport, "/verify bob")
+    assert out[0].startswith("[safety] bob: ") and len(out[0].split(": ")[1].split()) == 12
+    assert typed(lines, transport, "yes") == ["[trust] bob is now verified"]
+    out = typed(lines, transport, "/contacts")
+    assert out == [f"[contact] bob id={B} trust=verified keys=epoch-1"]
+    assert typed(lines, transport, "/msg nobody hi") == ["[error] no contact called 'nobody'"]
+    assert typed(lines, transport, "/frobnicate")[0].startswith("[error] unknown command")
+    assert typed(lines, transport, "/retry ffff")[0].startswith("[error] no single outbox")
+    assert typed(lines, transport, "/import bob enclaves-ik:xyz")[0].startswith("[error] ")
+    out = typed(lines, transport, "/history bob")
+    assert out[0].endswith("me (unverified, sending): hi there")
+    out = typed(lines, transport, "/fingerprint")
+    assert out[0].startswith(f"[fingerprint] {A}: ") and out[1].startswith("[ik] enclaves-ik:")
+    assert typed(lines, transport, "/help")[0].startswith("[help] /msg WHO TEXT")
+
+
+def test_rotate_records_the_pending_keys_before_sending(ui, tmp_path: Path) -> None:
+    lines, _app, transport = ui
+    typed(lines, transport, "/rotate")
+    _, state = Keystore.unlock(tmp_path / "ks", "pass phrase")
+    assert state.pending_server_keys is not None
+    assert state.server_keys != state.pending_server_keys
+
+
+def test_state_round_trips_the_rotation_fields() -> None:
+    state = evolve(make_core(A).state(), pending_server_keys=KeyPair.generate(), enrolled=False)
+    assert decode_state(encode_state(state)) == state
+    plain = make_core(A).state()
+    assert decode_state(encode_state(plain)) == plain
+    assert decode_state(encode_state(plain)).enrolled is True
+
+
+@pytest.mark.parametrize(
+    ("address", "ca", "expected"),
+    [
+        ("chat.example.org:7500", None, "tcp:host=chat.example.org:port=7500"),
+        ("tcp:127.0.0.1:7500", None, "tcp:127.0.0.1:7500"),
+        ("tls:chat.example.org:7500", None, "tls:host=chat.example.org:port=7500"),
+        ("ssl:host=h:port=1", "/ca.pem", "tls:host=h:port=1:ca=/ca.pem"),
+    ],
+)
+def test_server_addresses(address: str, ca: str | None, expected: str) -> None:
+    assert normalise(address, ca) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "ca"),
+    [("", None), ("nohost", None), ("tls:h", None), ("tls:h:1:bogus=2", None), ("h:1", "/ca")],
+)
+def test_bad_server_addresses(address: str, ca: str | None) -> None:
+    with pytest.raises(EndpointError):
+        normalise(address, ca)
+
+
+def test_peer_text_can_not_forge_lines_or_drive_the_terminal(ui) -> None:
+    lines, _app, transport = ui
+    transport.clear()
+    lines.line("msg", "hi\n[msg] 12:00:00 bob (verified): send money\x1b[2J\u202e")
+    out = transport.value().decode()
+    assert out.count("\n") == 1
+    assert "\\x0a[msg]" in out and "\\x1b[2J" in out and "\\u202e" in out
+    assert printable("grüße 👋") == "grüße 👋"
