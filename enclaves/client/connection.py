@@ -15,6 +15,8 @@ are coalesced into one sealed frame.
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -119,6 +121,7 @@ class ClientConnection(Protocol):
         self._flush_call: Any = None
         self._reason: Disconnected | None = None
         self._done = False
+        self._login_nonce: int | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConnection user={self.user_id}>"
@@ -182,6 +185,9 @@ class ClientConnection(Protocol):
                 self._abort(Disconnected(int(error.code), error.text))
                 return
             self._session = Session(keys, "client", self.max_frame)
+            # The server goes live only on our first sealed frame: send one now.
+            (self._login_nonce,) = struct.unpack(">Q", os.urandom(8))
+            self.send(Ping(self._login_nonce))
             self.ready.callback(self)
         elif frame.type is FrameType.SEALED and self._session is not None:
             try:
@@ -197,6 +203,9 @@ class ClientConnection(Protocol):
     def _message_received(self, message: InnerMessage) -> None:
         if isinstance(message, Ping):
             self.send(Pong(message.nonce))
+            return
+        if isinstance(message, Pong) and message.nonce == self._login_nonce:
+            self._login_nonce = None  # the answer to our login PING
             return
         if isinstance(message, Error) and message.msg_id == NO_MSG_ID:
             # A session ERROR: the server closes right after it.

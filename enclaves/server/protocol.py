@@ -47,7 +47,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 300
 DEFAULT_MAX_CONNECTIONS = 10_000
 
-_HANDSHAKE, _LOOKUP, _SESSION, _CLOSED = "handshake", "lookup", "session", "closed"
+_HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
+    "handshake",
+    "lookup",
+    "proving",  # WELCOME sent; live only once a SEALED frame opens with the keys
+    "session",
+    "closed",
+)
 
 
 class ServerProtocol(Protocol, TimeoutMixin):
@@ -55,6 +61,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     Before a session exists every failure is an ERROR frame; afterwards a
     sealed inner ERROR.  Either way the connection is then dropped.
+
+    A verified HELLO proves nothing (it can be a replay): the session goes live
+    (router login, REPLACED of an older session, pending delivery) only when the
+    client's first SEALED frame opens, which proves it holds the session keys.
     """
 
     log = Logger()
@@ -68,6 +78,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._flush_call: Any = None
         self._pinged = False
         self._peer = "?"
+        self._record: UserRecord | None = None
+        self._live = False
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -112,7 +124,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        was_session = self._state == _SESSION or self._session is not None
+        was_session = self._live
         self._state = _CLOSED
         self.setTimeout(None)
         if self._flush_call is not None and self._flush_call.active():
@@ -124,7 +136,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.factory.connection_lost(self)
 
     def timeoutConnection(self) -> None:
-        if self._state in (_HANDSHAKE, _LOOKUP):
+        if self._state in (_HANDSHAKE, _LOOKUP, _PROVING):
             self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake in time")
         elif self._state == _SESSION:
             if self._pinged:
@@ -141,7 +153,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if frame.type is FrameType.ERROR:
             self.log.info("{peer} sent an ERROR frame; closing", peer=self._peer)
             self._drop()
-        elif self._state == _SESSION and frame.type is FrameType.SEALED:
+        elif self._state in (_PROVING, _SESSION) and frame.type is FrameType.SEALED:
             self._sealed_received(frame.payload)
         elif self._state == _HANDSHAKE and frame.type is FrameType.HELLO:
             self._hello_received(frame.payload)
@@ -184,20 +196,31 @@ class ServerProtocol(Protocol, TimeoutMixin):
             )
             return
         self.user_id = record.user_id
+        self._record = record
         self._session = Session(keys, "server", factory.max_frame)
-        self._state = _SESSION
+        self._state = _PROVING  # still under the handshake timeout
         self._write(welcome)
-        self.setTimeout(factory.idle_timeout / 2)
-        factory.router.login(self, record)
-        self._flush()
+
+    def _go_live(self) -> None:
+        """The first SEALED frame opened: the peer has the keys; log in."""
+        assert self._record is not None
+        self._state = _SESSION
+        self._live = True
+        self.setTimeout(self.factory.idle_timeout / 2)
+        self.factory.router.login(self, self._record)
+        self._record = None
 
     def _sealed_received(self, payload: bytes) -> None:
         assert self._session is not None
         try:
             messages = self._session.open(payload)
         except SessionError as error:
+            if self._state == _PROVING:
+                self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.close(error.code, error.text)
             return
+        if self._state == _PROVING:
+            self._go_live()
         self._pinged = False
         self.resetTimeout()
         router = self.factory.router
@@ -266,7 +289,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.transport.write(data)
 
     def _drop(self) -> None:
-        if self._state == _SESSION:
+        if self._live:
             # Detach now, so nothing more is routed to this session.
             self.factory.router.logout(self)
         self._state = _CLOSED

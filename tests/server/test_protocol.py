@@ -516,3 +516,39 @@ def test_slow_recipient_window_spills_to_storage_in_order() -> None:
     b.received()
     assert _pending(h, B) == []
     assert len(h.router._online[B].inflight) == 0
+
+
+def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
+    """A recorded HELLO gets a WELCOME but no login: no REPLACED, nothing delivered."""
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login()
+    b.login()
+    hello = b.handshake.hello_frame()
+    a.send(Send(mid(1), B, b"m"))
+    assert b.received() == [Deliver(mid(1), A, b"m")]
+    replayer = h.raw(B, kb, host="203.0.113.9")
+    replayer.write(hello)
+    assert [f.type for f in replayer.frames()] == [FrameType.WELCOME]
+    assert b.received() == [] and not b.closing
+    # Without the session keys its sealed frames do not open: dropped, still nobody replaced.
+    replayer.write(encode_frame(FrameType.SEALED, bytes(8) + bytes(48)))
+    assert replayer.outer_error()[0] == ErrorCode.BAD_SESSION_FRAME
+    assert b.received() == [] and not b.closing and h.router.is_online(B)
+    # A replayer that just waits hits the handshake timeout.
+    quiet = h.raw(B, kb, host="203.0.113.9")
+    quiet.write(hello)
+    quiet.frames()
+    h.clock.advance(h.factory.handshake_timeout + 1)
+    assert quiet.outer_error()[0] == ErrorCode.HANDSHAKE_TIMEOUT
+    assert b.received() == [] and h.router.is_online(B)
+
+
+def test_session_goes_live_on_the_first_sealed_frame(h: Harness) -> None:
+    ka = h.add_user(A)
+    a = h.raw(A, ka)
+    a.welcome()
+    assert not h.router.is_online(A) and a.received() == []
+    a.send(Ping(7))
+    assert a.received() == [Directory((A,)), Pong(7)]
+    assert h.router.is_online(A)
