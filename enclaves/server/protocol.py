@@ -80,6 +80,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._peer = "?"
         self._record: UserRecord | None = None
         self._live = False
+        self._paused = False
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -96,6 +97,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
         self._decoder = FrameDecoder(factory.max_frame)
         self._handshake = ServerHandshake()
+        # Backpressure: the transport pauses us when its write buffer is full,
+        # and we stop reading from this client until it drains.
+        self.transport.registerProducer(self, True)
         factory.connection_made(self)
         if len(factory.protocols) > factory.max_connections:
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
@@ -134,6 +138,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if was_session:
             self.factory.router.logout(self)
         self.factory.connection_lost(self)
+
+    # -- IPushProducer: output backpressure ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """Our output to this client is backed up: stop reading its requests."""
+        self._paused = True
+        if self.transport is not None and self._state != _CLOSED:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        """The client read its output: read its requests again."""
+        self._paused = False
+        if self.transport is not None and self._state != _CLOSED:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the clean-up."""
 
     def timeoutConnection(self) -> None:
         if self._state in (_HANDSHAKE, _LOOKUP, _PROVING):
