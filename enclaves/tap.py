@@ -32,6 +32,9 @@ log = Logger()
 
 #: Admin keys file used when --admin-keys is not given and it exists.
 ADMIN_KEYS_FILE = "admin_keys"
+# The smallest --max-frame: an OFFER (1,253 bytes) or ACCEPT (1,173) in a SEND,
+# sealed, fits with room to spare, and DIRECTORY parts carry ~500 ids each.
+MIN_MAX_FRAME = 4096
 
 
 def _positive_int(name: str, minimum: int = 1, maximum: int = 1 << 31) -> Any:
@@ -66,7 +69,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_FRAME,
             "Largest frame accepted, in bytes.",
-            _positive_int("max-frame", 1024, 16 * 1024 * 1024),
+            _positive_int("max-frame", MIN_MAX_FRAME, 16 * 1024 * 1024),
         ],
         [
             "manhole",

@@ -39,7 +39,7 @@ from enclaves.frames import (
     decode_error,
 )
 from enclaves.handshake import ClientHandshake, HandshakeError
-from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping, Pong
+from enclaves.inner import NO_MSG_ID, Directory, Error, InnerMessage, Ping, Pong
 from enclaves.session import Session, SessionError, max_blob_size
 
 __all__ = [
@@ -122,6 +122,7 @@ class ClientConnection(Protocol):
         self._reason: Disconnected | None = None
         self._done = False
         self._login_nonce: int | None = None
+        self._directory_parts: list[int] = []
 
     def __repr__(self) -> str:
         return f"<ClientConnection user={self.user_id}>"
@@ -207,6 +208,13 @@ class ClientConnection(Protocol):
         if isinstance(message, Pong) and message.nonce == self._login_nonce:
             self._login_nonce = None  # the answer to our login PING
             return
+        if isinstance(message, Directory):
+            # Parts with ``more`` set are joined: the application sees one list.
+            self._directory_parts.extend(message.user_ids)
+            if message.more:
+                return
+            message = Directory(tuple(self._directory_parts))
+            self._directory_parts = []
         if isinstance(message, Error) and message.msg_id == NO_MSG_ID:
             # A session ERROR: the server closes right after it.
             self._reason = Disconnected(message.code, message.text)

@@ -273,7 +273,30 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if not self._queue or self._session is None or self._state == _CLOSED:
             return
         queue, self._queue = self._queue, []
-        self._write(self._session.seal(queue))
+        try:
+            data = self._session.seal(queue)
+        except (ValueError, SessionError) as error:
+            # A message that fits no frame (or sequence numbers exhausted): a
+            # bug or a misconfiguration, never a traceback in a Deferred.
+            self.log.error(
+                "cannot seal output for user {user_id}: {error}; closing",
+                user_id=self.user_id,
+                error=str(error),
+            )
+            self._seal_failed()
+            return
+        self._write(data)
+
+    def _seal_failed(self) -> None:
+        assert self._session is not None
+        if self._state == _SESSION:
+            try:
+                text = "the server could not fit its output in a frame"
+                error = Error(int(ErrorCode.MESSAGE_TOO_LARGE), NO_MSG_ID, text)
+                self._write(self._session.seal([error]))
+            except (ValueError, SessionError):
+                pass
+        self._drop()
 
     def close(self, code: ErrorCode, text: str) -> None:
         """End the session: a sealed ERROR after whatever is queued, then drop."""

@@ -11,6 +11,7 @@ recipient who disconnects is stored, or its sender gets an ERROR.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
@@ -26,7 +27,6 @@ from enclaves.inner import (
     Accepted,
     Deliver,
     Delivered,
-    Directory,
     Error,
     InnerMessage,
     Invite,
@@ -39,9 +39,10 @@ from enclaves.inner import (
     Rotate,
     Rotated,
     Send,
+    split_directory,
 )
 from enclaves.server.limits import TokenBucket
-from enclaves.session import max_blob_size
+from enclaves.session import max_blob_size, max_inner_size
 from enclaves.storage.interface import (
     IStorage,
     QuotaExceeded,
@@ -147,6 +148,7 @@ class Router:
         self.token_lifetime = token_lifetime
         self.max_inflight = max(max_inflight, 2)
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
+        self.max_frame = max_frame
         self._online: dict[int, _Online] = {}
         self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
         self.connections = 0
@@ -258,6 +260,11 @@ class Router:
             if item.file_id is None:
                 self._tell(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
 
+    def _send_directory(self, state: _Online, users: Iterable[int]) -> None:
+        """DIRECTORY, in as many parts as the frame limit needs."""
+        for part in split_directory(tuple(users), max_inner_size(self.max_frame)):
+            state.peer.send(part)
+
     def _start(self, state: _Online, uid: int) -> None:
         """Directory first, then pending messages in arrival order, then live ones."""
 
@@ -265,7 +272,7 @@ class Router:
             users = await self.storage.list_users()
             if state.closed:
                 return
-            state.peer.send(Directory(tuple(users)))
+            self._send_directory(state, users)
             pending = await self.storage.pending_for(uid)
             if state.closed:
                 return
@@ -473,7 +480,7 @@ class Router:
                 self.notify_joined(uid)
             else:
                 self.storage.list_users().addCallback(
-                    lambda users: None if state.closed else state.peer.send(Directory(tuple(users)))
+                    lambda users: None if state.closed else self._send_directory(state, users)
                 ).addErrback(lambda f: self.log.failure("directory after rotation", f))
 
         def failed(failure: Failure) -> None:

@@ -110,3 +110,12 @@ def test_random_server_bytes_never_crash_the_client(chunks: list[bytes]) -> None
     reasons: list[Disconnected] = []
     client.closed.addCallback(reasons.append)
     assert len(reasons) == 1
+
+
+def test_directory_parts_reach_the_application_as_one() -> None:
+    h = Harness(router={"max_frame": 4096}, max_frame=4096)
+    keys = {uid: h.add_user(uid) for uid in range(1, 1201)}
+    a, pump = _connect(h, 1, keys[1])
+    for _ in range(3):
+        pump.flush()
+    assert _drain(a) == [Directory(tuple(range(1, 1201)))]

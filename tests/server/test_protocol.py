@@ -552,3 +552,21 @@ def test_session_goes_live_on_the_first_sealed_frame(h: Harness) -> None:
     a.send(Ping(7))
     assert a.received() == [Directory((A,)), Pong(7)]
     assert h.router.is_online(A)
+
+
+def test_directory_larger_than_a_frame_comes_in_parts() -> None:
+    h = Harness(router={"max_frame": 4096}, max_frame=4096)
+    keys = {uid: h.add_user(uid) for uid in range(1, 1201)}
+    a = h.raw(1, keys[1])
+    parts = a.login()
+    assert len(parts) == 3 and all(isinstance(p, Directory) for p in parts)
+    assert [p.more for p in parts] == [True, True, False]  # type: ignore[union-attr]
+    assert tuple(i for p in parts for i in p.user_ids) == tuple(range(1, 1201))  # type: ignore[union-attr]
+    assert not a.closing
+
+
+def test_output_that_fits_no_frame_closes_the_session_cleanly(h: Harness) -> None:
+    a = _session_pair(h)
+    a.proto.send(Deliver(mid(1), B, b"x" * 70_000))
+    assert _codes(a.received()) == [ErrorCode.MESSAGE_TOO_LARGE]
+    assert a.closing and not h.router.is_online(A)
