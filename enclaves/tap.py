@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,7 +22,7 @@ from enclaves.server.protocol import (
     DEFAULT_MAX_CONNECTIONS,
     ServerFactory,
 )
-from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
+from enclaves.server.router import DEFAULT_MAX_ENROLLMENTS, DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
 from enclaves.storage.filestore import FileStorage
 from enclaves.storage.interface import StorageError
@@ -121,6 +122,13 @@ class Options(usage.Options):
             _positive_int("token-lifetime", 60, 365 * 86400),
         ],
         [
+            "max-enrollments",
+            None,
+            DEFAULT_MAX_ENROLLMENTS,
+            "Most outstanding enrollments (unused, unexpired tokens) INVITE may create.",
+            _positive_int("max-enrollments", 1, 10_000_000),
+        ],
+        [
             "max-pending",
             None,
             1000,
@@ -204,7 +212,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         message_rate=options["message-rate"],
         allow_invites=bool(options["allow-invites"]),
         token_lifetime=options["token-lifetime"],
+        max_enrollments=options["max-enrollments"],
     )
+    # At start-up and hourly: users whose token expired a week ago unused go.
+    purge = TimerService(3600, _purge_enrollments, router)
+    purge.clock = reactor
+    purge.setServiceParent(top)
     factory = ServerFactory(
         router,
         storage,
@@ -223,6 +236,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if shell is not None:
         shell.setServiceParent(top)
     return top
+
+
+def _purge_enrollments(router: Router) -> Any:
+    return router.purge_expired_enrollments().addErrback(
+        lambda f: log.failure("purging expired enrollments failed", f)
+    )
 
 
 def _admin_shell(

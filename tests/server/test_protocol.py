@@ -570,3 +570,41 @@ def test_output_that_fits_no_frame_closes_the_session_cleanly(h: Harness) -> Non
     a.proto.send(Deliver(mid(1), B, b"x" * 70_000))
     assert _codes(a.received()) == [ErrorCode.MESSAGE_TOO_LARGE]
     assert a.closing and not h.router.is_online(A)
+
+
+def test_invites_are_limited_per_user_and_server_wide() -> None:
+    h = Harness(
+        router={"allow_invites": True, "max_enrollments": 7, "invites_per_hour": 5},
+        idle_timeout=10**7,
+    )
+    a, b = h.raw(A, h.add_user(A)), h.raw(B, h.add_user(B))
+    a.login(), b.login()
+    for _ in range(6):
+        a.send(Invite())
+    got = a.received()
+    assert [type(m) for m in got] == [InviteToken] * 5 + [Error]
+    assert _codes(got) == [ErrorCode.RATE_LIMITED] and not a.closing
+    h.clock.advance(3600 / 5)  # one more token an hour / 5 later
+    a.send(Invite())
+    assert [type(m) for m in a.received()] == [InviteToken]
+    # 6 outstanding now; the server-wide cap of 7 stops B's second.
+    b.send(Invite(), Invite())
+    got = b.received()
+    assert [type(m) for m in got] == [InviteToken, Error]
+    assert _codes(got) == [ErrorCode.RATE_LIMITED]
+
+
+def test_expired_unused_enrollments_are_purged() -> None:
+    h = Harness(idle_timeout=10**7)
+    ka = h.add_user(A)
+    h.add_user(B, enrolling_for=60)  # expires in a minute
+    h.add_user(C, enrolling_for=30 * 86400)  # still valid in a week
+    a = h.raw(A, ka)
+    a.login()
+    assert _result(h.router.purge_expired_enrollments()) == []
+    h.clock.advance(7 * 86400)
+    assert _result(h.router.purge_expired_enrollments()) == []  # expired < 7 days ago
+    h.clock.advance(120)
+    assert _result(h.router.purge_expired_enrollments()) == [B]
+    assert _result(h.storage.list_users()) == [A, C]
+    assert a.received() == [Removed(B)]
