@@ -92,7 +92,9 @@ class ClientConnection(Protocol):
     connection ends, whatever the reason.  Inner messages from the server go to
     ``on_message`` if set, else into ``inbox`` (a ``DeferredQueue``).  Per-message
     ERRORs (a non-zero ``msg_id``) are inner messages like any other; a session
-    ERROR (zero ``msg_id``) becomes the ``closed`` reason.
+    ERROR (zero ``msg_id``) becomes the ``closed`` reason.  An outer (unsealed)
+    ERROR frame after WELCOME is unauthenticated: it closes the connection as
+    a plain close (code None), its text is ignored.
     """
 
     log = Logger()
@@ -172,6 +174,14 @@ class ClientConnection(Protocol):
 
     def _frame_received(self, frame: Frame) -> None:
         if frame.type is FrameType.ERROR:
+            if self._session is not None:
+                # Unauthenticated once the session exists (anyone on the path
+                # can inject one): a plain close, its text is never shown.
+                self.log.info("outer ERROR frame inside a session: closing")
+                self._reason = self._reason or Disconnected(None, "connection closed")
+                self._done = True
+                self._lose()
+                return
             try:
                 code, text = decode_error(frame.payload)
             except FrameError:
