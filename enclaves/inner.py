@@ -258,7 +258,9 @@ def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
         case InviteToken(user_id, expires_ms, token):
             return Kind.INVITE_TOKEN, _U64.pack(user_id) + _U64.pack(expires_ms) + token.encode()
         case Error(code, msg_id, text):
-            return Kind.ERROR, _U16.pack(code) + msg_id + text.encode("utf-8")[:1024]
+            # Cut to 1024 bytes on a character boundary (never half a character).
+            raw = text.encode("utf-8")[:1024].decode("utf-8", "ignore").encode("utf-8")
+            return Kind.ERROR, _U16.pack(code) + msg_id + raw
         case Ping(nonce):
             return Kind.PING, _U64.pack(nonce)
         case Pong(nonce):

@@ -169,3 +169,10 @@ def test_split_directory_parts_fit_and_join(count: int) -> None:
     assert all(len(inner.encode(p)) <= limit for p in parts)
     assert [p.more for p in parts] == [True] * (len(parts) - 1) + [False]
     assert tuple(i for p in parts for i in p.user_ids) == ids
+
+
+def test_inner_error_text_is_cut_on_a_character_boundary() -> None:
+    text = "a" + "é" * 600  # 1201 bytes; byte 1024 falls inside an "é"
+    (decoded,) = inner.decode_all(inner.encode(inner.Error(5, bytes(16), text)))
+    assert isinstance(decoded, inner.Error)
+    assert decoded.text == text[:512] and len(decoded.text.encode()) == 1023
