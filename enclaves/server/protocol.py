@@ -99,7 +99,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._handshake = ServerHandshake()
         # Backpressure: the transport pauses us when its write buffer is full,
         # and we stop reading from this client until it drains.
-        self.transport.registerProducer(self, True)
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         factory.connection_made(self)
         if len(factory.protocols) > factory.max_connections:
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
