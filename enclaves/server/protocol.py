@@ -339,7 +339,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._state = _CLOSED
         self._queue = []
         self.setTimeout(None)
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if self._paused:
+            # Its output is backed up: a client that does not read would hold
+            # the connection open forever waiting for a graceful close.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
             self.transport.loseConnection()
 
 

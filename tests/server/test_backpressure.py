@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import pytest_twisted
@@ -33,14 +34,17 @@ async def test_flooding_client_that_never_reads_keeps_server_buffer_bounded() ->
     storage = MemoryStorage()
     keys = KeyPair.generate()
     storage.add_user(5, keys, None)
-    factory = ServerFactory(Router(storage, reactor), storage, reactor)
+    factory = ServerFactory(Router(storage, reactor), storage, reactor, idle_timeout=2)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
 
     def server_buffer() -> int:
         (protocol,) = factory.protocols
         return _buffered(protocol.transport)
 
-    def flooder() -> tuple[int, int]:
+    def connections() -> int:
+        return len(factory.protocols)
+
+    def flooder() -> tuple[int, int, int]:
         handshake = ClientHandshake(5, keys)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
@@ -63,13 +67,22 @@ async def test_flooding_client_that_never_reads_keeps_server_buffer_bounded() ->
                     sent += len(frame)
             except TimeoutError:
                 pass
-            return sent, threads.blockingCallFromThread(reactor, server_buffer)
+            buffered = threads.blockingCallFromThread(reactor, server_buffer)
+            # Still not reading: the idle timeout must end the connection even
+            # though its output can never be flushed.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if threads.blockingCallFromThread(reactor, connections) == 0:
+                    break
+                time.sleep(0.1)
+            return sent, buffered, threads.blockingCallFromThread(reactor, connections)
 
     try:
-        sent, buffered = await threads.deferToThread(flooder)
+        sent, buffered, left = await threads.deferToThread(flooder)
     finally:
         await port.stopListening()
         for protocol in list(factory.protocols):
             protocol.transport.abortConnection()
     assert sent < FLOOD_LIMIT, "the server kept reading a client that never reads"
     assert buffered < 1024 * 1024, buffered
+    assert left == 0, "a client that never reads kept its connection past the idle timeout"
