@@ -5,9 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "write_atomic", "create_exclusive", "fsync_dir"]
+__all__ = ["TEMP_SUFFIX", "write_atomic", "create_exclusive", "fsync_dir", "temp_name"]
 
 TEMP_SUFFIX = ".tmp"
+# A fresh name, never an existing file or a symlink planted at a guessable name.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temp_name(path: Path) -> Path:
+    """``.NAME.PID.RANDOM.tmp`` beside ``path`` (storage start-up removes
+    stray names starting with ``.`` and ending in ``.tmp``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}{TEMP_SUFFIX}")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -29,8 +37,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    temp = temp_name(path)
+    fd = os.open(temp, _TEMP_FLAGS, mode)
     try:
         try:
             os.fchmod(fd, mode)
@@ -55,8 +63,8 @@ def create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
     place, so no reader ever sees a partly written file.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    temp = temp_name(path)
+    fd = os.open(temp, _TEMP_FLAGS, mode)
     try:
         try:
             os.fchmod(fd, mode)

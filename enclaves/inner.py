@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from typing import Union
 
 from attrs import field, frozen
@@ -26,6 +27,8 @@ __all__ = [
     "Rotate",
     "Rotated",
     "Directory",
+    "DIRECTORY_MORE",
+    "split_directory",
     "Joined",
     "Removed",
     "Invite",
@@ -141,9 +144,28 @@ class Rotated:
 
 @frozen
 class Directory:
-    """Server: every user id, in ascending order."""
+    """Server: every user id, in ascending order.
+
+    A list too long for one frame is sent as several DIRECTORY parts, each
+    but the last with ``more`` set; the client joins them into one.
+    """
 
     user_ids: tuple[int, ...]
+    more: bool = False
+
+
+DIRECTORY_MORE = 0x01  # DIRECTORY flags bit 0: another part follows
+_DIRECTORY_OVERHEAD = 4 + 1 + 1 + 4  # length, kind, flags, count
+
+
+def split_directory(user_ids: Sequence[int], max_inner: int) -> list[Directory]:
+    """``user_ids`` as DIRECTORY parts whose encodings are at most ``max_inner`` bytes."""
+    per_part = (max_inner - _DIRECTORY_OVERHEAD) // 8
+    if per_part < 1:
+        raise ValueError("no DIRECTORY part fits this frame size")
+    ids = tuple(user_ids)
+    parts = [ids[i : i + per_part] for i in range(0, len(ids), per_part)] or [()]
+    return [Directory(part, i < len(parts) - 1) for i, part in enumerate(parts)]
 
 
 @frozen
@@ -224,8 +246,9 @@ def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
             return Kind.ROTATE, enc + auth
         case Rotated():
             return Kind.ROTATED, b""
-        case Directory(user_ids):
-            return Kind.DIRECTORY, struct.pack(f">I{len(user_ids)}Q", len(user_ids), *user_ids)
+        case Directory(user_ids, more):
+            count = len(user_ids)
+            return Kind.DIRECTORY, struct.pack(f">BI{count}Q", int(more), count, *user_ids)
         case Joined(user_id):
             return Kind.JOINED, _U64.pack(user_id)
         case Removed(user_id):
@@ -235,7 +258,9 @@ def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
         case InviteToken(user_id, expires_ms, token):
             return Kind.INVITE_TOKEN, _U64.pack(user_id) + _U64.pack(expires_ms) + token.encode()
         case Error(code, msg_id, text):
-            return Kind.ERROR, _U16.pack(code) + msg_id + text.encode("utf-8")[:1024]
+            # Cut to 1024 bytes on a character boundary (never half a character).
+            raw = text.encode("utf-8")[:1024].decode("utf-8", "ignore").encode("utf-8")
+            return Kind.ERROR, _U16.pack(code) + msg_id + raw
         case Ping(nonce):
             return Kind.PING, _U64.pack(nonce)
         case Pong(nonce):
@@ -285,11 +310,13 @@ def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:
         _need(fields, 0, kind)
         return Rotated() if kind is Kind.ROTATED else Invite()
     if kind is Kind.DIRECTORY:
-        if len(fields) < 4:
+        if len(fields) < 5:
             raise InnerError("DIRECTORY is too short")
-        (count,) = _LEN.unpack_from(fields)
-        _need(fields, 4 + 8 * count, kind)
-        return Directory(struct.unpack_from(f">{count}Q", fields, 4))
+        flags, count = struct.unpack_from(">BI", fields)
+        if flags & ~DIRECTORY_MORE:
+            raise InnerError("DIRECTORY has unknown flags")
+        _need(fields, 5 + 8 * count, kind)
+        return Directory(struct.unpack_from(f">{count}Q", fields, 5), bool(flags))
     if kind in (Kind.JOINED, Kind.REMOVED, Kind.PING, Kind.PONG):
         _need(fields, 8, kind)
         (value,) = _U64.unpack(fields)

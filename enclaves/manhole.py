@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import stat
 import struct
@@ -142,6 +143,21 @@ class AdminKeys:
         return self.comments.get(key.blob(), "")
 
 
+def _refuse_writable_by_others(path: Path) -> None:
+    """Like sshd's StrictModes: whoever can write the admin keys file (or
+    replace it through its directory) can become admin, so refuse that."""
+    for target, what in ((path, "admin keys file"), (path.parent, "directory of the admin keys")):
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as error:
+            raise StartupError(f"cannot read admin keys {path}: {error.strerror}") from None
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StartupError(
+                f"{what} {target} is writable by group or others "
+                f"(mode {stat.S_IMODE(mode):o}); run chmod go-w on it"
+            )
+
+
 def read_admin_keys(path: Path) -> AdminKeys:
     """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged.
 
@@ -150,6 +166,7 @@ def read_admin_keys(path: Path) -> AdminKeys:
     """
     found: list[keys.Key] = []
     comments: dict[bytes, str] = {}
+    _refuse_writable_by_others(Path(path))
     try:
         with open(path, "rb") as handle:
             lines = handle.read().splitlines()
@@ -414,14 +431,32 @@ class AdminRealm:
         return iconch.IConchUser, user, lambda: None
 
 
+# Conch's defaults minus the weak: no 3DES or CBC, no MD5 or SHA-1 MACs, no
+# SHA-1 key exchanges.  OpenSSH's defaults all remain.
+SSH_CIPHERS = [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
+SSH_MACS = [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
+_WEAK_KEX = {b"diffie-hellman-group-exchange-sha1", b"diffie-hellman-group14-sha1",
+             b"diffie-hellman-group1-sha1"}  # fmt: skip
+
+
 class AdminShellFactory(manhole_ssh.ConchFactory):
-    """The SSH factory with this server's own host key (never the class-level dicts)."""
+    """The SSH factory with this server's own host key (never the class-level dicts)
+    and only strong algorithms."""
 
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)
         # Twisted declares these dict[bytes, bytes]; they hold Key objects.
         self.publicKeys = {b"ssh-ed25519": host_key.public()}  # type: ignore[dict-item,unused-ignore]
         self.privateKeys = {b"ssh-ed25519": host_key}  # type: ignore[dict-item]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        transport = super().buildProtocol(addr)
+        transport.supportedCiphers = [c for c in transport.supportedCiphers if c in SSH_CIPHERS]
+        transport.supportedMACs = [m for m in transport.supportedMACs if m in SSH_MACS]
+        transport.supportedKeyExchanges = [
+            k for k in transport.supportedKeyExchanges if k not in _WEAK_KEX
+        ]
+        return transport
 
 
 def manhole_service(

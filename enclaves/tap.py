@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,7 +22,7 @@ from enclaves.server.protocol import (
     DEFAULT_MAX_CONNECTIONS,
     ServerFactory,
 )
-from enclaves.server.router import DEFAULT_MESSAGE_RATE, Router
+from enclaves.server.router import DEFAULT_MAX_ENROLLMENTS, DEFAULT_MESSAGE_RATE, Router
 from enclaves.serverkey import StartupError, open_server_key
 from enclaves.storage.filestore import FileStorage
 from enclaves.storage.interface import StorageError
@@ -32,6 +33,9 @@ log = Logger()
 
 #: Admin keys file used when --admin-keys is not given and it exists.
 ADMIN_KEYS_FILE = "admin_keys"
+# The smallest --max-frame: an OFFER (1,253 bytes) or ACCEPT (1,173) in a SEND,
+# sealed, fits with room to spare, and DIRECTORY parts carry ~500 ids each.
+MIN_MAX_FRAME = 4096
 
 
 def _positive_int(name: str, minimum: int = 1, maximum: int = 1 << 31) -> Any:
@@ -66,7 +70,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_FRAME,
             "Largest frame accepted, in bytes.",
-            _positive_int("max-frame", 1024, 16 * 1024 * 1024),
+            _positive_int("max-frame", MIN_MAX_FRAME, 16 * 1024 * 1024),
         ],
         [
             "manhole",
@@ -116,6 +120,13 @@ class Options(usage.Options):
             DEFAULT_TOKEN_LIFETIME,
             "Seconds an enrollment token (issue() or INVITE) stays valid.",
             _positive_int("token-lifetime", 60, 365 * 86400),
+        ],
+        [
+            "max-enrollments",
+            None,
+            DEFAULT_MAX_ENROLLMENTS,
+            "Most outstanding enrollments (unused, unexpired tokens) INVITE may create.",
+            _positive_int("max-enrollments", 1, 10_000_000),
         ],
         [
             "max-pending",
@@ -201,7 +212,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         message_rate=options["message-rate"],
         allow_invites=bool(options["allow-invites"]),
         token_lifetime=options["token-lifetime"],
+        max_enrollments=options["max-enrollments"],
     )
+    # At start-up and hourly: users whose token expired a week ago unused go.
+    purge = TimerService(3600, _purge_enrollments, router)
+    purge.clock = reactor
+    purge.setServiceParent(top)
     factory = ServerFactory(
         router,
         storage,
@@ -220,6 +236,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if shell is not None:
         shell.setServiceParent(top)
     return top
+
+
+def _purge_enrollments(router: Router) -> Any:
+    return router.purge_expired_enrollments().addErrback(
+        lambda f: log.failure("purging expired enrollments failed", f)
+    )
 
 
 def _admin_shell(

@@ -99,6 +99,7 @@ SAMPLES: list[inner.InnerMessage] = [
     inner.Rotated(),
     inner.Directory((1, 2, 3)),
     inner.Directory(()),
+    inner.Directory((4, 5), more=True),
     inner.Joined(5),
     inner.Removed(6),
     inner.Invite(),
@@ -147,3 +148,31 @@ def test_inner_decoder_never_raises_anything_else(data: bytes) -> None:
 @given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=10))
 def test_inner_coalesced(messages: list[inner.InnerMessage]) -> None:
     assert inner.decode_all(inner.encode_all(messages)) == messages
+
+
+def test_directory_layout_and_flags() -> None:
+    assert inner.encode(inner.Directory((1,), more=True)) == (
+        struct.pack(">IB", 14, 0x08) + b"\x01" + struct.pack(">IQ", 1, 1)
+    )
+    assert inner.encode(inner.Directory(())) == struct.pack(">IBBI", 6, 0x08, 0, 0)
+    with pytest.raises(inner.InnerError):
+        inner.decode_all(struct.pack(">IBBI", 6, 0x08, 2, 0))  # unknown flag bit
+
+
+@pytest.mark.parametrize("count", [0, 1, 119, 120, 5000])
+def test_split_directory_parts_fit_and_join(count: int) -> None:
+    from enclaves.session import max_inner_size
+
+    ids = tuple(range(1, count + 1))
+    limit = max_inner_size(1024)
+    parts = inner.split_directory(ids, limit)
+    assert all(len(inner.encode(p)) <= limit for p in parts)
+    assert [p.more for p in parts] == [True] * (len(parts) - 1) + [False]
+    assert tuple(i for p in parts for i in p.user_ids) == ids
+
+
+def test_inner_error_text_is_cut_on_a_character_boundary() -> None:
+    text = "a" + "é" * 600  # 1201 bytes; byte 1024 falls inside an "é"
+    (decoded,) = inner.decode_all(inner.encode(inner.Error(5, bytes(16), text)))
+    assert isinstance(decoded, inner.Error)
+    assert decoded.text == text[:512] and len(decoded.text.encode()) == 1023

@@ -25,7 +25,15 @@ def test_missing_explicit_admin_keys_is_a_usage_error(tmp_path: Path) -> None:
         Options().parseOptions([f"--admin-keys={tmp_path / 'nope'}"])
 
 
-@pytest.mark.parametrize("value", ["12", "abc", "99999999999"])
+@pytest.mark.parametrize("value", ["12", "1024", "4095", "abc", "99999999999"])
 def test_max_frame_bounds(value: str) -> None:
     with pytest.raises(usage.UsageError):
         Options().parseOptions([f"--max-frame={value}"])
+
+
+def test_max_frame_floor_fits_a_kex_blob() -> None:
+    from enclaves.session import max_blob_size
+    from enclaves.tap import MIN_MAX_FRAME
+
+    assert Options().parseOptions([f"--max-frame={MIN_MAX_FRAME}"]) is None
+    assert max_blob_size(MIN_MAX_FRAME) >= 1253 + 1000

@@ -28,6 +28,7 @@ from enclaves.client.connection import ClientConnection, LoginFailed, connect
 from enclaves.client.contacts import ContactError
 from enclaves.client.core import (
     BlobDropped,
+    BlobFromRemoved,
     BlobHeld,
     ClientCore,
     Event,
@@ -460,10 +461,14 @@ class ClientApp:
             return self._on_directory(message, now)
         elif isinstance(message, Joined):
             if message.user_id != self.core.user_id:
-                known = message.user_id in {c.user_id for c in self.core.contacts()}
+                known = {c.user_id: c for c in self.core.contacts(include_removed=True)}
+                previous = known.get(message.user_id)
+                if previous is not None and previous.removed:
+                    self._warn_removed_again(message.user_id)
+                    return []
                 self.core.add_contact(message.user_id)
                 self._save_soon()
-                if not known:
+                if previous is None:
                     self.out(
                         "joined",
                         f"user {message.user_id} joined; a key exchange with them runs "
@@ -527,10 +532,14 @@ class ClientApp:
             if not self.enrolled.called:
                 self.enrolled.callback(None)
             return []
-        known = {c.user_id for c in self.core.contacts()}
+        contacts = self.core.contacts(include_removed=True)
+        known = {c.user_id for c in contacts}
+        removed = {c.user_id for c in contacts if c.removed}
         events = self.core.on_directory(message.user_ids, now, start_kex=False)
         for user_id in message.user_ids:
-            if user_id not in known and user_id not in (0, self.core.user_id):
+            if user_id in removed:
+                self._warn_removed_again(user_id)
+            elif user_id not in known and user_id not in (0, self.core.user_id):
                 self.out(
                     "joined",
                     f"user {user_id} is new on this server; a key exchange with them runs "
@@ -538,6 +547,15 @@ class ClientApp:
                 )
         self._save_soon()
         return events
+
+    def _warn_removed_again(self, user_id: int) -> None:
+        name = self._name(user_id)
+        self.out(
+            "warn",
+            f"the server lists {name} ({user_id}) again, but that user was removed; a "
+            "removed user never comes back under the same id, so this is ignored "
+            "(is someone tampering with the server?)",
+        )
 
     def _rotation_confirmed(self) -> None:
         if self._pending_keys is None:
@@ -668,6 +686,13 @@ class ClientApp:
             )
         elif isinstance(event, BlobHeld):
             log.debug("held a blob from {sender}: {why}", sender=event.sender, why=event.reason)
+        elif isinstance(event, BlobFromRemoved):
+            self.out(
+                "warn",
+                f"refused a message under the id of removed user {name} "
+                f"({event.sender}): a removed user never comes back under the same id "
+                "(is someone tampering with the server?)",
+            )
         elif isinstance(event, BlobDropped) and event.reason != "duplicate":
             log.info("dropped a blob from {sender}: {why}", sender=event.sender, why=event.reason)
 

@@ -15,6 +15,8 @@ are coalesced into one sealed frame.
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +40,7 @@ from enclaves.frames import (
     decode_error,
 )
 from enclaves.handshake import ClientHandshake, HandshakeError
-from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping, Pong
+from enclaves.inner import NO_MSG_ID, Directory, Error, InnerMessage, Ping, Pong
 from enclaves.session import Session, SessionError, max_blob_size
 
 __all__ = [
@@ -91,7 +93,9 @@ class ClientConnection(Protocol):
     connection ends, whatever the reason.  Inner messages from the server go to
     ``on_message`` if set, else into ``inbox`` (a ``DeferredQueue``).  Per-message
     ERRORs (a non-zero ``msg_id``) are inner messages like any other; a session
-    ERROR (zero ``msg_id``) becomes the ``closed`` reason.
+    ERROR (zero ``msg_id``) becomes the ``closed`` reason.  An outer (unsealed)
+    ERROR frame after WELCOME is unauthenticated: it closes the connection as
+    a plain close (code None), its text is ignored.
     """
 
     log = Logger()
@@ -120,6 +124,8 @@ class ClientConnection(Protocol):
         self._flush_call: Any = None
         self._reason: Disconnected | None = None
         self._done = False
+        self._login_nonce: int | None = None
+        self._directory_parts: list[int] = []
 
     def __repr__(self) -> str:
         return f"<ClientConnection user={self.user_id}>"
@@ -172,6 +178,14 @@ class ClientConnection(Protocol):
 
     def _frame_received(self, frame: Frame) -> None:
         if frame.type is FrameType.ERROR:
+            if self._session is not None:
+                # Unauthenticated once the session exists (anyone on the path
+                # can inject one): a plain close, its text is never shown.
+                self.log.info("outer ERROR frame inside a session: closing")
+                self._reason = self._reason or Disconnected(None, "connection closed")
+                self._done = True
+                self._lose()
+                return
             try:
                 code, text = decode_error(frame.payload)
             except FrameError:
@@ -186,6 +200,9 @@ class ClientConnection(Protocol):
                 self._abort(Disconnected(int(error.code), error.text))
                 return
             self._session = Session(keys, "client", self.max_frame)
+            # The server goes live only on our first sealed frame: send one now.
+            (self._login_nonce,) = struct.unpack(">Q", os.urandom(8))
+            self.send(Ping(self._login_nonce))
             self.ready.callback(self)
         elif frame.type is FrameType.SEALED and self._session is not None:
             try:
@@ -202,6 +219,16 @@ class ClientConnection(Protocol):
         if isinstance(message, Ping):
             self.send(Pong(message.nonce))
             return
+        if isinstance(message, Pong) and message.nonce == self._login_nonce:
+            self._login_nonce = None  # the answer to our login PING
+            return
+        if isinstance(message, Directory):
+            # Parts with ``more`` set are joined: the application sees one list.
+            self._directory_parts.extend(message.user_ids)
+            if message.more:
+                return
+            message = Directory(tuple(self._directory_parts))
+            self._directory_parts = []
         if isinstance(message, Error) and message.msg_id == NO_MSG_ID:
             # A session ERROR: the server closes right after it.
             self._reason = Disconnected(message.code, message.text)

@@ -87,7 +87,12 @@ def _short(value: bytes | None) -> str:
 
 @frozen
 class Contact:
-    """Everything this client knows about one other user."""
+    """Everything this client knows about one other user.
+
+    A ``removed`` contact is a tombstone: the server said REMOVED, the pair
+    keys are gone, the identity key and trust are kept, and nothing from or
+    to this id is processed again (a revoked user comes back under a new id).
+    """
 
     user_id: int
     petname: str | None = None
@@ -100,6 +105,7 @@ class Contact:
     kex: KexState = field(factory=KexState)
     send_confirmed: bool = False
     held: tuple[HeldBlob, ...] = ()
+    removed: bool = False  # tombstone after REMOVED: ``ik`` and trust stay pinned
 
     @property
     def epoch(self) -> int:

@@ -48,6 +48,7 @@ __all__ = [
     "IdentityKeyChanged",
     "BlobHeld",
     "BlobDropped",
+    "BlobFromRemoved",
     "Event",
     "Refused",
     "ClientCore",
@@ -152,6 +153,19 @@ class BlobDropped:
     reason: str
 
 
+@frozen
+class BlobFromRemoved:
+    """A blob under the id of a user the server said was REMOVED: refused.
+
+    A revoked user always comes back under a new random id, so a removed id
+    reappearing is never legitimate — the server (or whoever controls it) is
+    trying to replace that contact.  Show it to the user as a warning.
+    """
+
+    sender: int
+    msg_id: bytes
+
+
 Event = (
     SendBlob
     | MessageReceived
@@ -162,6 +176,7 @@ Event = (
     | IdentityKeyChanged
     | BlobHeld
     | BlobDropped
+    | BlobFromRemoved
 )
 
 
@@ -172,7 +187,8 @@ class Refused:
     ``reason`` is ``confirm unverified`` (ask the user, then call again with
     ``confirmed=True``), ``identity key changed`` (show the new safety number,
     :meth:`ClientCore.accept_new_ik`), ``no keys`` (key exchange not complete),
-    ``unknown contact``, ``too long``.  ``text`` is plain words for the user.
+    ``unknown contact``, ``removed`` (the server removed that user), ``too long``.
+    ``text`` is plain words for the user.
     """
 
     peer: int
@@ -248,9 +264,13 @@ class ClientCore:
 
     # -- contacts -------------------------------------------------------------
 
-    def contacts(self) -> list[Contact]:
-        """Every contact, by id."""
-        return [self._contacts[k] for k in sorted(self._contacts)]
+    def contacts(self, include_removed: bool = False) -> list[Contact]:
+        """Every contact, by id (removed ones only with ``include_removed``)."""
+        return [
+            self._contacts[k]
+            for k in sorted(self._contacts)
+            if include_removed or not self._contacts[k].removed
+        ]
 
     def contact(self, user_id: int) -> Contact:
         try:
@@ -268,7 +288,7 @@ class ClientCore:
         raise ContactError(f"no contact called {who!r}")
 
     def add_contact(self, user_id: int) -> Contact:
-        """Know ``user_id`` (from DIRECTORY or JOINED); no-op if known."""
+        """Know ``user_id`` (from DIRECTORY or JOINED); no-op if known (even removed)."""
         if user_id == self.user_id or not 0 < user_id < 1 << 64:
             raise ContactError("not a contact id")
         if user_id not in self._contacts:
@@ -283,13 +303,30 @@ class ClientCore:
             if user_id == self.user_id or user_id == 0:
                 continue
             contact = self.add_contact(user_id)
+            if contact.removed:
+                log.warn("the directory lists removed user {peer}: ignored", peer=user_id)
+                continue
             if start_kex and contact.current is None and contact.kex.pending is None:
                 events += self.start_kex(user_id, now)
         return events
 
     def remove_contact(self, user_id: int) -> None:
-        """After REMOVED: forget the contact's keys; unsent messages to it fail."""
-        self._contacts.pop(user_id, None)
+        """After REMOVED: keep a tombstone (identity key, trust, petname), delete
+        the pair keys and any exchange; unsent messages to it fail.  Every later
+        blob under this id is refused (:class:`BlobFromRemoved`)."""
+        contact = self._contacts.get(user_id)
+        if contact is not None:
+            self._put(
+                evolve(
+                    contact,
+                    removed=True,
+                    pending_ik=None,
+                    current=None,
+                    previous=None,
+                    kex=kex.KexState(),
+                    held=(),
+                )
+            )
         self._drop_sealers(user_id)
         for msg_id, entry in list(self._outbox.items()):
             if entry.recipient == user_id and entry.status == "pending":
@@ -374,7 +411,7 @@ class ClientCore:
     def start_kex(self, user_id: int, now: float) -> list[Event]:
         """Offer a (re)key at epoch+1; while an offer is pending this does nothing."""
         contact = self.add_contact(user_id)
-        if contact.kex.pending is not None:
+        if contact.kex.pending is not None or contact.removed:
             return []
         step = kex.start(contact.kex, self.identity, contact.epoch, self._entropy, now)
         return self._apply(contact, step, now)
@@ -434,6 +471,10 @@ class ClientCore:
         self._remember(msg_id)
         if sender == self.user_id or not 0 < sender < 1 << 64:
             return [BlobDropped(sender, msg_id, "bad sender")]
+        known = self._contacts.get(sender)
+        if known is not None and known.removed:
+            log.warn("refused a blob under the id of removed user {sender}", sender=sender)
+            return [BlobFromRemoved(sender, msg_id)]
         try:
             parsed = parse_blob(blob)
         except BlobError as e:
@@ -546,6 +587,8 @@ class ClientCore:
         contact = self._contacts.get(user_id)
         if contact is None:
             return Refused(user_id, "unknown contact", f"no contact {user_id}")
+        if contact.removed:
+            return Refused(user_id, "removed", f"{contact.name} was removed from the server")
         if contact.pending_ik is not None:
             return Refused(
                 user_id,

@@ -81,7 +81,8 @@ class KdfParams:
 
 
 FLOOR = KdfParams(memory_kib=65536, iterations=3, lanes=4)  # RFC 9106, second option
-_CEILING = KdfParams(memory_kib=4 * 1024 * 1024, iterations=100, lanes=64)
+# What a tampered header could ask for is bounded: at most 1 GiB, t = 20, p = 16.
+_CEILING = KdfParams(memory_kib=1024 * 1024, iterations=20, lanes=16)
 
 
 def derive_keys(passphrase: str, salt: bytes, params: KdfParams) -> KeyPair:

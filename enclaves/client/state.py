@@ -148,6 +148,7 @@ def _contact(c: Contact) -> Any:
         },
         "send_confirmed": c.send_confirmed,
         "held": [[_b(h.msg_id), _b(h.blob)] for h in c.held],
+        "removed": c.removed,
     }
 
 
@@ -293,7 +294,16 @@ def _d_contact(doc: Any) -> Contact:
         ),
         send_confirmed=_get(doc, "send_confirmed", bool),
         held=tuple(held),
+        removed=_removed(doc),
     )
+
+
+def _removed(doc: Any) -> bool:
+    # Optional: keystores written before tombstones existed have no "removed".
+    value = doc.get("removed", False)
+    if not isinstance(value, bool):
+        raise StateError("state field 'removed' has the wrong type")
+    return value
 
 
 def _d_outbox(doc: Any) -> OutboxEntry:

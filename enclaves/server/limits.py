@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
+
 from attrs import define
 
-__all__ = ["FailureLimiter", "TokenBucket"]
+__all__ = ["FailureLimiter", "TokenBucket", "source_key"]
+
+
+def source_key(host: str) -> str:
+    """What failures are counted against: an IPv4 address, or an IPv6 /64
+    (one subscriber usually owns a whole /64, so per-address limits are moot)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 @define
@@ -21,6 +38,8 @@ class FailureLimiter:
     for ``base * 2**k`` seconds (k = failures beyond ``free``), at most ``cap``.
     A source is forgotten ``forget`` seconds after its last failure.  Only the
     source is slowed down: a user is never locked out by someone else.
+    Sources are keyed by :func:`source_key`; the table is kept in order of
+    last failure, so pruning only ever looks at its front (O(1) amortised).
     """
 
     def __init__(
@@ -33,10 +52,11 @@ class FailureLimiter:
     ) -> None:
         self.free, self.base, self.cap, self.forget = free, base, cap, forget
         self.max_sources = max_sources
-        self._sources: dict[str, _Failures] = {}
+        self._sources: OrderedDict[str, _Failures] = OrderedDict()
 
     def blocked_for(self, source: str, now: float) -> float:
         """Seconds ``source`` must still wait (0 when it may try)."""
+        source = source_key(source)
         entry = self._sources.get(source)
         if entry is None:
             return 0.0
@@ -46,11 +66,14 @@ class FailureLimiter:
         return max(0.0, entry.blocked_until - now)
 
     def failed(self, source: str, now: float) -> None:
+        source = source_key(source)
         entry = self._sources.get(source)
         if entry is None or now - entry.last > self.forget:
-            if len(self._sources) >= self.max_sources:
-                self._prune(now)
+            self._sources.pop(source, None)
+            self._prune(now)
             entry = self._sources[source] = _Failures(0, now, 0.0)
+        else:
+            self._sources.move_to_end(source)
         entry.count += 1
         entry.last = now
         beyond = entry.count - self.free
@@ -58,10 +81,14 @@ class FailureLimiter:
             entry.blocked_until = now + min(self.cap, self.base * 2 ** min(beyond - 1, 30))
 
     def _prune(self, now: float) -> None:
-        for source in [s for s, e in self._sources.items() if now - e.last > self.forget]:
-            del self._sources[source]
-        while len(self._sources) >= self.max_sources:  # still full: drop the oldest
-            del self._sources[next(iter(self._sources))]
+        """Drop expired sources, then the oldest while full; only the front is looked at."""
+        sources = self._sources
+        while sources:
+            oldest = next(iter(sources.values()))
+            if now - oldest.last > self.forget or len(sources) >= self.max_sources:
+                sources.popitem(last=False)
+            else:
+                break
 
 
 class TokenBucket:

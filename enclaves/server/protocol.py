@@ -47,7 +47,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 300
 DEFAULT_MAX_CONNECTIONS = 10_000
 
-_HANDSHAKE, _LOOKUP, _SESSION, _CLOSED = "handshake", "lookup", "session", "closed"
+_HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
+    "handshake",
+    "lookup",
+    "proving",  # WELCOME sent; live only once a SEALED frame opens with the keys
+    "session",
+    "closed",
+)
 
 
 class ServerProtocol(Protocol, TimeoutMixin):
@@ -55,6 +61,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     Before a session exists every failure is an ERROR frame; afterwards a
     sealed inner ERROR.  Either way the connection is then dropped.
+
+    A verified HELLO proves nothing (it can be a replay): the session goes live
+    (router login, REPLACED of an older session, pending delivery) only when the
+    client's first SEALED frame opens, which proves it holds the session keys.
     """
 
     log = Logger()
@@ -68,6 +78,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._flush_call: Any = None
         self._pinged = False
         self._peer = "?"
+        self._record: UserRecord | None = None
+        self._live = False
+        self._paused = False
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -84,6 +97,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
         self._decoder = FrameDecoder(factory.max_frame)
         self._handshake = ServerHandshake()
+        # Backpressure: the transport pauses us when its write buffer is full,
+        # and we stop reading from this client until it drains.
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         factory.connection_made(self)
         if len(factory.protocols) > factory.max_connections:
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
@@ -112,7 +128,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        was_session = self._state == _SESSION or self._session is not None
+        was_session = self._live
         self._state = _CLOSED
         self.setTimeout(None)
         if self._flush_call is not None and self._flush_call.active():
@@ -123,8 +139,25 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.factory.router.logout(self)
         self.factory.connection_lost(self)
 
+    # -- IPushProducer: output backpressure ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """Our output to this client is backed up: stop reading its requests."""
+        self._paused = True
+        if self.transport is not None and self._state != _CLOSED:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        """The client read its output: read its requests again."""
+        self._paused = False
+        if self.transport is not None and self._state != _CLOSED:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the clean-up."""
+
     def timeoutConnection(self) -> None:
-        if self._state in (_HANDSHAKE, _LOOKUP):
+        if self._state in (_HANDSHAKE, _LOOKUP, _PROVING):
             self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake in time")
         elif self._state == _SESSION:
             if self._pinged:
@@ -141,7 +174,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if frame.type is FrameType.ERROR:
             self.log.info("{peer} sent an ERROR frame; closing", peer=self._peer)
             self._drop()
-        elif self._state == _SESSION and frame.type is FrameType.SEALED:
+        elif self._state in (_PROVING, _SESSION) and frame.type is FrameType.SEALED:
             self._sealed_received(frame.payload)
         elif self._state == _HANDSHAKE and frame.type is FrameType.HELLO:
             self._hello_received(frame.payload)
@@ -184,20 +217,31 @@ class ServerProtocol(Protocol, TimeoutMixin):
             )
             return
         self.user_id = record.user_id
+        self._record = record
         self._session = Session(keys, "server", factory.max_frame)
-        self._state = _SESSION
+        self._state = _PROVING  # still under the handshake timeout
         self._write(welcome)
-        self.setTimeout(factory.idle_timeout / 2)
-        factory.router.login(self, record)
-        self._flush()
+
+    def _go_live(self) -> None:
+        """The first SEALED frame opened: the peer has the keys; log in."""
+        assert self._record is not None
+        self._state = _SESSION
+        self._live = True
+        self.setTimeout(self.factory.idle_timeout / 2)
+        self.factory.router.login(self, self._record)
+        self._record = None
 
     def _sealed_received(self, payload: bytes) -> None:
         assert self._session is not None
         try:
             messages = self._session.open(payload)
         except SessionError as error:
+            if self._state == _PROVING:
+                self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.close(error.code, error.text)
             return
+        if self._state == _PROVING:
+            self._go_live()
         self._pinged = False
         self.resetTimeout()
         router = self.factory.router
@@ -229,7 +273,30 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if not self._queue or self._session is None or self._state == _CLOSED:
             return
         queue, self._queue = self._queue, []
-        self._write(self._session.seal(queue))
+        try:
+            data = self._session.seal(queue)
+        except (ValueError, SessionError) as error:
+            # A message that fits no frame (or sequence numbers exhausted): a
+            # bug or a misconfiguration, never a traceback in a Deferred.
+            self.log.error(
+                "cannot seal output for user {user_id}: {error}; closing",
+                user_id=self.user_id,
+                error=str(error),
+            )
+            self._seal_failed()
+            return
+        self._write(data)
+
+    def _seal_failed(self) -> None:
+        assert self._session is not None
+        if self._state == _SESSION:
+            try:
+                text = "the server could not fit its output in a frame"
+                error = Error(int(ErrorCode.MESSAGE_TOO_LARGE), NO_MSG_ID, text)
+                self._write(self._session.seal([error]))
+            except (ValueError, SessionError):
+                pass
+        self._drop()
 
     def close(self, code: ErrorCode, text: str) -> None:
         """End the session: a sealed ERROR after whatever is queued, then drop."""
@@ -266,13 +333,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self.transport.write(data)
 
     def _drop(self) -> None:
-        if self._state == _SESSION:
+        if self._live:
             # Detach now, so nothing more is routed to this session.
             self.factory.router.logout(self)
         self._state = _CLOSED
         self._queue = []
         self.setTimeout(None)
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if self._paused:
+            # Its output is backed up: a client that does not read would hold
+            # the connection open forever waiting for a graceful close.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
             self.transport.loseConnection()
 
 

@@ -11,6 +11,7 @@ recipient who disconnects is stored, or its sender gets an ERROR.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
@@ -26,7 +27,6 @@ from enclaves.inner import (
     Accepted,
     Deliver,
     Delivered,
-    Directory,
     Error,
     InnerMessage,
     Invite,
@@ -39,9 +39,10 @@ from enclaves.inner import (
     Rotate,
     Rotated,
     Send,
+    split_directory,
 )
 from enclaves.server.limits import TokenBucket
-from enclaves.session import max_blob_size
+from enclaves.session import max_blob_size, max_inner_size
 from enclaves.storage.interface import (
     IStorage,
     QuotaExceeded,
@@ -54,6 +55,9 @@ __all__ = ["DEFAULT_MESSAGE_RATE", "Peer", "Router", "ServerStats"]
 
 DEFAULT_MESSAGE_RATE = 500
 DEFAULT_MAX_INFLIGHT = 1000
+INVITES_PER_HOUR = 5  # per inviting user, bursts up to this many
+DEFAULT_MAX_ENROLLMENTS = 1000  # outstanding (unexpired, not rotated) server-wide
+ENROLLMENT_PURGE_AFTER = 7 * 24 * 3600  # seconds after expiry an unused enrollment goes
 
 
 class Peer(Protocol):
@@ -139,6 +143,8 @@ class Router:
         allow_invites: bool = False,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_enrollments: int = DEFAULT_MAX_ENROLLMENTS,
+        invites_per_hour: int = INVITES_PER_HOUR,
     ) -> None:
         self.storage: Any = storage  # IStorage; its methods return Deferreds
         self.clock = clock
@@ -147,6 +153,11 @@ class Router:
         self.token_lifetime = token_lifetime
         self.max_inflight = max(max_inflight, 2)
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
+        self.max_frame = max_frame
+        self.max_enrollments = max_enrollments
+        self.invites_per_hour = invites_per_hour
+        self._invite_buckets: dict[int, TokenBucket] = {}  # inviter -> bucket
+        self._inviting = 0  # INVITEs between the cap check and the stored user
         self._online: dict[int, _Online] = {}
         self._by_peer: dict[int, _Online] = {}  # id(peer) -> state
         # Stores in flight per recipient, and who waits for them to finish: a
@@ -263,6 +274,11 @@ class Router:
             if item.file_id is None:
                 self._tell(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
 
+    def _send_directory(self, state: _Online, users: Iterable[int]) -> None:
+        """DIRECTORY, in as many parts as the frame limit needs."""
+        for part in split_directory(tuple(users), max_inner_size(self.max_frame)):
+            state.peer.send(part)
+
     def _start(self, state: _Online, uid: int) -> None:
         """Directory first, then pending messages in arrival order, then live ones."""
 
@@ -270,7 +286,7 @@ class Router:
             users = await self.storage.list_users()
             if state.closed:
                 return
-            state.peer.send(Directory(tuple(users)))
+            self._send_directory(state, users)
             # Messages for this user still being written (it was offline, or
             # its previous session's were in flight) come before live ones.
             await self._stores_settled(uid)
@@ -534,7 +550,7 @@ class Router:
                 self.notify_joined(uid)
             else:
                 self.storage.list_users().addCallback(
-                    lambda users: None if state.closed else state.peer.send(Directory(tuple(users)))
+                    lambda users: None if state.closed else self._send_directory(state, users)
                 ).addErrback(lambda f: self.log.failure("directory after rotation", f))
 
         def failed(failure: Failure) -> None:
@@ -551,8 +567,49 @@ class Router:
         if not self.allow_invites:
             state.peer.send(_error(ErrorCode.INVITES_DISABLED, "this server does not allow INVITE"))
             return
+        inviter, now = state.peer.user_id, self.clock.seconds()
+        bucket = self._invite_buckets.get(inviter)
+        if bucket is None:
+            rate = self.invites_per_hour / 3600
+            bucket = self._invite_buckets[inviter] = TokenBucket(rate, self.invites_per_hour, now)
+        if not bucket.take(now):
+            self.log.info("user {inviter}: INVITE rate exceeded", inviter=inviter)
+            state.peer.send(
+                _error(
+                    ErrorCode.RATE_LIMITED,
+                    f"at most {self.invites_per_hour} invitations an hour; try later",
+                )
+            )
+            return
+        self._inviting += 1
+        self.storage.enrollments().addCallback(self._invite_checked, state).addErrback(
+            self._invite_failed, state
+        )
+
+    def _invite_failed(self, failure: Failure, state: _Online) -> None:
+        self._inviting -= 1
+        self.log.failure("INVITE failed", failure)
+        if not state.closed:
+            state.peer.send(_error(ErrorCode.STORAGE_FAILED, "could not create the invitation"))
+
+    def _invite_checked(self, table: dict[int, int], state: _Online) -> None:
+        now_ms = self._now_ms()
+        outstanding = sum(1 for expires in table.values() if expires >= now_ms)
+        if outstanding + self._inviting > self.max_enrollments:
+            self._inviting -= 1
+            self.log.warn(
+                "INVITE refused: {count} enrollments outstanding (limit {limit})",
+                count=outstanding,
+                limit=self.max_enrollments,
+            )
+            if not state.closed:
+                state.peer.send(
+                    _error(ErrorCode.RATE_LIMITED, "too many invitations outstanding; try later")
+                )
+            return
 
         def created(result: tuple[Any, int]) -> None:
+            self._inviting -= 1
             token, expires_ms = result
             self.log.info(
                 "user {inviter} invited user {user_id}",
@@ -562,14 +619,32 @@ class Router:
             if not state.closed:
                 state.peer.send(InviteToken(token.user_id, expires_ms, str(token)))
 
-        def failed(failure: Failure) -> None:
-            self.log.failure("INVITE failed", failure)
-            if not state.closed:
-                state.peer.send(_error(ErrorCode.STORAGE_FAILED, "could not create the invitation"))
-
-        create_enrollment(self.storage, self._now_ms(), self.token_lifetime).addCallbacks(
-            created, failed
+        create_enrollment(self.storage, now_ms, self.token_lifetime).addCallbacks(
+            created, self._invite_failed, errbackArgs=(state,)
         )
+
+    def purge_expired_enrollments(
+        self, after: float = ENROLLMENT_PURGE_AFTER
+    ) -> Deferred[list[int]]:
+        """Revoke every user whose enrollment token expired more than ``after``
+        seconds ago without being used; fires with their ids (each logged)."""
+
+        async def purge() -> list[int]:
+            table = await self.storage.enrollments()
+            cutoff = self._now_ms() - int(after * 1000)
+            doomed = sorted(uid for uid, expires in table.items() if expires < cutoff)
+            for uid in doomed:
+                try:
+                    await self.revoke(uid)
+                except StorageError as error:
+                    self.log.warn("could not purge enrollment {user_id}: {error}", user_id=uid,
+                                  error=str(error))  # fmt: skip
+                    continue
+                self.log.info("purged user {user_id}: enrollment token unused and expired",
+                              user_id=uid)  # fmt: skip
+            return doomed
+
+        return ensureDeferred(purge())
 
     # -- helpers --------------------------------------------------------------------
 

@@ -606,6 +606,9 @@ class FileStorage(Service):
     def list_users(self) -> Deferred[list[int]]:
         return succeed(sorted(self._users))
 
+    def enrollments(self) -> Deferred[dict[int, int]]:
+        return succeed(dict(self._enrollment))
+
     # -- pending messages --------------------------------------------------------
 
     def store_message(

@@ -114,6 +114,9 @@ class IStorage(Interface):
     def list_users() -> Deferred[list[int]]:
         """Fires with a sorted list of every user id."""
 
+    def enrollments() -> Deferred[dict[int, int]]:
+        """Fires with user id -> token expiry (Unix ms) of every user still enrolling."""
+
     def store_message(recipient: int, sender: int, msg_id: bytes, blob: bytes) -> Deferred[int]:
         """Store a pending message durably (fsynced before the Deferred fires).
         Fires with its file id; QuotaExceeded, UnknownUser or StorageFailed

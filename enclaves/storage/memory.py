@@ -92,6 +92,15 @@ class MemoryStorage(Service):
     def list_users(self) -> Deferred[list[int]]:
         return succeed(sorted(self._users))
 
+    def enrollments(self) -> Deferred[dict[int, int]]:
+        return succeed(
+            {
+                r.user_id: r.enrollment_expires_ms
+                for r in self._users.values()
+                if r.enrollment_expires_ms is not None
+            }
+        )
+
     def store_message(
         self, recipient: int, sender: int, msg_id: bytes, blob: bytes
     ) -> Deferred[int]:

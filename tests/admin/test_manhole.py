@@ -113,3 +113,43 @@ def _check_admin_keys_file(tmp_path: Path) -> None:
 def test_unreadable_admin_keys_file(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="cannot read admin keys"):
         read_admin_keys(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
+def test_admin_keys_file_writable_by_others_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "admin_keys"
+    path.write_text("# nobody yet\n")
+    os.chmod(path, mode)
+    with pytest.raises(StartupError, match="writable by group or others") as error:
+        read_admin_keys(path)
+    assert "\n" not in str(error.value)
+    os.chmod(path, 0o644)
+    assert read_admin_keys(path).public_keys == ()
+
+
+def test_admin_keys_directory_writable_by_others_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "admin_keys"
+    path.write_text("")
+    os.chmod(folder, 0o777)  # noqa: S103 - the case under test
+    try:
+        with pytest.raises(StartupError, match="directory of the admin keys"):
+            read_admin_keys(path)
+    finally:
+        os.chmod(folder, 0o755)  # noqa: S103
+
+
+def test_admin_shell_offers_no_weak_ssh_algorithms(tmp_path: Path) -> None:
+    from twisted.cred.portal import Portal
+
+    from enclaves.manhole import AdminShellFactory
+
+    host_key, _ = load_or_create_host_key(tmp_path)
+    factory = AdminShellFactory(Portal(None), host_key)  # type: ignore[arg-type]
+    factory.startFactory()
+    transport = factory.buildProtocol(None)
+    assert transport.supportedCiphers == [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
+    assert transport.supportedMACs == [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
+    assert b"curve25519-sha256" in transport.supportedKeyExchanges
+    assert not any(b"sha1" in k for k in transport.supportedKeyExchanges)

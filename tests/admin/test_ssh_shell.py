@@ -362,3 +362,32 @@ async def test_issued_token_enrolls_a_client_over_tcp(shell_server: Setup) -> No
         assert shell.wait() == 0
     finally:
         shell.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-o", "Ciphers=aes128-cbc,3des-cbc"),
+        ("-o", "MACs=hmac-sha1,hmac-md5"),
+        ("-o", "KexAlgorithms=diffie-hellman-group14-sha1,diffie-hellman-group-exchange-sha1"),
+    ],
+)
+def test_weak_ssh_algorithms_refused(shell_server: Setup, options: tuple[str, str]) -> None:
+    result = subprocess.run(
+        shell_server.argv("-T", *options), input=b"", capture_output=True, timeout=30
+    )
+    assert result.returncode == 255
+    assert b"no matching" in result.stderr, result.stderr
+
+
+def test_default_ssh_negotiates_strong_algorithms(shell_server: Setup) -> None:
+    # A remote command: the shell refuses exec, so ssh ends right after logging in.
+    argv = [*shell_server.argv("-T", "-vv"), "true"]
+    result = subprocess.run(argv, input=b"", capture_output=True, timeout=30)
+    log = result.stderr.decode("utf-8", "replace")
+    assert "Authenticated to 127.0.0.1" in log, log
+    kex = re.search(r"kex: algorithm: (\S+)", log)
+    cipher = re.search(r"kex: server->client cipher: (\S+) MAC: (\S+)", log)
+    assert kex and cipher, log
+    assert "sha1" not in kex.group(1)
+    assert cipher.group(1).endswith("-ctr") and cipher.group(2).startswith("hmac-sha2-")

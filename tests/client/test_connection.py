@@ -110,3 +110,28 @@ def test_random_server_bytes_never_crash_the_client(chunks: list[bytes]) -> None
     reasons: list[Disconnected] = []
     client.closed.addCallback(reasons.append)
     assert len(reasons) == 1
+
+
+def test_directory_parts_reach_the_application_as_one() -> None:
+    h = Harness(router={"max_frame": 4096}, max_frame=4096)
+    keys = {uid: h.add_user(uid) for uid in range(1, 1201)}
+    a, pump = _connect(h, 1, keys[1])
+    for _ in range(3):
+        pump.flush()
+    assert _drain(a) == [Directory(tuple(range(1, 1201)))]
+
+
+def test_outer_error_inside_a_session_is_a_plain_close() -> None:
+    from enclaves.frames import FrameType, encode_error, encode_frame
+
+    h = Harness()
+    ka = h.add_user(1)
+    a, pump = _connect(h, 1, ka)
+    pump.flush()
+    assert a.established
+    reasons: list[Disconnected] = []
+    a.closed.addCallback(reasons.append)
+    forged = encode_frame(FrameType.ERROR, encode_error(ErrorCode.REVOKED, "call 555-0100 now"))
+    a.dataReceived(forged)
+    pump.flush()
+    assert reasons == [Disconnected(None, "connection closed")]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from enclaves.client.contacts import ContactError, Trust, encode_ik
 from enclaves.client.core import (
     BlobDropped,
+    BlobFromRemoved,
     BlobHeld,
     ClientCore,
     IdentityKeyChanged,
@@ -345,3 +346,30 @@ def test_handle_blob_never_raises(kind: int, epoch: int, body: bytes, fill: int)
 
 
 _ESTABLISHED = pair()[0]
+
+
+def test_removed_contact_is_a_tombstone_and_its_id_never_rekeys() -> None:
+    """REMOVED then a KEX "from" the same id under another key: refused, key kept."""
+    a, b, _relay = pair()
+    a.import_ik(B, encode_ik(b.identity.public), 2.0)
+    pending = a.encrypt_message(B, "unsent", 2.5)
+    assert isinstance(pending, SendBlob)
+    a.remove_contact(B)
+    tomb = a.contact(B)
+    assert tomb.removed and tomb.ik == b.identity.public and tomb.trust is Trust.IN_PERSON
+    assert tomb.current is None and tomb.previous is None
+    assert [e.status for e in a.outbox()] == ["failed"]
+    assert B not in [c.user_id for c in a.contacts()]
+    assert B in [c.user_id for c in a.contacts(include_removed=True)]
+    impostor = make_core(B, seed=b"impostor")
+    offer = impostor.start_kex(A, 3.0)[0]
+    assert isinstance(offer, SendBlob)
+    events = a.handle_blob(B, b"\x03" * 16, offer.blob, 4.0)
+    assert events == [BlobFromRemoved(B, b"\x03" * 16)]
+    assert a.contact(B).ik == b.identity.public and a.contact(B).trust is Trust.IN_PERSON
+    refused = a.encrypt_message(B, "hi", 5.0, confirmed=True)
+    assert isinstance(refused, Refused) and refused.reason == "removed"
+    assert a.start_kex(B, 5.0) == [] and a.on_directory([B], 5.0, start_kex=True) == []
+    # The tombstone survives the keystore.
+    again = ClientCore(decode_state(encode_state(a.state())))
+    assert again.contact(B).removed and again.contact(B).ik == b.identity.public

@@ -79,9 +79,10 @@ def test_in_range_parameter_change_is_caught_by_the_mac(store: Path, tmp_path: P
         KdfParams(65535, 3, 4),
         KdfParams(65536, 2, 4),
         KdfParams(65536, 3, 3),
-        KdfParams(4 * 1024 * 1024 + 1, 3, 4),
-        KdfParams(65536, 101, 4),
-        KdfParams(65536, 3, 65),
+        KdfParams(1024 * 1024 + 1, 3, 4),
+        KdfParams(4 * 1024 * 1024, 3, 4),
+        KdfParams(65536, 21, 4),
+        KdfParams(65536, 3, 17),
     ],
 )
 def test_parameters_outside_the_range_are_refused(

@@ -113,3 +113,15 @@ def test_decode_any_json_only_its_error(doc: object) -> None:
         decode_state(json.dumps(doc).encode())
     except StateError:
         pass
+
+
+def test_state_without_removed_field_still_decodes() -> None:
+    """Keystores written before contact tombstones have no "removed": not removed."""
+    state = ClientState(7, KeyPair(b"\x01" * 32, b"\x02" * 32), b"\x03" * 32, None, {9: Contact(9)})
+    doc = json.loads(encode_state(state))
+    del doc["contacts"][0]["removed"]
+    old = decode_state(json.dumps(doc).encode())
+    assert old.contacts[9].removed is False
+    doc["contacts"][0]["removed"] = "yes"
+    with pytest.raises(StateError):
+        decode_state(json.dumps(doc).encode())

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from enclaves.crypto import KeyPair
 from enclaves.frames import Frame, FrameDecoder, FrameType, decode_error
 from enclaves.handshake import ClientHandshake
-from enclaves.inner import InnerMessage
+from enclaves.inner import InnerMessage, Ping, Pong
 from enclaves.server.protocol import ServerFactory, ServerProtocol
 from enclaves.server.router import Router
 from enclaves.session import Session
@@ -22,6 +22,7 @@ from enclaves.storage.memory import MemoryStorage
 
 NOW = 1_800_000_000.0
 _ports = itertools.count(40000)
+LOGIN_NONCE = 0x5EA1ED
 
 
 class Harness:
@@ -68,12 +69,19 @@ class RawClient:
         return self.decoder.feed(data)
 
     def login(self) -> list[InnerMessage]:
-        """HELLO, WELCOME, session; returns what the server sent first."""
+        """HELLO, WELCOME, a first sealed PING (the session goes live on it);
+        returns what the server sent first, without the PONG."""
+        self.welcome()
+        self.send(Ping(LOGIN_NONCE))
+        return [m for m in self.received() if m != Pong(LOGIN_NONCE)]
+
+    def welcome(self) -> None:
+        """HELLO and WELCOME only: the session keys exist, the session is not live."""
         self.write(self.handshake.hello_frame())
         frames = self.frames()
         assert frames and frames[0].type is FrameType.WELCOME, frames
+        assert len(frames) == 1, frames
         self.session = Session(self.handshake.receive_welcome(frames[0].payload), "client", 65536)
-        return self._open(frames[1:])
 
     def outer_error(self) -> tuple[int, str]:
         (frame,) = self.frames()

@@ -516,3 +516,95 @@ def test_slow_recipient_window_spills_to_storage_in_order() -> None:
     b.received()
     assert _pending(h, B) == []
     assert len(h.router._online[B].inflight) == 0
+
+
+def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
+    """A recorded HELLO gets a WELCOME but no login: no REPLACED, nothing delivered."""
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login()
+    b.login()
+    hello = b.handshake.hello_frame()
+    a.send(Send(mid(1), B, b"m"))
+    assert b.received() == [Deliver(mid(1), A, b"m")]
+    replayer = h.raw(B, kb, host="203.0.113.9")
+    replayer.write(hello)
+    assert [f.type for f in replayer.frames()] == [FrameType.WELCOME]
+    assert b.received() == [] and not b.closing
+    # Without the session keys its sealed frames do not open: dropped, still nobody replaced.
+    replayer.write(encode_frame(FrameType.SEALED, bytes(8) + bytes(48)))
+    assert replayer.outer_error()[0] == ErrorCode.BAD_SESSION_FRAME
+    assert b.received() == [] and not b.closing and h.router.is_online(B)
+    # A replayer that just waits hits the handshake timeout.
+    quiet = h.raw(B, kb, host="203.0.113.9")
+    quiet.write(hello)
+    quiet.frames()
+    h.clock.advance(h.factory.handshake_timeout + 1)
+    assert quiet.outer_error()[0] == ErrorCode.HANDSHAKE_TIMEOUT
+    assert b.received() == [] and h.router.is_online(B)
+
+
+def test_session_goes_live_on_the_first_sealed_frame(h: Harness) -> None:
+    ka = h.add_user(A)
+    a = h.raw(A, ka)
+    a.welcome()
+    assert not h.router.is_online(A) and a.received() == []
+    a.send(Ping(7))
+    assert a.received() == [Directory((A,)), Pong(7)]
+    assert h.router.is_online(A)
+
+
+def test_directory_larger_than_a_frame_comes_in_parts() -> None:
+    h = Harness(router={"max_frame": 4096}, max_frame=4096)
+    keys = {uid: h.add_user(uid) for uid in range(1, 1201)}
+    a = h.raw(1, keys[1])
+    parts = a.login()
+    assert len(parts) == 3 and all(isinstance(p, Directory) for p in parts)
+    assert [p.more for p in parts] == [True, True, False]  # type: ignore[union-attr]
+    assert tuple(i for p in parts for i in p.user_ids) == tuple(range(1, 1201))  # type: ignore[union-attr]
+    assert not a.closing
+
+
+def test_output_that_fits_no_frame_closes_the_session_cleanly(h: Harness) -> None:
+    a = _session_pair(h)
+    a.proto.send(Deliver(mid(1), B, b"x" * 70_000))
+    assert _codes(a.received()) == [ErrorCode.MESSAGE_TOO_LARGE]
+    assert a.closing and not h.router.is_online(A)
+
+
+def test_invites_are_limited_per_user_and_server_wide() -> None:
+    h = Harness(
+        router={"allow_invites": True, "max_enrollments": 7, "invites_per_hour": 5},
+        idle_timeout=10**7,
+    )
+    a, b = h.raw(A, h.add_user(A)), h.raw(B, h.add_user(B))
+    a.login(), b.login()
+    for _ in range(6):
+        a.send(Invite())
+    got = a.received()
+    assert [type(m) for m in got] == [InviteToken] * 5 + [Error]
+    assert _codes(got) == [ErrorCode.RATE_LIMITED] and not a.closing
+    h.clock.advance(3600 / 5)  # one more token an hour / 5 later
+    a.send(Invite())
+    assert [type(m) for m in a.received()] == [InviteToken]
+    # 6 outstanding now; the server-wide cap of 7 stops B's second.
+    b.send(Invite(), Invite())
+    got = b.received()
+    assert [type(m) for m in got] == [InviteToken, Error]
+    assert _codes(got) == [ErrorCode.RATE_LIMITED]
+
+
+def test_expired_unused_enrollments_are_purged() -> None:
+    h = Harness(idle_timeout=10**7)
+    ka = h.add_user(A)
+    h.add_user(B, enrolling_for=60)  # expires in a minute
+    h.add_user(C, enrolling_for=30 * 86400)  # still valid in a week
+    a = h.raw(A, ka)
+    a.login()
+    assert _result(h.router.purge_expired_enrollments()) == []
+    h.clock.advance(7 * 86400)
+    assert _result(h.router.purge_expired_enrollments()) == []  # expired < 7 days ago
+    h.clock.advance(120)
+    assert _result(h.router.purge_expired_enrollments()) == [B]
+    assert _result(h.storage.list_users()) == [A, C]
+    assert a.received() == [Removed(B)]

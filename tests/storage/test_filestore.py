@@ -83,6 +83,7 @@ async def test_enrollment_survives_restart(data_dir: Path, keys: KeyPair) -> Non
     try:
         assert (await again.load_user(A)).enrollment_expires_ms == 123_456_789
         assert (await again.load_user(B)).enrollment_expires_ms is None
+        assert await again.enrollments() == {A: 123_456_789}
     finally:
         await again.stopService()
 

@@ -206,7 +206,7 @@ async def test_idle_session_is_pinged_then_closed(tmp_path: Path) -> None:
 
     from enclaves.frames import FrameDecoder, FrameType
     from enclaves.handshake import ClientHandshake
-    from enclaves.inner import Ping
+    from enclaves.inner import Ping, Pong
     from enclaves.session import Session
 
     keys = KeyPair.generate()
@@ -219,18 +219,24 @@ async def test_idle_session_is_pinged_then_closed(tmp_path: Path) -> None:
         decoder, frames = FrameDecoder(), []
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
             sock.sendall(handshake.hello_frame())
+            while not frames:
+                frames += decoder.feed(sock.recv(65536))
+            # One sealed frame makes the session live; then nothing more.
+            keys = handshake.receive_welcome(frames[0].payload)
+            sock.sendall(Session(keys, "client", 65536).seal([Ping(1)]))
             while chunk := sock.recv(65536):
                 frames += decoder.feed(chunk)
-        return frames
+        return frames, keys
 
     try:
-        frames = await deferToThread(silent_client)
+        frames, keys = await deferToThread(silent_client)
     finally:
         assert daemon.stop() == 0, daemon.log_text()
     assert frames[0].type is FrameType.WELCOME
-    session = Session(handshake.receive_welcome(frames[0].payload), "client", 65536)
+    session = Session(keys, "client", 65536)
     messages = [m for f in frames[1:] for m in session.open(f.payload)]
-    assert isinstance(messages[0], Directory) and isinstance(messages[1], Ping)
+    assert isinstance(messages[0], Directory) and messages[1] == Pong(1)
+    assert isinstance(messages[2], Ping)
     assert isinstance(messages[-1], Error) and messages[-1].code == ErrorCode.IDLE_TIMEOUT
 
 
