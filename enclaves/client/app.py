@@ -478,7 +478,8 @@ class ClientApp:
             name = self._name(message.user_id)
             self.core.remove_contact(message.user_id)
             self._save_soon()
-            self.out("removed", f"{name} ({message.user_id}) was removed from the server")
+            label = name if name == str(message.user_id) else f"{name} ({message.user_id})"
+            self.out("removed", f"{label} was removed from the server")
         elif isinstance(message, InviteToken):
             self.out(
                 "invite",

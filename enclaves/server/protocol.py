@@ -158,7 +158,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._state in (_HANDSHAKE, _LOOKUP, _PROVING):
-            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake in time")
+            self.close(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake in time")
         elif self._state == _SESSION:
             if self._pinged:
                 self.close(ErrorCode.IDLE_TIMEOUT, "no traffic in time")
@@ -299,7 +299,21 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._drop()
 
     def close(self, code: ErrorCode, text: str) -> None:
-        """End the session: a sealed ERROR after whatever is queued, then drop."""
+        """End the session: a sealed ERROR after whatever is queued, then drop.
+
+        Between WELCOME and the first SEALED frame the ERROR is sealed too, so
+        an honest client learns the real reason; it tells a replayer nothing.
+        """
+        if self._state == _PROVING and self._session is not None:
+            self.log.info(
+                "dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text
+            )
+            try:
+                self._write(self._session.seal([Error(int(code), NO_MSG_ID, text)]))
+            except (ValueError, SessionError):
+                pass
+            self._drop()
+            return
         if self._state != _SESSION:
             self.fail(code, text)
             return
@@ -323,7 +337,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._drop()
 
     def _error(self, code: ErrorCode, text: str) -> None:
-        if self._state == _SESSION:
+        if self._state in (_SESSION, _PROVING):
             self.close(code, text)
         else:
             self.fail(code, text)

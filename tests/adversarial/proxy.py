@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -116,7 +116,9 @@ class _FromClient(Protocol):
         assert self.transport is not None
         self.transport.pauseProducing()
         to_daemon = _ToDaemon(self.pipe)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.target_port)
+        endpoint = TCP4ClientEndpoint(
+            reactor, "127.0.0.1", proxy.target_port, bindAddress=(proxy.source, 0)
+        )
 
         def connected(protocol: _ToDaemon) -> None:
             self.pipe.server = protocol
@@ -141,6 +143,7 @@ class Proxy:
     def __init__(self, target_port: int, edit: Edit = keep) -> None:
         self.target_port = target_port
         self.edit = edit
+        self.source = "127.0.0.1"  # the address the daemon sees (any 127.x works)
         self.pipes: list[Pipe] = []
         self._port: Any = None
 
@@ -158,5 +161,10 @@ class Proxy:
         for pipe in self.pipes:
             pipe.cut()
         for pipe in self.pipes:
-            await pipe.closed
+            try:
+                await pipe.closed.addTimeout(10, reactor)
+            except defer.TimeoutError:
+                for side in (pipe.client, pipe.server):
+                    if side is not None and side.transport is not None:
+                        side.transport.abortConnection()  # type: ignore[attr-defined]
         await self._port.stopListening()

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from enclaves.client.app import ClientApp
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
+from enclaves.inner import Directory, Joined, Removed
 from tests.client.helpers import make_core
 
 
@@ -82,3 +83,25 @@ def test_a_refused_login_stops_for_good_with_plain_words(tmp_path: Path) -> None
     assert code == 1 and "does not accept this keystore's keys" in (text or "")
     reactor.advance(100)
     assert len(reactor.tcpClients) == 1  # no more attempts
+
+
+def test_a_removed_user_reappearing_is_a_warning_not_a_new_contact(tmp_path: Path) -> None:
+    """The server says REMOVED, then lists the same id again (JOINED, DIRECTORY,
+    a DELIVER): a removed user never comes back under its id, so the client
+    keeps the tombstone and warns instead of greeting a 'new' user."""
+    app, _reactor, out = start(tmp_path)
+    app.core.add_contact(2002)
+    app._handle(Removed(2002), 0.0)
+    assert out[-1] == ("removed", "2002 was removed from the server")
+    out.clear()
+    app._handle(Joined(2002), 0.0)
+    app._handle(Directory((1001, 2002)), 0.0)
+    events = app.core.handle_blob(2002, bytes(16), b"\x01" * 80, 0.0)
+    for event in events:
+        app._show(event)
+    tags = [tag for tag, _text in out]
+    assert tags == ["warn", "warn", "warn"], out
+    assert all("2002" in text and "tamper" in text for _tag, text in out)
+    assert app.core.contact(2002).removed
+    assert [c.user_id for c in app.core.contacts()] == []
+    app.stop()

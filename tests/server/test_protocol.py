@@ -533,15 +533,31 @@ def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
     assert b.received() == [] and not b.closing
     # Without the session keys its sealed frames do not open: dropped, still nobody replaced.
     replayer.write(encode_frame(FrameType.SEALED, bytes(8) + bytes(48)))
-    assert replayer.outer_error()[0] == ErrorCode.BAD_SESSION_FRAME
+    # The answer is sealed under keys the replayer does not have.
+    assert [f.type for f in replayer.frames()] == [FrameType.SEALED] and replayer.closing
     assert b.received() == [] and not b.closing and h.router.is_online(B)
     # A replayer that just waits hits the handshake timeout.
     quiet = h.raw(B, kb, host="203.0.113.9")
     quiet.write(hello)
     quiet.frames()
     h.clock.advance(h.factory.handshake_timeout + 1)
-    assert quiet.outer_error()[0] == ErrorCode.HANDSHAKE_TIMEOUT
+    assert [f.type for f in quiet.frames()] == [FrameType.SEALED] and quiet.closing
     assert b.received() == [] and h.router.is_online(B)
+
+
+def test_errors_after_welcome_are_sealed(h: Harness) -> None:
+    """Between WELCOME and the first SEALED frame the server already has session
+    keys: an honest client gets an authenticated reason, not a forgeable one."""
+    ka = h.add_user(A)
+    slow = h.raw(A, ka)
+    slow.welcome()
+    h.clock.advance(h.factory.handshake_timeout + 1)
+    assert _codes(slow.received()) == [ErrorCode.HANDSHAKE_TIMEOUT] and slow.closing
+    confused = h.raw(A, ka)
+    confused.welcome()
+    confused.write(confused.handshake.hello_frame())
+    assert _codes(confused.received()) == [ErrorCode.BAD_FRAME] and confused.closing
+    assert not h.router.is_online(A)
 
 
 def test_session_goes_live_on_the_first_sealed_frame(h: Harness) -> None:
