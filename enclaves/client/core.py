@@ -126,7 +126,8 @@ class KexStuck:
 
 @frozen
 class KexFailed:
-    """An exchange was dropped (``reason`` is plain text, e.g. failed confirmation)."""
+    """An exchange step failed (``reason`` is plain text).  A failed confirmation
+    drops only that ACCEPT: the exchange itself stays outstanding."""
 
     peer: int
     epoch: int
@@ -469,7 +470,14 @@ class ClientCore:
             events.append(KexStuck(contact.user_id, epoch))
         elif step.outcome == "confirm failed":
             log.warn("key confirmation failed for {peer}: ACCEPT dropped", peer=contact.user_id)
-            events.append(KexFailed(contact.user_id, epoch, "key confirmation failed"))
+            events.append(
+                KexFailed(
+                    contact.user_id,
+                    epoch,
+                    "an answer failed key confirmation (forged or damaged); ignored, "
+                    "still waiting for the real one",
+                )
+            )
         elif step.outcome == "bad offer":
             log.warn("unusable key exchange offer from {peer}", peer=contact.user_id)
             events.append(KexFailed(contact.user_id, epoch, "unusable offer"))
