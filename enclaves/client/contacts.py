@@ -14,12 +14,13 @@ import hmac
 from attrs import evolve, field, frozen
 
 from enclaves.client.e2e import ReplayWindow
-from enclaves.client.kex import Identity, KexState
+from enclaves.client.kex import MAX_EPOCH_JUMP, Identity, KexState
 from enclaves.crypto import KeyPair, fingerprint, format_digits, safety_number
 
 __all__ = [
     "GRACE",
     "MAX_HELD",
+    "MAX_TENTATIVE",
     "IK_PREFIX",
     "Trust",
     "EpochKeys",
@@ -36,6 +37,7 @@ __all__ = [
 
 GRACE = 24 * 3600.0  # seconds the previous epoch's keys still open messages
 MAX_HELD = 256  # blobs kept per contact while waiting for keys or a key decision
+MAX_TENTATIVE = 4  # unconfirmed answered exchanges kept per contact (oldest dropped)
 IK_PREFIX = "enclaves-ik:"
 
 
@@ -106,6 +108,10 @@ class Contact:
     send_confirmed: bool = False
     held: tuple[HeldBlob, ...] = ()
     removed: bool = False  # tombstone after REMOVED: ``ik`` and trust stay pinned
+    # Keys of OFFERs we answered while ``current`` existed, oldest first: they
+    # open messages but are never used to send until one of them is promoted
+    # by a MESSAGE from the peer that authenticates under it.
+    tentative: tuple[EpochKeys, ...] = ()
 
     @property
     def epoch(self) -> int:
@@ -113,13 +119,45 @@ class Contact:
         return 0 if self.current is None else self.current.epoch
 
     @property
+    def offer_floor(self) -> int:
+        """The epoch our next OFFER must go above: the current one, or the
+        highest tentative epoch (an OFFER we answered) unless that is so far
+        ahead that the peer would refuse our offer (a forged epoch)."""
+        limit = self.epoch + MAX_EPOCH_JUMP // 2
+        return max([self.epoch, *(t.epoch for t in self.tentative if t.epoch <= limit)])
+
+    @property
     def name(self) -> str:
         """The petname, else the decimal id."""
         return self.petname if self.petname else str(self.user_id)
 
     def with_keys(self, epoch: int, keys: KeyPair, now: float) -> Contact:
-        """Adopt new pair keys; the current ones become the grace-period previous."""
-        return evolve(self, current=EpochKeys(epoch, keys, now), previous=self.current)
+        """Adopt new pair keys; the current ones become the grace-period previous.
+
+        Tentative keys of this epoch or older are dropped: they can no longer
+        become current."""
+        return evolve(
+            self,
+            current=EpochKeys(epoch, keys, now),
+            previous=self.current,
+            tentative=tuple(t for t in self.tentative if t.epoch > epoch),
+        )
+
+    def with_tentative(self, epoch: int, keys: KeyPair, now: float) -> Contact:
+        """Keep the keys of an answered OFFER for receiving only (at most
+        :data:`MAX_TENTATIVE`, the oldest dropped first)."""
+        return evolve(
+            self, tentative=(*self.tentative, EpochKeys(epoch, keys, now))[-MAX_TENTATIVE:]
+        )
+
+    def tentative_for(self, epoch: int) -> tuple[EpochKeys, ...]:
+        """The tentative keys that might open a MESSAGE of ``epoch``, newest first."""
+        return tuple(t for t in reversed(self.tentative) if t.epoch == epoch)
+
+    def promote(self, keys: EpochKeys, window: ReplayWindow, now: float) -> Contact:
+        """A MESSAGE authenticated under tentative ``keys``: they become current
+        (adopted ``now``, with ``window``); the old current becomes previous."""
+        return self.with_keys(keys.epoch, keys.keys, now).with_window(keys.epoch, window)
 
     def keys_for(self, epoch: int, now: float, grace: float = GRACE) -> EpochKeys | None:
         """The keys (and window) that open a MESSAGE of ``epoch`` at ``now``, if kept."""

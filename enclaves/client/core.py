@@ -23,6 +23,7 @@ from enclaves.client.contacts import (
     MAX_HELD,
     Contact,
     ContactError,
+    EpochKeys,
     HeldBlob,
     Trust,
     encode_ik,
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_SEEN",
     "MAX_HISTORY",
     "MAX_TEXT",
+    "HEAL_INTERVAL",
     "SendBlob",
     "MessageReceived",
     "KexCompleted",
@@ -58,6 +60,7 @@ MSG_ID_SIZE = 16
 MAX_SEEN = 4096  # recently seen msg_ids kept for de-duplication
 MAX_HISTORY = 1000  # history lines kept per contact
 MAX_TEXT = 32 * 1024  # bytes of UTF-8 per message
+HEAL_INTERVAL = kex.KEX_TIMEOUT  # at most one self-healing OFFER per contact this often
 
 log = Logger()
 
@@ -93,7 +96,11 @@ class MessageReceived:
 
 @frozen
 class KexCompleted:
-    """Pair keys for ``epoch`` are in place; ``first`` when the pair had none before."""
+    """Pair keys for ``epoch`` are in place; ``first`` when the pair had none before.
+
+    The initiator reports it when the ACCEPT's confirm checks; a responder
+    that already had keys reports it when the initiator's first MESSAGE under
+    the new epoch (its KEY_CONFIRM) authenticates, which promotes them."""
 
     peer: int
     epoch: int
@@ -119,7 +126,8 @@ class KexStuck:
 
 @frozen
 class KexFailed:
-    """An exchange was dropped (``reason`` is plain text, e.g. failed confirmation)."""
+    """An exchange step failed (``reason`` is plain text).  A failed confirmation
+    drops only that ACCEPT: the exchange itself stays outstanding."""
 
     peer: int
     epoch: int
@@ -225,7 +233,8 @@ class ClientCore:
         self._history: dict[int, list[HistoryEntry]] = {
             k: list(v) for k, v in state.history.items()
         }
-        self._sealers: dict[tuple[int, int], Sealer] = {}
+        self._sealers: dict[tuple[int, int], tuple[KeyPair, Sealer]] = {}
+        self._last_heal: dict[int, float] = {}  # in memory: a restart may heal once more
 
     def __repr__(self) -> str:
         return f"<ClientCore user {self.user_id}>"
@@ -323,6 +332,7 @@ class ClientCore:
                     pending_ik=None,
                     current=None,
                     previous=None,
+                    tentative=(),
                     kex=kex.KexState(),
                     held=(),
                 )
@@ -398,7 +408,7 @@ class ClientCore:
         return self._after_ik_accepted(contact, now)
 
     def _after_ik_accepted(self, contact: Contact, now: float) -> list[Event]:
-        contact = self._put(evolve(contact, current=None, previous=None))
+        contact = self._put(evolve(contact, current=None, previous=None, tentative=()))
         self._drop_sealers(contact.user_id)
         events = self._replay_held(contact.user_id, now)
         contact = self._contacts[contact.user_id]
@@ -413,7 +423,7 @@ class ClientCore:
         contact = self.add_contact(user_id)
         if contact.kex.pending is not None or contact.removed:
             return []
-        step = kex.start(contact.kex, self.identity, contact.epoch, self._entropy, now)
+        step = kex.start(contact.kex, self.identity, contact.offer_floor, self._entropy, now)
         return self._apply(contact, step, now)
 
     def tick(self, now: float) -> list[Event]:
@@ -439,20 +449,35 @@ class ClientCore:
             contact = evolve(contact, ik=learned_ik)
         if step.new_keys is not None and step.new_epoch is not None:
             first = contact.current is None
-            contact = contact.with_keys(step.new_epoch, step.new_keys, now)
-            events.append(KexCompleted(contact.user_id, step.new_epoch, first))
+            if step.tentative and not first:
+                # Answered an OFFER while a working pair exists: receive-only
+                # until the initiator proves it holds these keys.
+                contact = contact.with_tentative(step.new_epoch, step.new_keys, now)
+            else:
+                contact = contact.with_keys(step.new_epoch, step.new_keys, now)
+                events.append(KexCompleted(contact.user_id, step.new_epoch, first))
         self._put(contact)
         self._drop_sealers(contact.user_id)
         if step.send is not None:
             events.append(self._queue(contact.user_id, step.send, "kex", now))
-        epoch = pending.epoch if pending is not None else contact.epoch + 1
+        if step.outcome == "completed":
+            # Prove to the responder that we hold the new keys (it promotes them).
+            events += self._key_confirm(contact.user_id, now)
+        epoch = pending.epoch if pending is not None else contact.offer_floor + 1
         if step.outcome == "retry" and step.state.pending is not None:
             events.append(KexRetried(contact.user_id, epoch, step.state.pending.offers_sent))
         elif step.outcome == "stuck":
             events.append(KexStuck(contact.user_id, epoch))
         elif step.outcome == "confirm failed":
-            log.warn("key confirmation failed for {peer}", peer=contact.user_id)
-            events.append(KexFailed(contact.user_id, epoch, "key confirmation failed"))
+            log.warn("key confirmation failed for {peer}: ACCEPT dropped", peer=contact.user_id)
+            events.append(
+                KexFailed(
+                    contact.user_id,
+                    epoch,
+                    "an answer failed key confirmation (forged or damaged); ignored, "
+                    "still waiting for the real one",
+                )
+            )
         elif step.outcome == "bad offer":
             log.warn("unusable key exchange offer from {peer}", peer=contact.user_id)
             events.append(KexFailed(contact.user_id, epoch, "unusable offer"))
@@ -511,10 +536,17 @@ class ClientCore:
             return events + self._hold(contact, msg_id, raw, "identity key changed")
         if isinstance(parsed, Offer):
             step = kex.on_offer(
-                contact.kex, self.identity, sender, parsed, contact.epoch, self._entropy, now
+                contact.kex,
+                self.identity,
+                sender,
+                parsed,
+                contact.epoch,
+                self._entropy,
+                now,
+                answered_epoch=contact.offer_floor,
             )
         else:
-            step = kex.on_accept(contact.kex, self.identity, sender, parsed)
+            step = kex.on_accept(contact.kex, self.identity, sender, parsed, contact.epoch)
         # First contact: the key is learned only from an exchange that completed.
         learned = parsed.ik if first_ik and step.new_keys is not None else None
         return events + self._apply(contact, step, now, learned)
@@ -523,29 +555,111 @@ class ClientCore:
         self, contact: Contact, msg_id: bytes, raw: bytes, blob: MessageBlob, now: float
     ) -> list[Event]:
         sender = contact.user_id
+        events: list[Event] = []
         keys = contact.keys_for(blob.epoch, now, self._grace)
         if keys is None:
-            if blob.epoch > contact.epoch:
-                return self._hold(contact, msg_id, raw, "no keys for its epoch yet")
-            return [BlobDropped(sender, msg_id, "epoch keys deleted")]
-        try:
-            plain = open_message(self._sealer(sender, keys.epoch, keys.keys), blob, sender,
-                                 self.user_id)  # fmt: skip
-            window = keys.window.accept(plain.counter)
-        except CryptoError:
-            log.info("dropped a message from {sender} that failed authentication", sender=sender)
-            return [BlobDropped(sender, msg_id, "failed authentication")]
-        except ReplayError:
-            return [BlobDropped(sender, msg_id, "replay")]
-        contact = self._put(contact.with_window(blob.epoch, window))
+            candidates = contact.tentative_for(blob.epoch)
+            if not candidates:
+                if blob.epoch > contact.epoch:
+                    events = self._hold(contact, msg_id, raw, "no keys for its epoch yet")
+                else:
+                    events = [BlobDropped(sender, msg_id, "epoch keys deleted")]
+                if blob.epoch == 0:  # no epoch 0 ever had keys: nothing to heal
+                    return events
+                return events + self._heal(sender, now)
+            opened = self._open_tentative(contact, blob, candidates)
+            if opened is None:
+                log.info("dropped a message from {sender} that failed authentication",
+                         sender=sender)  # fmt: skip
+                return [
+                    BlobDropped(sender, msg_id, "failed authentication"),
+                    *self._heal(sender, now),
+                ]
+            tentative, plain = opened
+            try:
+                window = tentative.window.accept(plain.counter)
+            except ReplayError:  # a fresh window never refuses a positive counter
+                return [BlobDropped(sender, msg_id, "replay")]
+            # The peer proved it holds these keys: they become current.
+            contact = self._put(contact.promote(tentative, window, now))
+            self._drop_sealers(sender)
+            log.info(
+                "keys of epoch {epoch} with {peer} confirmed", epoch=contact.epoch, peer=sender
+            )
+            events.append(KexCompleted(sender, contact.epoch, False))
+        else:
+            try:
+                plain = open_message(self._sealer(sender, keys.epoch, keys.keys), blob, sender,
+                                     self.user_id)  # fmt: skip
+                window = keys.window.accept(plain.counter)
+            except CryptoError:
+                log.info("dropped a message from {sender} that failed authentication",
+                         sender=sender)  # fmt: skip
+                return [BlobDropped(sender, msg_id, "failed authentication")]
+            except ReplayError:
+                return [BlobDropped(sender, msg_id, "replay")]
+            contact = self._put(contact.with_window(blob.epoch, window))
+        pending = contact.kex.pending
+        if pending is not None and blob.epoch == contact.epoch and pending.epoch <= blob.epoch:
+            # The peer proved it holds our current keys, so it is past our offer's
+            # epoch and will never answer it: drop the offer and its secrets.
+            contact = self._put(evolve(contact, kex=evolve(contact.kex, pending=None)))
+        if plain.content_type == ContentType.KEY_CONFIRM:
+            return events  # its work (promotion) is done; never shown
         if plain.content_type != ContentType.TEXT:
-            return [BlobDropped(sender, msg_id, "unknown content type")]
+            return [*events, BlobDropped(sender, msg_id, "unknown content type")]
         text = plain.body.decode("utf-8", errors="replace")
         self._add_history(
             sender,
             HistoryEntry("in", msg_id, plain.unix_ms, text, contact.trust, "received", blob.epoch),
         )
-        return [MessageReceived(sender, msg_id, text, plain.unix_ms, contact.trust, blob.epoch)]
+        return [
+            *events,
+            MessageReceived(sender, msg_id, text, plain.unix_ms, contact.trust, blob.epoch),
+        ]
+
+    def _open_tentative(
+        self, contact: Contact, blob: MessageBlob, candidates: tuple[EpochKeys, ...]
+    ) -> tuple[EpochKeys, Plaintext] | None:
+        """The first tentative key set under which ``blob`` authenticates, and its plaintext."""
+        for candidate in candidates:
+            try:
+                plain = open_message(Sealer(candidate.keys), blob, contact.user_id, self.user_id)
+            except CryptoError:
+                continue
+            return candidate, plain
+        return None
+
+    def _heal(self, user_id: int, now: float) -> list[Event]:
+        """A MESSAGE under an epoch we hold no keys for: the pair is out of step
+        (or someone injected it).  Offer a fresh exchange unless one is pending,
+        at most once per :data:`HEAL_INTERVAL`."""
+        contact = self._contacts[user_id]
+        if contact.kex.pending is not None or contact.pending_ik is not None:
+            return []
+        last = self._last_heal.get(user_id)
+        if last is not None and now < last + HEAL_INTERVAL:
+            return []
+        self._last_heal[user_id] = now
+        log.info("no keys for a message from {peer}: offering a fresh key exchange", peer=user_id)
+        return self.start_kex(user_id, now)
+
+    def _key_confirm(self, user_id: int, now: float) -> list[Event]:
+        """A KEY_CONFIRM (empty body) under our current keys with ``user_id``."""
+        contact = self._contacts[user_id]
+        current = contact.current
+        if current is None:  # not after a completed exchange
+            return []
+        counter = contact.send_counter + 1
+        blob = seal_message(
+            self._sealer(user_id, current.epoch, current.keys),
+            current.epoch,
+            self.user_id,
+            user_id,
+            Plaintext(ContentType.KEY_CONFIRM, counter, int(now * 1000), b""),
+        )
+        self._put(evolve(contact, send_counter=counter))
+        return [self._queue(user_id, blob, "kex", now)]
 
     def _hold(self, contact: Contact, msg_id: bytes, raw: bytes, reason: str) -> list[Event]:
         events: list[Event] = []
@@ -687,10 +801,10 @@ class ClientCore:
         return contact
 
     def _sealer(self, user_id: int, epoch: int, keys: KeyPair) -> Sealer:
-        sealer = self._sealers.get((user_id, epoch))
-        if sealer is None:
-            sealer = self._sealers[(user_id, epoch)] = Sealer(keys)
-        return sealer
+        cached = self._sealers.get((user_id, epoch))
+        if cached is None or cached[0] != keys:
+            cached = self._sealers[(user_id, epoch)] = (keys, Sealer(keys))
+        return cached[1]
 
     def _drop_sealers(self, user_id: int) -> None:
         contact = self._contacts.get(user_id)

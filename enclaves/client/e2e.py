@@ -38,6 +38,10 @@ _MASK = (1 << WINDOW) - 1
 
 class ContentType(enum.IntEnum):
     TEXT = 0x01  # body is UTF-8 text
+    # Empty body; sent by a KEX initiator under the new epoch right after the
+    # ACCEPT's confirm checks: proves to the responder that the initiator holds
+    # the new keys, so it may start sending with them.  Never shown to the user.
+    KEY_CONFIRM = 0x02
 
 
 @frozen

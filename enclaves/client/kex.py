@@ -1,8 +1,12 @@
 """Sans-IO hybrid X25519 + ML-KEM-768 key exchange (DESIGN.md §5, docs/protocol.rst).
 
 A (the initiator) sends OFFER(epoch, IK_A, EK_A, PQ_A); B answers
-ACCEPT(epoch, IK_B, EK_B, ct, confirm) and adopts the new pair keys at once;
-A checks ``confirm`` in constant time and adopts them too.  The functions
+ACCEPT(epoch, IK_B, EK_B, ct, confirm); A checks ``confirm`` in constant time
+and adopts the new pair keys.  An OFFER proves nothing by itself (IK_A is
+public), so when B already has working pair keys it keeps the new ones only
+as *tentative* (``KexStep.tentative``): it receives with them but keeps
+sending under the current epoch until A proves it holds them with a MESSAGE
+(a KEY_CONFIRM) sealed under them.  The functions
 here are pure: bytes and values in, values out.  :func:`on_offer`,
 :func:`on_accept`, :func:`start` and :func:`tick` are the per-pair state
 machine over a :class:`KexState`; the caller keeps the state (in the contact)
@@ -268,11 +272,20 @@ class KexStep:
     """What one input did: the new state, a blob to send, keys to adopt, and why.
 
     ``outcome`` is one of: ``offered``, ``already pending``, ``answered``,
-    ``answer resent``, ``crossing lost`` (we dropped our offer and answered),
+    ``answer resent``, ``crossing lost`` (we answered theirs; ours stays
+    pending unless it can no longer complete, see :func:`on_offer`),
     ``crossing won`` (their offer ignored: ours stands), ``resync`` (a stale
     offer answered by a fresh offer of ours), ``stale`` (ignored), ``bad offer``
-    (dropped), ``completed``, ``confirm failed``, ``retry``, ``stuck`` (reported
-    once), ``idle``, ``epochs exhausted`` (2**32 - 1 reached: no more rekeys).
+    (dropped), ``completed``, ``confirm failed`` (that ACCEPT dropped, our
+    offer still pending), ``retry``, ``stuck`` (reported once), ``idle``,
+    ``epochs exhausted`` (2**32 - 1 reached: no more rekeys).
+
+    ``tentative`` is set when ``new_keys`` come from answering an OFFER while
+    the pair already has keys (``current_epoch > 0``): nothing yet proves
+    that the OFFER came from the peer, so the caller may open messages with
+    them but must keep sending under its current keys until a MESSAGE from
+    the peer authenticates under the new ones.  On the very first exchange
+    there is no working pair to protect and the keys are used at once.
     """
 
     state: KexState
@@ -280,12 +293,16 @@ class KexStep:
     send: bytes | None = field(default=None, repr=False)
     new_epoch: int | None = None
     new_keys: KeyPair | None = field(default=None, repr=False)
+    tentative: bool = False
 
 
 def start(
     state: KexState, identity: Identity, current_epoch: int, entropy: Entropy, now: float
 ) -> KexStep:
-    """Begin a KEX (first or rekey) at ``current_epoch + 1`` unless one is pending."""
+    """Begin a KEX (first or rekey) at ``current_epoch + 1`` unless one is pending.
+
+    With tentative keys the caller passes the highest epoch it answered (see
+    :attr:`Contact.offer_floor <enclaves.client.contacts.Contact.offer_floor>`)."""
     if state.pending is not None:
         return KexStep(state, "already pending", send=state.pending.blob)
     if current_epoch >= MAX_EPOCH:
@@ -302,14 +319,31 @@ def _answer(
     raw: bytes,
     entropy: Entropy,
     outcome: str,
+    current_epoch: int,
 ) -> KexStep:
     try:
         accept, keys = answer_offer(identity, peer_id, offer, entropy)
     except KexError:
         return KexStep(state, "bad offer")
     blob = accept.to_bytes()
-    new_state = KexState(pending=None, answered_digest=sha256(raw), answered_blob=blob)
-    return KexStep(new_state, outcome, send=blob, new_epoch=offer.epoch, new_keys=keys)
+    # Our own outstanding offer is kept where its ACCEPT could still be the one
+    # that counts: the OFFER we answer may be forged, and must not cancel ours.
+    # With pair keys in place ours is of a higher epoch than current, and a
+    # same-epoch one may replace a forged first exchange; only a first
+    # exchange at a lower epoch than the one answered is dropped (completing
+    # it would move the pair backwards).
+    pending = state.pending
+    if pending is not None and current_epoch == 0 and pending.epoch != offer.epoch:
+        pending = None
+    new_state = KexState(pending=pending, answered_digest=sha256(raw), answered_blob=blob)
+    return KexStep(
+        new_state,
+        outcome,
+        send=blob,
+        new_epoch=offer.epoch,
+        new_keys=keys,
+        tentative=current_epoch > 0,
+    )
 
 
 def on_offer(
@@ -320,13 +354,23 @@ def on_offer(
     current_epoch: int,
     entropy: Entropy,
     now: float,
+    answered_epoch: int = 0,
 ) -> KexStep:
     """Handle an OFFER whose IK the caller has already matched to the contact.
 
+    ``answered_epoch`` is the highest epoch we hold tentative keys for (0 if
+    none): a fresh offer of ours goes above it, so that we never offer an
+    epoch whose OFFER from the peer we have already answered.
+
     - the OFFER we last answered, again: the same ACCEPT is sent again;
-    - epoch above ours and no offer of ours at that epoch or above: answer;
+    - epoch above ours and no offer of ours at that epoch or above: answer
+      (with ``tentative`` keys if ``current_epoch > 0``, see :class:`KexStep`);
     - both offered the same epoch (crossing): the offer of the lower user id
-      wins; the other side drops its own offer and answers;
+      wins; the other side answers it.  It keeps its own offer pending (an
+      OFFER can be forged: answering one must not cancel a real exchange);
+      the caller drops it once a MESSAGE from the peer authenticates under
+      an epoch at or above it.  On a first exchange an offer of ours below
+      the answered epoch is dropped;
     - epoch not above ours (stale or replayed, or a peer restored from a
       backup): answered with a fresh OFFER of ours (``resync``) if none is
       pending; never by changing our keys;
@@ -341,35 +385,44 @@ def on_offer(
     if offer.epoch > current_epoch + 1 + MAX_EPOCH_JUMP:
         return KexStep(state, "bad offer")
     if offer.epoch <= current_epoch:
-        if state.pending is not None or current_epoch >= MAX_EPOCH:
+        if state.pending is not None or max(current_epoch, answered_epoch) >= MAX_EPOCH:
             return KexStep(state, "stale")
-        fresh = make_offer(identity, current_epoch + 1, entropy, now)
+        fresh = make_offer(identity, max(current_epoch, answered_epoch) + 1, entropy, now)
         return KexStep(evolve(state, pending=fresh), "resync", send=fresh.blob)
     pending = state.pending
     if pending is None or pending.epoch < offer.epoch:
         outcome = "answered" if pending is None else "crossing lost"
-        return _answer(state, identity, peer_id, offer, raw, entropy, outcome)
+        return _answer(state, identity, peer_id, offer, raw, entropy, outcome, current_epoch)
     if pending.epoch == offer.epoch:
         if peer_id < identity.user_id:
-            return _answer(state, identity, peer_id, offer, raw, entropy, "crossing lost")
+            return _answer(
+                state, identity, peer_id, offer, raw, entropy, "crossing lost", current_epoch
+            )
         return KexStep(state, "crossing won")
     # Our outstanding offer is for a later epoch than theirs: ours stands.
     return KexStep(state, "crossing won")
 
 
-def on_accept(state: KexState, identity: Identity, peer_id: int, accept: Accept) -> KexStep:
+def on_accept(
+    state: KexState, identity: Identity, peer_id: int, accept: Accept, current_epoch: int = 0
+) -> KexStep:
     """Handle an ACCEPT whose IK the caller has already matched to the contact.
 
-    An ACCEPT for no outstanding offer is ``stale``.  A failed confirmation
-    drops the exchange (ephemeral secrets deleted) and is ``confirm failed``.
+    An ACCEPT for no outstanding offer is ``stale``; so is one for an offer
+    below ``current_epoch`` (the offer is dropped: the pair is past it).  A failed confirmation
+    is ``confirm failed`` and drops only that ACCEPT: the offer stays pending
+    (anyone can write an ACCEPT, and a forged one must not cancel a real
+    exchange), so the peer's genuine ACCEPT still completes it.
     """
     pending = state.pending
     if pending is None or accept.epoch != pending.epoch:
         return KexStep(state, "stale")
+    if pending.epoch < current_epoch:
+        return KexStep(evolve(state, pending=None), "stale")
     try:
         keys = complete_offer(identity, peer_id, pending, accept)
     except KexError:
-        return KexStep(evolve(state, pending=None), "confirm failed")
+        return KexStep(state, "confirm failed")
     return KexStep(evolve(state, pending=None), "completed", new_epoch=pending.epoch, new_keys=keys)
 
 

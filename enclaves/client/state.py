@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from attrs import field, frozen
 
-from enclaves.client.contacts import Contact, EpochKeys, HeldBlob, Trust
+from enclaves.client.contacts import MAX_TENTATIVE, Contact, EpochKeys, HeldBlob, Trust
 from enclaves.client.e2e import ReplayWindow
 from enclaves.client.kex import KexState, PendingOffer
 from enclaves.crypto import KeyPair
@@ -149,6 +149,7 @@ def _contact(c: Contact) -> Any:
         "send_confirmed": c.send_confirmed,
         "held": [[_b(h.msg_id), _b(h.blob)] for h in c.held],
         "removed": c.removed,
+        "tentative": [_epoch_keys(t) for t in c.tentative],
     }
 
 
@@ -295,7 +296,16 @@ def _d_contact(doc: Any) -> Contact:
         send_confirmed=_get(doc, "send_confirmed", bool),
         held=tuple(held),
         removed=_removed(doc),
+        tentative=_tentative(doc),
     )
+
+
+def _tentative(doc: Any) -> tuple[EpochKeys, ...]:
+    # Optional: keystores written before tentative keys existed have none.
+    value = doc.get("tentative", [])
+    if not isinstance(value, list) or len(value) > MAX_TENTATIVE:
+        raise StateError("state field 'tentative' has the wrong type")
+    return tuple(_d_epoch_keys(t) for t in value)
 
 
 def _removed(doc: Any) -> bool:

@@ -29,7 +29,7 @@ from enclaves.client.core import (
     SendBlob,
 )
 from enclaves.client.state import decode_state, encode_state
-from tests.client.helpers import Relay, make_core
+from tests.client.helpers import Relay, forged_offer, make_core
 
 A, B, C = 100, 200, 300
 
@@ -154,7 +154,8 @@ def test_reflected_key_exchange_is_dropped(me: int, peer: int) -> None:
         BlobDropped(me, b"s" * 16, "reflected")
     ]
     assert [type(e) for e in core.handle_blob(peer, accept.msg_id, accept.blob, 2.0)] == [
-        KexCompleted
+        KexCompleted,
+        SendBlob,  # the KEY_CONFIRM
     ]
     assert core.contact(peer).ik == other.identity.public
     assert core.safety_number(peer) == other.safety_number(me)
@@ -218,3 +219,46 @@ def test_server_duplicates_reorders_holds_back_and_drops() -> None:
         assert isinstance(event, BlobDropped)
         (event,) = restarted.handle_blob(A, bytes([i]) * 16, m[i].blob, 4.0)
         assert isinstance(event, BlobDropped) and event.reason == "replay"
+
+
+def test_server_injecting_forged_offers_cannot_break_a_working_pair() -> None:
+    """The server writes OFFERs of its own under each user's public identity key
+    (its own EK and ML-KEM key, the next epochs), to both sides, every round,
+    while the two chat and rekey twice for real.  Before the fix the answering
+    side switched its sending keys to the forged exchange's, which nobody can
+    compute: its messages were lost for good.  Now the forged keys stay
+    tentative and are never confirmed; every message arrives, the real rekeys
+    complete, and no forged exchange is ever reported as complete."""
+    a, b, relay = _pair()
+    cores = {A: a, B: b}
+    sent: dict[int, list[str]] = {A: [], B: []}
+    for rnd in range(6):
+        now = 10.0 * (rnd + 1)
+        for victim, impersonated in ((b, a), (a, b)):
+            epoch = victim.contact(impersonated.user_id).epoch + 1 + rnd % 3
+            msg_id = bytes([0xF0, rnd, victim.user_id % 256]) * 5 + b"\x00"
+            blob = forged_offer(impersonated, epoch)
+            relay.post(victim.user_id, victim.handle_blob(impersonated.user_id, msg_id, blob, now))
+        if rnd == 2:
+            relay.post(A, a.start_kex(B, now))
+        if rnd == 4:
+            relay.post(B, b.start_kex(A, now))
+        for me, peer in ((a, B), (b, A)):
+            text = f"{me.user_id} round {rnd}"
+            out = me.encrypt_message(peer, text, now + 1.0, confirmed=True)
+            assert isinstance(out, SendBlob)
+            sent[me.user_id].append(text)
+            relay.post(me.user_id, [out])
+        relay.flush(now + 2.0)
+    epochs = {me: [e.epoch for e in relay.of(me, KexCompleted)] for me in (A, B)}
+    for me, peer in ((A, B), (B, A)):
+        assert [e.text for e in relay.of(peer, MessageReceived)] == sent[me]
+    # Only the first exchange and the two real rekeys (whose offers go above the
+    # epochs answered tentatively, so they skip some numbers) ever completed.
+    assert len(epochs[A]) == 3 and epochs[A] == epochs[B]
+    last = epochs[A][-1]
+    assert a.contact(B).epoch == b.contact(A).epoch == last
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    # The forged keys never became current; those at or below it are gone.
+    for core, peer in ((a, B), (b, A)):
+        assert all(t.epoch > last for t in cores[core.user_id].contact(peer).tentative)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections import deque
 
+from enclaves.client import kex
 from enclaves.client.core import ClientCore, Event, SendBlob
-from enclaves.client.kex import Identity, SeededEntropy
+from enclaves.client.kex import Entropy, Identity, SeededEntropy
 from enclaves.crypto import KeyPair
 
 
@@ -17,6 +18,14 @@ def make_core(user_id: int, seed: bytes = b"", **options: float) -> ClientCore:
     entropy = SeededEntropy(b"core-%d" % user_id + seed)
     keys = KeyPair(bytes([1]) * 32, bytes([2]) * 32)
     return ClientCore.new(user_id, keys, "tcp:127.0.0.1:1", entropy=entropy, **options)
+
+
+def forged_offer(impersonated: ClientCore, epoch: int) -> bytes:
+    """An OFFER carrying ``impersonated``'s (public) identity key with a fresh EK and
+    PQ of the forger's: what a malicious server can write, since IK is public.
+    Nobody can compute the pair keys it leads to (they need IK's private half)."""
+    fake = Identity(impersonated.user_id, Entropy().x25519(), impersonated.identity.public)
+    return kex.make_offer(fake, epoch, Entropy(), 0.0).blob
 
 
 class Relay:

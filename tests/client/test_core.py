@@ -6,8 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclaves.client.contacts import ContactError, Trust, encode_ik
+from enclaves.client.blob import Accept
+from enclaves.client.contacts import MAX_TENTATIVE, ContactError, Trust, encode_ik
 from enclaves.client.core import (
+    HEAL_INTERVAL,
     BlobDropped,
     BlobFromRemoved,
     BlobHeld,
@@ -21,8 +23,9 @@ from enclaves.client.core import (
     Refused,
     SendBlob,
 )
+from enclaves.client.kex import Entropy
 from enclaves.client.state import decode_state, encode_state
-from tests.client.helpers import Relay, make_core
+from tests.client.helpers import Relay, forged_offer, make_core
 
 A, B, C = 100, 200, 300
 
@@ -144,9 +147,11 @@ def test_rekey_and_grace_period() -> None:
     # ...and after it the old keys are deleted.
     relay.post(B, b.tick(200.0))
     assert b.contact(A).previous is None
-    assert b.handle_blob(A, b"y" * 16, late.blob, 200.0) == [
-        BlobDropped(A, b"y" * 16, "epoch keys deleted")
-    ]
+    dropped, heal = b.handle_blob(A, b"y" * 16, late.blob, 200.0)
+    assert dropped == BlobDropped(A, b"y" * 16, "epoch keys deleted")
+    # A message under deleted keys means the pair may be out of step: B offers a
+    # fresh exchange (rate limited, see test_undecryptable_epoch_heals_rate_limited).
+    assert isinstance(heal, SendBlob) and heal.kind == "kex" and heal.blob[0] == 0x02
 
 
 def test_identity_key_change_blocks_sending_until_accepted() -> None:
@@ -198,9 +203,14 @@ def test_tampered_accept_is_reported_and_dropped() -> None:
     ]
     bad = bytearray(accept.blob)
     bad[200] ^= 1
-    events = a.handle_blob(B, accept.msg_id, bytes(bad), 2.0)
+    events = a.handle_blob(B, b"t" * 16, bytes(bad), 2.0)
     assert [type(e) for e in events] == [KexFailed]
-    assert a.contact(B).current is None and a.contact(B).kex.pending is None
+    assert a.contact(B).current is None and a.contact(B).ik is None
+    # Only that ACCEPT is dropped: the genuine one still completes the exchange.
+    assert a.contact(B).kex.pending is not None
+    events = a.handle_blob(B, accept.msg_id, accept.blob, 3.0)
+    assert [type(e) for e in events] == [KexCompleted, SendBlob]
+    assert a.contact(B).current.keys == b.contact(A).current.keys
 
 
 def test_unanswered_offer_is_retried_then_reported() -> None:
@@ -223,8 +233,9 @@ def test_messages_before_keys_are_held_then_opened() -> None:
     # The message overtakes the ACCEPT (e.g. resent from the outbox first).
     assert [type(e) for e in a.handle_blob(B, msg.msg_id, msg.blob, 2.0)] == [BlobHeld]
     events = a.handle_blob(B, accept.msg_id, accept.blob, 2.0)
-    assert [type(e) for e in events] == [KexCompleted, MessageReceived]
-    assert events[1].text == "early"
+    assert [type(e) for e in events] == [KexCompleted, SendBlob, MessageReceived]
+    assert events[1].kind == "kex"  # A's KEY_CONFIRM
+    assert events[2].text == "early"
 
 
 def test_outbox_receipts_and_failures() -> None:
@@ -373,3 +384,326 @@ def test_removed_contact_is_a_tombstone_and_its_id_never_rekeys() -> None:
     # The tombstone survives the keystore.
     again = ClientCore(decode_state(encode_state(a.state())))
     assert again.contact(B).removed and again.contact(B).ik == b.identity.public
+
+
+# -- forged and replayed OFFERs: the responder's keys stay tentative ----------------
+
+
+def test_forged_offer_leaves_the_working_pair_alone() -> None:
+    """The server forges an OFFER as A (A's IK, its own EK/PQ, next epoch).  B answers
+    but keeps sending under the epoch A holds, so A still reads B; the forged
+    tentative keys are dropped when a real rekey completes."""
+    a, b, relay = pair()
+    events = b.handle_blob(A, b"f" * 16, forged_offer(a, 2), 2.0)
+    (accept,) = [e for e in events if isinstance(e, SendBlob)]
+    assert not [e for e in events if isinstance(e, KexCompleted)]
+    contact = b.contact(A)
+    assert contact.epoch == 1 and [t.epoch for t in contact.tentative] == [2]
+    # The forged exchange's ACCEPT reaches A: A has no offer out, so it is ignored.
+    relay.post(B, [accept])
+    relay.flush(2.5)
+    out = send(b, relay, A, "still readable", 3.0)
+    assert out.blob[1:5] == (1).to_bytes(4, "big")
+    send(a, relay, B, "and back", 3.0)
+    relay.flush(3.5)
+    assert received(relay, A) == ["still readable"] and received(relay, B) == ["and back"]
+    # A real rekey then completes; both promote and the forged keys are gone.
+    relay.post(A, a.start_kex(B, 4.0))
+    relay.flush(4.5)
+    assert a.contact(B).epoch == b.contact(A).epoch == 2
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    assert b.contact(A).tentative == () and b.contact(A).kex.pending is None
+    send(b, relay, A, "epoch 2", 5.0)
+    send(a, relay, B, "epoch 2 back", 5.0)
+    relay.flush(5.5)
+    assert received(relay, A)[-1] == "epoch 2" and received(relay, B)[-1] == "epoch 2 back"
+
+
+def test_replayed_old_offer_leaves_the_working_pair_alone() -> None:
+    """A's first OFFER replayed as is (answer resent, nothing changes), and with its
+    epoch rewritten upwards (A deleted its ephemeral keys long ago): B keeps
+    sending under the working keys."""
+    a, b, relay = pair()
+    (old_offer,) = [e.blob for sender, e in relay.log if sender == A and e.kind == "kex"][:1]
+    again = b.handle_blob(A, b"r" * 16, old_offer, 2.0)
+    assert [type(e) for e in again] == [SendBlob] and b.contact(A).tentative == ()
+    for i, epoch in enumerate((2, 3, 900)):
+        bumped = old_offer[:1] + epoch.to_bytes(4, "big") + old_offer[5:]
+        relay.post(B, b.handle_blob(A, bytes([i]) * 16, bumped, 2.0))
+    relay.flush(2.5)
+    assert b.contact(A).epoch == a.contact(B).epoch == 1
+    assert [t.epoch for t in b.contact(A).tentative] == [2, 3, 900]
+    send(b, relay, A, "unharmed", 3.0)
+    send(a, relay, B, "unharmed too", 3.0)
+    relay.flush(3.5)
+    assert received(relay, A) == ["unharmed"] and received(relay, B) == ["unharmed too"]
+    # B's own rekey goes above the epochs it answered, except one so far ahead
+    # that A would refuse it; it completes and drops the tentative keys below.
+    (offer,) = b.start_kex(A, 4.0)
+    assert offer.blob[1:5] == (4).to_bytes(4, "big")
+    relay.post(B, [offer])
+    relay.flush(4.5)
+    assert a.contact(B).epoch == b.contact(A).epoch == 4
+    assert [t.epoch for t in b.contact(A).tentative] == [900]
+
+
+def test_key_confirm_promotes_the_tentative_keys() -> None:
+    """A real rekey by A: B's new keys are receive-only until A's KEY_CONFIRM
+    (sealed under the new epoch, never shown) authenticates."""
+    a, b, _relay = pair()
+    (offer,) = a.start_kex(B, 2.0)
+    (accept,) = [
+        e for e in b.handle_blob(A, offer.msg_id, offer.blob, 2.0) if isinstance(e, SendBlob)
+    ]
+    assert b.contact(A).epoch == 1 and [t.epoch for t in b.contact(A).tentative] == [2]
+    meanwhile = b.encrypt_message(A, "before the confirm", 2.1, confirmed=True)
+    assert isinstance(meanwhile, SendBlob) and meanwhile.blob[1:5] == (1).to_bytes(4, "big")
+    completed, confirm = a.handle_blob(B, accept.msg_id, accept.blob, 2.2)
+    assert completed == KexCompleted(B, 2, False)
+    assert isinstance(confirm, SendBlob) and confirm.kind == "kex" and confirm.blob[0] == 0x01
+    assert confirm.blob[1:5] == (2).to_bytes(4, "big")
+    # B's message sealed before the promotion still opens at A (grace period).
+    assert a.handle_blob(B, meanwhile.msg_id, meanwhile.blob, 2.3)[0].text == "before the confirm"
+    assert b.handle_blob(A, confirm.msg_id, confirm.blob, 2.4) == [KexCompleted(A, 2, False)]
+    assert b.contact(A).epoch == 2 and b.contact(A).tentative == ()
+    assert b.contact(A).current.keys == a.contact(B).current.keys
+    assert b.history(A)[-1].text == "before the confirm"  # the confirm is not history
+    after = b.encrypt_message(A, "now under 2", 2.5)
+    assert isinstance(after, SendBlob) and after.blob[1:5] == (2).to_bytes(4, "big")
+    assert a.handle_blob(B, after.msg_id, after.blob, 2.6)[0].text == "now under 2"
+    # A replayed KEY_CONFIRM is dropped like any replayed message.
+    assert b.handle_blob(A, b"k" * 16, confirm.blob, 2.7)[0].reason == "replay"
+
+
+def test_any_message_under_the_new_epoch_promotes() -> None:
+    """The server drops A's KEY_CONFIRM: A's next message under the new epoch
+    promotes B's keys just the same, and is shown."""
+    a, b, _relay = pair()
+    (offer,) = a.start_kex(B, 2.0)
+    (accept,) = [
+        e for e in b.handle_blob(A, offer.msg_id, offer.blob, 2.0) if isinstance(e, SendBlob)
+    ]
+    a.handle_blob(B, accept.msg_id, accept.blob, 2.2)  # its KEY_CONFIRM is lost
+    out = a.encrypt_message(B, "new epoch", 3.0, confirmed=True)
+    events = b.handle_blob(A, out.msg_id, out.blob, 3.0)
+    assert [type(e) for e in events] == [KexCompleted, MessageReceived]
+    assert b.contact(A).epoch == 2 and events[1].text == "new epoch"
+
+
+def test_tentative_keys_are_kept_while_the_peer_stays_on_the_old_epoch() -> None:
+    """B answered an OFFER that was never confirmed: for days A goes on under the
+    old epoch and nothing breaks (no grace period runs on unconfirmed keys)."""
+    a, b, relay = pair(grace=100.0)
+    relay.post(B, b.handle_blob(A, b"f" * 16, forged_offer(a, 2), 2.0))
+    relay.flush(2.0)
+    for day in range(1, 4):
+        now = day * 86400.0
+        relay.post(A, a.tick(now))
+        relay.post(B, b.tick(now))
+        send(a, relay, B, f"day {day}", now)
+        send(b, relay, A, f"day {day} back", now)
+        relay.flush(now)
+    assert received(relay, B) == ["day 1", "day 2", "day 3"]
+    assert received(relay, A) == ["day 1 back", "day 2 back", "day 3 back"]
+    assert b.contact(A).epoch == 1
+
+
+def test_crossing_rekeys_still_resolve() -> None:
+    """Both sides rekey at once (same epoch): the lower id's offer wins, the loser's
+    tentative keys are promoted by the winner's KEY_CONFIRM and its own offer
+    is dropped then."""
+    a, b, relay = pair()
+    relay.post(A, a.start_kex(B, 2.0))
+    relay.post(B, b.start_kex(A, 2.0))
+    relay.flush(3.0)
+    for me, other in ((a, B), (b, A)):
+        contact = me.contact(other)
+        assert contact.epoch == 2 and contact.tentative == () and contact.kex.pending is None
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    send(a, relay, B, "x", 4.0)
+    send(b, relay, A, "y", 4.0)
+    relay.flush(4.0)
+    assert received(relay, B) == ["x"] and received(relay, A) == ["y"]
+
+
+def test_forged_offer_does_not_cancel_our_own_rekey() -> None:
+    """B is rekeying; the server forges a higher (or same-epoch, lower-id) OFFER as A.
+    B answers it but keeps its own offer, and A's real ACCEPT completes it."""
+    for forged_epoch in (2, 3):
+        a, b, relay = pair()
+        (offer,) = b.start_kex(A, 2.0)
+        b.handle_blob(A, b"f" * 16, forged_offer(a, forged_epoch), 2.1)
+        assert b.contact(A).kex.pending is not None
+        relay.post(B, [offer])
+        relay.flush(3.0)
+        assert a.contact(B).epoch == b.contact(A).epoch == 2
+        assert a.contact(B).current.keys == b.contact(A).current.keys
+        send(a, relay, B, "x", 4.0)
+        send(b, relay, A, "y", 4.0)
+        relay.flush(4.0)
+        assert received(relay, B) == ["x"] and received(relay, A) == ["y"]
+
+
+def test_forged_first_offer_heals() -> None:
+    """No keys yet: a forged first OFFER as A is adopted at once by B (there is no
+    working pair to protect; a substituted identity key is the trust levels'
+    job).  B's message under it is undecryptable for A, which offers a fresh
+    exchange; the pair ends in step and later messages flow both ways."""
+    a, b = make_core(A), make_core(B)
+    relay = Relay(a, b)
+    a.add_contact(B)
+    relay.post(B, b.handle_blob(A, b"f" * 16, forged_offer(a, 1), 1.0))
+    assert b.contact(A).epoch == 1
+    lost = send(b, relay, A, "lost", 1.5)
+    relay.flush(2.0)
+    assert received(relay, A) == [] and lost.msg_id in {e.msg_id for e in relay.of(A, BlobHeld)}
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    send(b, relay, A, "healed", 3.0)
+    send(a, relay, B, "healed back", 3.0)
+    relay.flush(3.5)
+    assert received(relay, A) == ["healed"] and received(relay, B) == ["healed back"]
+
+
+def test_forged_first_offer_crossing_our_offer_heals() -> None:
+    """B offers first; the server forges A's answer-winning same-epoch OFFER.  B adopts
+    the forged keys at once but keeps its own offer, so A's real ACCEPT
+    replaces them."""
+    a, b = make_core(A), make_core(B)
+    relay = Relay(a, b)
+    (offer,) = b.start_kex(A, 0.0)
+    b.handle_blob(A, b"f" * 16, forged_offer(a, 1), 0.5)
+    relay.post(B, [offer])
+    relay.flush(1.0)
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    assert b.contact(A).kex.pending is None
+    send(a, relay, B, "x", 2.0)
+    send(b, relay, A, "y", 2.0)
+    relay.flush(2.0)
+    assert received(relay, B) == ["x"] and received(relay, A) == ["y"]
+
+
+def test_undecryptable_epoch_heals_rate_limited() -> None:
+    """A MESSAGE under an epoch we hold no keys for starts a fresh exchange, at most
+    once per HEAL_INTERVAL (the server can inject such blobs at will)."""
+    a, b, relay = pair()
+    bogus = b"\x01" + (7).to_bytes(4, "big") + bytes(64)
+    held, heal = a.handle_blob(B, b"1" * 16, bogus, 2.0)
+    assert isinstance(held, BlobHeld) and isinstance(heal, SendBlob) and heal.kind == "kex"
+    relay.post(A, [heal])
+    relay.flush(2.5)
+    assert a.contact(B).epoch == b.contact(A).epoch == 2
+    assert [type(e) for e in a.handle_blob(B, b"2" * 16, bogus, 3.0)] == [BlobHeld]
+    later = a.handle_blob(B, b"3" * 16, bogus, 2.0 + HEAL_INTERVAL)
+    assert [type(e) for e in later] == [BlobHeld, SendBlob]
+
+
+def _forged_accept(peer: ClientCore, epoch: int) -> bytes:
+    """An ACCEPT with ``peer``'s identity key and random everything else."""
+    rnd = Entropy().random_bytes
+    return Accept(epoch, peer.identity.public, rnd(32), rnd(1088), rnd(16)).to_bytes()
+
+
+_ATTACK = st.lists(
+    st.one_of(
+        st.tuples(st.just("forge"), st.sampled_from([A, B]), st.integers(0, 3)),
+        st.tuples(st.just("replay"), st.sampled_from([A, B]), st.integers(0, 3)),
+        st.tuples(st.just("accept"), st.sampled_from([A, B]), st.integers(0, 2)),
+        st.tuples(st.just("send"), st.sampled_from([A, B]), st.just(0)),
+        st.tuples(st.just("rekey"), st.sampled_from([A, B]), st.just(0)),
+        st.tuples(st.just("deliver"), st.sampled_from([A, B]), st.integers(1, 3)),
+        st.tuples(st.just("wait"), st.just(0), st.sampled_from([1, 700])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_ATTACK)
+def test_forged_and_replayed_offers_never_break_the_pair(ops: list[tuple[str, int, int]]) -> None:
+    """Any sequence of forged OFFERs (a user's public IK, the server's EK/PQ, any
+    epoch from current to current+3), replayed OFFERs (as sent, and with the
+    epoch rewritten), forged ACCEPTs, interleaved with real messages and
+    rekeys delivered in order.  Nothing is shown twice or out of order; with
+    only a few forged OFFERs above the current epoch (fewer than the
+    tentative slots) every message is shown; and whatever the attack, the
+    pair is back in step and talking both ways after at most a few
+    self-healing rounds."""
+    a, b, relay = pair()
+    cores = {A: a, B: b}
+    other = {A: B, B: A}
+    sent: dict[int, list[str]] = {A: [], B: []}
+    now = 2.0
+    for i, (op, who, arg) in enumerate(ops):
+        now += 1.0
+        msg_id = b"\xee" + i.to_bytes(15, "big")
+        if op == "wait":
+            now += arg
+            for uid in (A, B):
+                relay.post(uid, cores[uid].tick(now))
+            continue
+        me, peer = cores[who], cores[other[who]]
+        if op == "forge":
+            blob = forged_offer(peer, me.contact(peer.user_id).epoch + arg)
+            relay.post(who, me.handle_blob(peer.user_id, msg_id, blob, now))
+        elif op == "replay":
+            offers = [e.blob for s, e in relay.log if s == peer.user_id and e.blob[0] == 0x02]
+            if offers:
+                old = offers[arg % len(offers)]
+                epoch = (me.contact(peer.user_id).epoch + arg).to_bytes(4, "big")
+                for blob in (old, old[:1] + epoch + old[5:]):
+                    relay.post(who, me.handle_blob(peer.user_id, msg_id, blob, now))
+                    msg_id = msg_id[:-1] + b"\xff"
+        elif op == "accept":
+            blob = _forged_accept(peer, me.contact(peer.user_id).epoch + arg)
+            relay.post(who, me.handle_blob(peer.user_id, msg_id, blob, now))
+        elif op == "send":
+            text = f"{who}-{i}"
+            sent[who].append(text)
+            send(me, relay, peer.user_id, text, now)
+        elif op == "rekey":
+            relay.post(who, me.start_kex(peer.user_id, now))
+        else:
+            relay.deliver(who, now, limit=arg)
+    relay.flush(now + 1.0)
+    for uid in (A, B):
+        shown = received(relay, other[uid])
+        assert shown == [t for t in sent[uid] if t in shown]  # a subsequence: once, in order
+    injected = {uid: 0 for uid in (A, B)}
+    for op, who, arg in ops:
+        if op in ("forge", "replay"):
+            injected[who] += 99 if op == "replay" or arg == 0 else 1
+    if max(injected.values()) < MAX_TENTATIVE:
+        # Forged OFFERs alone (no replays or stale offers forcing rekeys): no loss.
+        assert received(relay, B) == sent[A] and received(relay, A) == sent[B]
+    for attempt in range(4):
+        now += HEAL_INTERVAL
+        for uid in (A, B):
+            relay.post(uid, cores[uid].tick(now))
+        send(a, relay, B, f"final a {attempt}", now)
+        send(b, relay, A, f"final b {attempt}", now)
+        relay.flush(now)
+        if (received(relay, B) or [""])[-1] == f"final a {attempt}" and (
+            received(relay, A) or [""]
+        )[-1] == f"final b {attempt}":
+            break
+    assert attempt <= 2, "the pair did not heal"
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+
+
+def test_resync_after_an_answer_offers_above_the_answered_epoch() -> None:
+    """A answered B's rekey (tentative epoch 2); then a stale OFFER makes A offer a
+    fresh exchange.  It must be epoch 3: at 2 both would answer each other's
+    offer and complete different keys for the same epoch (found by
+    test_forged_and_replayed_offers_never_break_the_pair)."""
+    a, b, relay = pair()
+    (offer,) = b.start_kex(A, 2.0)
+    relay.post(A, a.handle_blob(B, offer.msg_id, offer.blob, 2.0))
+    (resync,) = a.handle_blob(B, b"s" * 16, forged_offer(b, 1), 2.5)
+    assert isinstance(resync, SendBlob) and resync.blob[1:5] == (3).to_bytes(4, "big")
+    relay.post(A, [resync])
+    relay.flush(3.0)
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    send(a, relay, B, "x", 4.0)
+    send(b, relay, A, "y", 4.0)
+    relay.flush(4.0)
+    assert received(relay, B) == ["x"] and received(relay, A) == ["y"]

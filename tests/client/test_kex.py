@@ -158,11 +158,14 @@ def test_crossing_offers_converge(alice: Identity, bob: Identity, current: int) 
     assert ID_A < ID_B
     assert a2.outcome == "crossing won" and a2.send is None and a2.new_keys is None
     assert b2.outcome == "crossing lost" and b2.new_epoch == current + 1
-    assert b2.state.pending is None  # Bob's own offer abandoned, secrets dropped
+    # Bob's keys are receive-only while a working pair exists (current > 0).
+    assert b2.tentative is (current > 0)
+    # Bob keeps his own offer: the OFFER he answered might have been forged.  The
+    # core drops it once Alice's KEY_CONFIRM authenticates under that epoch.
+    assert b2.state.pending == b.state.pending
     a3 = kex.on_accept(a2.state, alice, ID_B, parse_blob(b2.send))
     assert a3.outcome == "completed" and a3.new_keys == b2.new_keys
-    # Bob's abandoned offer has no ACCEPT coming; nothing else happens.
-    assert kex.on_accept(b2.state, bob, ID_A, parse_blob(b2.send)).outcome == "stale"
+    assert a3.state.pending is None and not a3.tentative
 
 
 def test_duplicate_offer_gets_the_same_accept(alice: Identity, bob: Identity) -> None:
@@ -202,16 +205,71 @@ def test_timeout_retries_then_reports_once(alice: Identity, bob: Identity) -> No
     assert kex.on_accept(state, alice, ID_B, parse_blob(b.send)).outcome == "completed"
 
 
-def test_confirm_failure_drops_the_exchange(alice: Identity, bob: Identity) -> None:
+def test_confirm_failure_drops_only_that_accept(alice: Identity, bob: Identity) -> None:
+    """A forged or tampered ACCEPT must not cancel the real exchange: the offer
+    (and its ephemeral secrets) stays pending and the genuine ACCEPT completes it."""
     a = kex.start(KexState(), alice, 0, SeededEntropy(b"a"), now=0.0)
     b = kex.on_offer(KexState(), bob, ID_A, parse_blob(a.send), 0, Entropy(), 0.0)
     bad = bytearray(b.send)
     bad[100] ^= 0x80  # inside ct
     step = kex.on_accept(a.state, alice, ID_B, parse_blob(bytes(bad)))
     assert step.outcome == "confirm failed" and step.new_keys is None
+    assert step.state == a.state and step.state.pending is not None
+    done = kex.on_accept(step.state, alice, ID_B, parse_blob(b.send))
+    assert done.outcome == "completed" and done.new_keys == b.new_keys
+    assert done.state.pending is None
+
+
+@pytest.mark.parametrize(("current", "tentative"), [(0, False), (1, True), (7, True)])
+def test_answer_is_tentative_only_with_a_working_pair(
+    alice: Identity, bob: Identity, current: int, tentative: bool
+) -> None:
+    """An OFFER proves nothing (IK_A is public): with pair keys in place the answer's
+    keys are receive-only; on the first exchange there is nothing to protect."""
+    a = kex.start(KexState(), alice, current, SeededEntropy(b"a"), now=0.0)
+    b = kex.on_offer(KexState(), bob, ID_A, parse_blob(a.send), current, Entropy(), 0.0)
+    assert b.outcome == "answered" and b.new_epoch == current + 1 and b.tentative is tentative
+    done = kex.on_accept(a.state, alice, ID_B, parse_blob(b.send), current)
+    assert done.outcome == "completed" and not done.tentative
+
+
+def test_answering_a_forged_offer_keeps_our_own(alice: Identity, bob: Identity) -> None:
+    """Bob (with keys) rekeys; a forged higher OFFER under Alice's key is answered
+    but does not cancel Bob's offer, whose genuine ACCEPT still completes."""
+    mine = kex.start(KexState(), bob, 3, SeededEntropy(b"b"), now=0.0)
+    forger = Identity(ID_A, Entropy().x25519(), alice.public)
+    forged = parse_blob(make_offer(forger, 6, Entropy(), 0.0).blob)
+    step = kex.on_offer(mine.state, bob, ID_A, forged, 3, Entropy(), 1.0)
+    assert step.outcome == "crossing lost" and step.tentative
+    assert step.state.pending == mine.state.pending
+    real = kex.on_offer(KexState(), alice, ID_B, parse_blob(mine.send), 3, Entropy(), 1.0)
+    done = kex.on_accept(step.state, bob, ID_A, parse_blob(real.send), 3)
+    assert done.outcome == "completed" and done.new_keys == real.new_keys
+
+
+def test_first_exchange_drops_a_lower_offer_of_ours(alice: Identity, bob: Identity) -> None:
+    """Without keys, answering a higher epoch adopts it at once: our lower offer
+    could only move the pair backwards, so it goes."""
+    mine = kex.start(KexState(), bob, 0, SeededEntropy(b"b"), now=0.0)
+    theirs = kex.start(KexState(), alice, 1, SeededEntropy(b"a"), now=0.0)
+    step = kex.on_offer(mine.state, bob, ID_A, parse_blob(theirs.send), 0, Entropy(), 1.0)
+    assert step.outcome == "crossing lost" and not step.tentative
     assert step.state.pending is None
-    # The genuine ACCEPT arriving afterwards finds no exchange.
-    assert kex.on_accept(step.state, alice, ID_B, parse_blob(b.send)).outcome == "stale"
+
+
+def test_accept_for_an_offer_below_current_is_stale(alice: Identity, bob: Identity) -> None:
+    a = kex.start(KexState(), alice, 0, SeededEntropy(b"a"), now=0.0)
+    b = kex.on_offer(KexState(), bob, ID_A, parse_blob(a.send), 0, Entropy(), 0.0)
+    late = kex.on_accept(a.state, alice, ID_B, parse_blob(b.send), current_epoch=2)
+    assert late.outcome == "stale" and late.new_keys is None and late.state.pending is None
+
+
+def test_resync_offers_above_the_epochs_we_answered(alice: Identity, bob: Identity) -> None:
+    """A stale OFFER is answered by a fresh one above any epoch we hold tentative
+    keys for, so we never offer an epoch whose OFFER we already answered."""
+    stale = kex.start(KexState(), alice, 0, SeededEntropy(b"a"), now=0.0)
+    step = kex.on_offer(KexState(), bob, ID_A, parse_blob(stale.send), 3, Entropy(), 0.0, 5)
+    assert step.outcome == "resync" and parse_blob(step.send).epoch == 6
 
 
 # -- fixed byte vectors ------------------------------------------------------------

@@ -41,6 +41,8 @@ def full_state() -> ClientState:
         .with_keys(2, KEYS, 10.0)
         .with_keys(3, KeyPair(bytes([5]) * 32, bytes([6]) * 32), 20.0)
         .with_window(3, ReplayWindow(70, 2**64 - 1))
+        .with_tentative(4, KeyPair(bytes([7]) * 32, bytes([8]) * 32), 30.0)
+        .with_tentative(4, KeyPair(bytes([9]) * 32, bytes([10]) * 32), 31.0)
     )
     return ClientState(
         user_id=42,
@@ -80,6 +82,9 @@ def test_empty_state_round_trip() -> None:
         lambda d: d.update(server_keys="!!"),
         lambda d: d["contacts"][1].update(trust="trusted"),
         lambda d: d["contacts"][1]["current"].update(window=[1]),
+        lambda d: d["contacts"][1].update(tentative="none"),
+        lambda d: d["contacts"][1].update(tentative=[None]),
+        lambda d: d["contacts"][1].update(tentative=d["contacts"][1]["tentative"] * 3),
         lambda d: d["outbox"][0].update(created="x"),
         lambda d: d["history"]["7"][0].pop(),
     ],
@@ -125,3 +130,16 @@ def test_state_without_removed_field_still_decodes() -> None:
     doc["contacts"][0]["removed"] = "yes"
     with pytest.raises(StateError):
         decode_state(json.dumps(doc).encode())
+
+
+def test_state_without_tentative_field_still_decodes() -> None:
+    """Keystores written before tentative pair keys have no "tentative": none."""
+    state = full_state()
+    assert len(state.contacts[2**64 - 1].tentative) == 2
+    doc = json.loads(encode_state(state))
+    assert [t["epoch"] for t in doc["contacts"][1]["tentative"]] == [4, 4]
+    for contact in doc["contacts"]:
+        del contact["tentative"]
+    old = decode_state(json.dumps(doc).encode())
+    assert old.contacts[2**64 - 1].tentative == ()
+    assert old.contacts[2**64 - 1].current == state.contacts[2**64 - 1].current
