@@ -23,7 +23,7 @@ from twisted.internet import reactor
 
 from enclaves.client.connection import ClientConnection
 from enclaves.inner import Accepted, Deliver, Delivered, Received, Send
-from tests.adversarial.live import A, B, Live, drain
+from tests.adversarial.live import A, B, Live, barrier, drain
 from tests.system.helpers import expect, quiet
 
 pytestmark = pytest.mark.system
@@ -72,7 +72,7 @@ async def test_sigkill_between_accepted_and_delivery(tmp_path: Path) -> None:
     send_all(a, online)
     for deliver in await drain(b, Deliver, 2):
         app.take(deliver)
-    assert not [m for m in await quiet(a, 0.2) if isinstance(m, Accepted)]
+    assert not [m for m in await barrier(a) if isinstance(m, Accepted)]
     # SIGKILL with three stored and two online messages in flight.
     live.daemon.kill()
     await a.closed.addTimeout(10, reactor)
@@ -88,7 +88,7 @@ async def test_sigkill_between_accepted_and_delivery(tmp_path: Path) -> None:
     assert sorted(d.msg_id for d in again) == sorted(s.msg_id for s in stored[2:] + online)
     for send in stored[2:] + online:
         await expect(a, Delivered, where=lambda m, s=send: m.msg_id == s.msg_id)
-    assert not [m for m in await quiet(b, 0.3) if isinstance(m, Deliver)]
+    assert not [m for m in await barrier(b) if isinstance(m, Deliver)]
     # Every message reached B's application exactly once, in order per phase.
     assert app.shown == [s.msg_id for s in stored + online]
     assert len(app.delivered) == len(stored) + len(online) + 5
