@@ -1,4 +1,10 @@
-"""Run a real ``twistd -n enclaves`` subprocess on a free loopback port."""
+"""Run a real ``twistd -n enclaves`` subprocess on a free loopback port.
+
+Every child process a test starts (daemons, client processes, ssh, helpers)
+is registered with :func:`track`; a fixture in tests/conftest.py calls
+:func:`reap` after each test module, so a test that fails half way never
+leaves a ``twistd`` or a client running.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def track(process: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Register a child process to be killed by :func:`reap` if a test leaves it."""
+    _STARTED.append(process)
+    return process
+
+
+def reap() -> list[str]:
+    """SIGKILL every registered child still running; their command lines."""
+    leaked = []
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is not None:
+            continue
+        leaked.append(" ".join(map(str, process.args))[:200])  # type: ignore[union-attr]
+        try:
+            if os.getpgid(process.pid) == process.pid:  # a session of its own: all of it
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    return leaked
 
 
 def free_port() -> int:
@@ -56,12 +89,14 @@ class Daemon:
         return env
 
     def start(self, timeout: float = 20.0) -> None:
-        self.process = subprocess.Popen(
-            self.argv(),
-            cwd=self.workdir,
-            env=self.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        self.process = track(
+            subprocess.Popen(
+                self.argv(),
+                cwd=self.workdir,
+                env=self.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         )
         self.wait_listening(timeout)
 

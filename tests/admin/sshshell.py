@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.daemon import track
+
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 
@@ -79,8 +81,8 @@ class PtyShell:
 
     def __init__(self, argv: list[str]) -> None:
         self.master, slave = pty.openpty()
-        self.process = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        self.process = track(
+            subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         )
         os.close(slave)
         self.seen = b""

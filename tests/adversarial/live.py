@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from enclaves.client.connection import ClientConnection, connect
 from enclaves.crypto import KeyPair
-from enclaves.inner import Deliver, Delivered, InnerMessage, Received, Send
+from enclaves.inner import Deliver, Delivered, InnerMessage, Ping, Pong, Received, Send
 from tests.daemon import Daemon
 from tests.system.helpers import expect, make_users
 
@@ -106,6 +106,20 @@ class Live:
         status = self.daemon.stop()
         assert status == 0, self.daemon.log_text()
         self.assert_clean_log()
+
+
+async def barrier(conn: ClientConnection) -> list[InnerMessage]:
+    """Everything the daemon sent ``conn`` before answering a PING sent now.
+
+    One round trip instead of a quiet spell: whatever the daemon had already
+    queued for ``conn`` when it read the PING arrives before the PONG.  Use it
+    only once the daemon has read the event being checked.
+    """
+    nonce = int.from_bytes(os.urandom(8), "big")
+    conn.send(Ping(nonce))
+    seen: list[InnerMessage] = []
+    await expect(conn, Pong, where=lambda m: m.nonce == nonce, seen=seen)
+    return seen
 
 
 async def drain(conn: ClientConnection, kind: type[T], count: int, **kw: Any) -> list[T]:

@@ -17,17 +17,20 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
 
-from enclaves.client.connection import LoginFailed
+from enclaves.client.connection import ClientConnection, Disconnected, LoginFailed
 from enclaves.frames import ErrorCode, FrameDecoder, FrameType, decode_error
 from enclaves.inner import Accepted, Deliver, Delivered, Directory, Ping, Pong, Received, Send
-from tests.adversarial.live import A, B, Live
+from tests.adversarial.live import A, B, Live, barrier
 from tests.adversarial.proxy import C2S, S2C, Edit, Pipe, Proxy
 from tests.system.helpers import expect, quiet
 
 pytestmark = pytest.mark.system
 
 MAX = 65536
+FAILED_CHECK = "sealed frame failed its check"  # refused for its keys, not its seq
 
 
 def flip(direction: str, index: int, offset: int, mask: int) -> Edit:
@@ -43,13 +46,21 @@ def flip(direction: str, index: int, offset: int, mask: int) -> Edit:
     return edit
 
 
+def ended(conn: ClientConnection, seconds: float = 10.0) -> Deferred[Disconnected]:
+    """``conn.closed``, bounded: a connection the attacker failed to end fails the test."""
+    return conn.closed.addTimeout(seconds, reactor)
+
+
 def delivers(messages: list[object]) -> list[bytes]:
     return [m.msg_id for m in messages if isinstance(m, Deliver)]
 
 
-def raw_exchange(port: int, data: bytes, half_close: bool = True, limit: float = 10.0) -> bytes:
+def raw_exchange(
+    port: int, data: bytes, half_close: bool = True, limit: float = 10.0, source: str = ""
+) -> bytes:
     """Send ``data`` on a fresh socket, then read until the daemon closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+    where = ("127.0.0.1", port)
+    with socket.create_connection(where, timeout=limit, source_address=(source, 0)) as sock:
         sock.sendall(data)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
@@ -75,7 +86,7 @@ async def _login_then_closed(live: Live, proxy: Proxy) -> int | None:
         a = await live.login(A, port=proxy.port)
     except LoginFailed as refused:
         return refused.code
-    reason = await a.closed
+    reason = await ended(a)
     assert a.inbox.pending == []
     return reason.code
 
@@ -142,10 +153,10 @@ async def test_a_bit_flip_in_any_field_ends_only_that_connection(tmp_path: Path)
             a = await live.login(A, port=proxy.port)
             sent.append(os.urandom(16))
             a.send(Send(sent[-1], B, b"tampered on the way"))
-            assert (await a.closed).code == code, name
+            assert (await ended(a)).code == code, name
             proxy.edit = flip(S2C, 1, offset, mask)  # the daemon's first SEALED: DIRECTORY
             assert await _login_then_closed(live, proxy) == code, name
-        assert not set(delivers(await quiet(b, 0.5))) & set(sent)
+        assert not set(delivers(await barrier(b))) & set(sent)
     finally:
         await b.disconnect()
         await proxy.close()
@@ -191,7 +202,7 @@ async def test_length_prefixes_0_1_max_and_2_32_minus_1(tmp_path: Path) -> None:
                 a = await live.login(A, port=proxy.port)
                 await expect(a, Directory)
                 proxy.pipes[-1].inject(direction, junk)
-                assert (await a.closed).code == code, (size, direction)
+                assert (await ended(a)).code == code, (size, direction)
     finally:
         await proxy.close()
     await live.check()
@@ -219,15 +230,16 @@ async def test_replayed_hello_and_session_frames(tmp_path: Path) -> None:
         frames = FrameDecoder(1 << 20).feed(reply)
         assert frames[0].type is FrameType.WELCOME
         assert [f.type for f in frames[1:]] == [FrameType.SEALED]  # the sealed ERROR
-        assert first not in delivers(await quiet(b, 0.5))
+        assert first not in delivers(await barrier(b))
         assert "BAD_SESSION_FRAME" in live.daemon.log_text()
         # A replayed frame inside a live session is refused too.
         proxy.edit = lambda pipe, d, i, raw: raw * 2 if (d, i) == (C2S, 2) else raw
         a = await live.login(A, port=proxy.port)
+        await expect(a, Directory)  # the login PING went alone: the SEND is frame 2
         twice = os.urandom(16)
         a.send(Send(twice, B, b"doubled on the wire"))
-        assert (await a.closed).code == ErrorCode.BAD_SESSION_FRAME
-        seen = [await expect(b, Deliver)] + await quiet(b, 0.5)
+        assert (await ended(a)).code == ErrorCode.BAD_SESSION_FRAME
+        seen = [await expect(b, Deliver)] + await barrier(b)
         assert delivers(seen) == [twice]
         b.send(Received(twice))
         proxy.edit = lambda pipe, d, i, raw: raw
@@ -235,7 +247,8 @@ async def test_replayed_hello_and_session_frames(tmp_path: Path) -> None:
         a = await live.login(A)
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as zombie:
             zombie.sendall(hello)
-            await quiet(b, 0.3)
+            (welcome,) = FrameDecoder(1 << 20).feed(zombie.recv(4096))  # HELLO was read
+            assert welcome.type is FrameType.WELCOME
             meanwhile = os.urandom(16)
             b.send(Send(meanwhile, A, b"while the replay waits"))
             got = await expect(a, Deliver)
@@ -243,7 +256,7 @@ async def test_replayed_hello_and_session_frames(tmp_path: Path) -> None:
             a.send(Received(meanwhile))
             await expect(b, Delivered, where=lambda m: m.msg_id == meanwhile)
             assert not a.closed.called
-        assert meanwhile not in delivers(await quiet(a, 0.5))
+        assert meanwhile not in delivers(await barrier(a))
         await a.disconnect()
     finally:
         await b.disconnect()
@@ -275,7 +288,7 @@ async def test_frames_from_another_session_are_refused(tmp_path: Path) -> None:
         await live.exchange(a, b)
         # Toward the daemon: A's first SEALED (seq 0) into B's stream (B sent nothing yet).
         pb.inject(C2S, pa.frames[C2S][1])
-        assert (await b.closed).code == ErrorCode.BAD_SESSION_FRAME
+        assert (await ended(b)).code == ErrorCode.BAD_SESSION_FRAME
         b = await live.login(B, port=proxy.port)
         pb = proxy.pipes[-1]
         await expect(b, Directory)
@@ -288,7 +301,7 @@ async def test_frames_from_another_session_are_refused(tmp_path: Path) -> None:
             await expect(a, Pong)
         (foreign,) = [r for r in pa.frames[S2C] if r[5] == FrameType.SEALED and _seq(r) == wanted]
         pb.inject(S2C, foreign)
-        assert (await b.closed).code == ErrorCode.BAD_SESSION_FRAME
+        assert (await ended(b)).code == ErrorCode.BAD_SESSION_FRAME
         assert b.inbox.pending == []
         later = os.urandom(16)
         a.send(Send(later, B, b"after the injection"))
@@ -296,7 +309,7 @@ async def test_frames_from_another_session_are_refused(tmp_path: Path) -> None:
         b = await live.login(B)
         assert (await expect(b, Deliver)).msg_id == later
         b.send(Received(later))
-        assert later not in delivers(await quiet(b, 0.5))
+        assert later not in delivers(await barrier(b))
         await a.disconnect()
         await b.disconnect()
     finally:
@@ -326,8 +339,11 @@ async def test_truncated_streams(tmp_path: Path) -> None:
     live = await Live(tmp_path, "--handshake-timeout=2").start()
     hello_half = struct.pack(">I", 90) + b"\x01\x01" + os.urandom(40)
     assert raw_exchange(live.port, hello_half) == b""  # EOF mid-frame: dropped quietly
-    silent = raw_exchange(live.port, hello_half, half_close=False)  # open: timed out
-    assert error_code(silent) == ErrorCode.HANDSHAKE_TIMEOUT
+    # Left open, it is timed out: that takes the handshake timeout, so it runs
+    # in a thread alongside the rest (from its own address: not rate limited).
+    silent = threads.deferToThread(
+        raw_exchange, live.port, hello_half, half_close=False, source="127.0.0.3"
+    )
     proxy = Proxy(live.port, cut_half_way(C2S, 1))
     await proxy.listen()
     try:
@@ -335,7 +351,7 @@ async def test_truncated_streams(tmp_path: Path) -> None:
         b = await live.login(B)
         lost_send = Send(os.urandom(16), B, b"cut on the way in")
         a.send(lost_send)
-        assert (await a.closed).code is None
+        assert (await ended(a)).code is None
         assert not [m for m in a.inbox.pending if isinstance(m, Accepted)]
         assert delivers(await quiet(b, 0.5)) == []
         a = await live.login(A)
@@ -350,15 +366,141 @@ async def test_truncated_streams(tmp_path: Path) -> None:
         await expect(b, Directory)
         cut = os.urandom(16)
         a.send(Send(cut, B, b"cut on the way out"))
-        assert (await b.closed).code is None
+        assert (await ended(b)).code is None
         assert b.inbox.pending == []
         await expect(a, Accepted, where=lambda m: m.msg_id == cut)  # stored once B was gone
         b = await live.login(B)
         assert (await expect(b, Deliver)).msg_id == cut
         b.send(Received(cut))
         await expect(a, Delivered, where=lambda m: m.msg_id == cut)
-        assert cut not in delivers(await quiet(b, 0.5))
+        assert cut not in delivers(await barrier(b))
         await a.disconnect()
+        await b.disconnect()
+    finally:
+        await proxy.close()
+    assert error_code(await silent) == ErrorCode.HANDSHAKE_TIMEOUT
+    await live.check()
+    live.stop()
+
+
+def _sealed(frames: list[bytes]) -> list[bytes]:
+    return [raw for raw in frames if raw[5] == FrameType.SEALED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reflected_session_frames_are_refused(tmp_path: Path) -> None:
+    """The attacker sends a party's own frames back to it: the client's HELLO back
+    to the client, the client's SEALED frame back to the client, and the daemon's
+    SEALED frame back to the daemon, each with the very sequence number the
+    receiver expects next.  Each direction has its own keys, so each is refused
+    (the connection ends with BAD_FRAME or BAD_SESSION_FRAME) and never acted
+    on: nothing reaches A's application or B."""
+    live = await Live(tmp_path).start()
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    b = await live.login(B)
+    try:
+        # HELLO reflected to the client in place of WELCOME.
+        proxy.edit = _reflect_hello
+        with pytest.raises(LoginFailed) as refused:
+            await live.login(A, port=proxy.port)
+        assert refused.value.code == ErrorCode.BAD_FRAME
+        # The client's first SEALED frame (seq 0) reflected to the client before the
+        # daemon's first one (also seq 0): the client refuses it.
+        proxy.edit = _reflect_first_sealed
+        a = await live.login(A, port=proxy.port)
+        reason = await ended(a)
+        assert (reason.code, reason.text) == (ErrorCode.BAD_SESSION_FRAME, FAILED_CHECK)
+        assert len(proxy.pipes[-1].frames[C2S]) == 2  # no answer to the reflected PING
+        # A daemon frame reflected to the daemon with the seq the daemon expects next.
+        # B's messages to A (A sends nothing back) put the daemon's seq ahead of A's.
+        proxy.edit = keep_all
+        a = await live.login(A, port=proxy.port)
+        pipe = proxy.pipes[-1]
+        await expect(a, Directory)
+        for _ in range(20):
+            await barrier(a)  # every frame so far has passed the proxy
+            wanted = len(_sealed(pipe.frames[C2S]))
+            mirror = [r for r in _sealed(pipe.frames[S2C]) if _seq(r) == wanted]
+            if mirror:
+                break
+            b.send(Send(os.urandom(16), A, b"to A"))
+            await expect(a, Deliver)
+        pipe.inject(C2S, mirror[0])
+        reason = await ended(a)
+        assert (reason.code, reason.text) == (ErrorCode.BAD_SESSION_FRAME, FAILED_CHECK)
+        assert len(_sealed(pipe.frames[C2S])) == wanted  # A itself sent nothing more
+        assert delivers(await barrier(b)) == []
+    finally:
+        await b.disconnect()
+        await proxy.close()
+    log = live.log_text()
+    assert "BAD_SESSION_FRAME" in log
+    await live.check()
+    live.stop()
+
+
+def keep_all(pipe: Pipe, direction: str, index: int, raw: bytes) -> bytes:
+    return raw
+
+
+def _reflect_hello(pipe: Pipe, direction: str, index: int, raw: bytes) -> bytes:
+    if (direction, index) == (C2S, 0):
+        pipe.inject(S2C, raw)  # the client's HELLO back to it
+        return b""
+    return raw
+
+
+def _reflect_first_sealed(pipe: Pipe, direction: str, index: int, raw: bytes) -> bytes:
+    if (direction, index) == (C2S, 1):
+        pipe.inject(S2C, raw)  # seq 0, sealed by the client: back to the client
+        return b""
+    return raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_from_an_earlier_session_of_the_same_user_are_refused(
+    tmp_path: Path,
+) -> None:
+    """The attacker records A's first session and, once A has logged in again (same
+    user, same K_u), injects frames of the first session with the sequence number
+    the second expects next: A's old frame toward the daemon, and the daemon's old
+    frame to A toward A.  Every session has fresh keys, so both are refused, the
+    second session ends, and nothing in them is acted on: the message A sent in
+    the first session reaches B once."""
+    live = await Live(tmp_path).start()
+    proxy = Proxy(live.port)
+    await proxy.listen()
+    try:
+        b = await live.login(B)
+        a = await live.login(A, port=proxy.port)
+        await expect(a, Directory)
+        first = await live.exchange(a, b, b"once, in the first session")
+        for nonce in range(1, 6):  # a few more frames both ways to choose from
+            a.send(Ping(nonce))
+            await expect(a, Pong)
+        await a.disconnect()
+        old = proxy.pipes[-1]
+        # Toward the daemon: the old frame with the seq the new session expects.
+        a = await live.login(A, port=proxy.port)
+        new = proxy.pipes[-1]
+        await expect(a, Directory)
+        await barrier(a)  # every frame of the login has passed the proxy
+        (stale,) = [r for r in _sealed(old.frames[C2S]) if _seq(r) == len(_sealed(new.frames[C2S]))]
+        new.inject(C2S, stale)
+        reason = await ended(a)
+        assert (reason.code, reason.text) == (ErrorCode.BAD_SESSION_FRAME, FAILED_CHECK)
+        # Toward A: the daemon's old frame with the seq A's client expects next.
+        a = await live.login(A, port=proxy.port)
+        new = proxy.pipes[-1]
+        await expect(a, Directory)
+        await barrier(a)  # every frame of the login has passed the proxy
+        (stale,) = [r for r in _sealed(old.frames[S2C]) if _seq(r) == len(_sealed(new.frames[S2C]))]
+        new.inject(S2C, stale)
+        reason = await ended(a)
+        assert (reason.code, reason.text) == (ErrorCode.BAD_SESSION_FRAME, FAILED_CHECK)
+        assert a.inbox.pending == []
+        assert first not in delivers(await barrier(b))
         await b.disconnect()
     finally:
         await proxy.close()

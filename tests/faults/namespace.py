@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, track
 
 
 class MountNamespace:
@@ -34,10 +34,12 @@ class MountNamespace:
             f"mount -t tmpfs -o size={self.size},mode=0700 tmpfs '{self.mnt}' "
             "&& echo ready && exec sleep 600"
         )
-        self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        self.holder = track(
+            subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         )
         assert self.holder.stdout is not None
         if self.holder.stdout.readline() != b"ready\n":

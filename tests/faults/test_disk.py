@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from enclaves.client.connection import ClientConnection
 from enclaves.crypto import KeyPair
@@ -96,7 +97,7 @@ async def test_disk_full(tmp_path: Path) -> None:
         a.send(Send(after, B, b"there is room again"))
         assert isinstance(await outcome(a, after), Accepted)
         live.daemon.kill()
-        await a.closed
+        await a.closed.addTimeout(10, reactor)
         live.daemon.start()
         b = await live.login(B)
         assert await receive_all(b) == [after]

@@ -58,7 +58,7 @@ async def test_repeated_sigkill_at_random_moments(tmp_path: Path) -> None:
             await running
             for app in apps:
                 if app.conn is not None:
-                    await app.conn.closed
+                    await app.conn.closed.addTimeout(10, reactor)
             daemon.start()
         for app in apps:
             await app.connect(time.monotonic() + 20)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from enclaves.crypto import KeyPair
 from enclaves.token import EnrollmentToken
-from tests.daemon import ROOT, Daemon
+from tests.daemon import ROOT, Daemon, track
 from tests.system.helpers import make_users
 
 PASSPHRASE = "correct horse battery staple"
@@ -40,13 +40,15 @@ class Client:
 
     def __init__(self, argv: list[str], stdin_text: str = "", cwd: Path | None = None) -> None:
         self.argv = argv
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "enclaves", *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=client_env(),
-            cwd=cwd or ROOT,
+        self.process = track(
+            subprocess.Popen(
+                [sys.executable, "-m", "enclaves", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=client_env(),
+                cwd=cwd or ROOT,
+            )
         )
         self.lines: list[str] = []
         self.err: list[str] = []

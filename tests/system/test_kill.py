@@ -111,7 +111,7 @@ async def test_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> N
             daemon.kill()
             for app in apps:
                 if app.conn is not None:
-                    await app.conn.closed
+                    await app.conn.closed.addTimeout(10, reactor)
             daemon.start()
         # Drain: reconnect, resend, until every sent message is accepted and seen.
         for app in apps:

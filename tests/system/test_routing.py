@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from enclaves.client.connection import LoginFailed
 from enclaves.crypto import KeyPair
@@ -73,7 +74,7 @@ async def test_online_offline_and_after_restart(tmp_path: Path) -> None:
         a.send(Send(mid(5), B, b"durable"))
         assert await expect(a, Accepted) == Accepted(mid(5))
         daemon.kill()
-        await a.closed
+        await a.closed.addTimeout(10, reactor)
         daemon.start()
         b = await login(daemon, B, kb)
         await expect(b, Directory)
@@ -168,7 +169,7 @@ async def test_limits(tmp_path: Path) -> None:
         # Message rate: 40 at once is more than 20 a second.
         for n in range(40):
             a.send(Send(mid(n), B, b"flood"))
-        reason = await a.closed
+        reason = await a.closed.addTimeout(10, reactor)
         assert reason.code == ErrorCode.MESSAGE_RATE
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log_text()
@@ -188,7 +189,7 @@ async def test_sigterm_says_shutting_down_and_keeps_in_flight(tmp_path: Path) ->
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log_text()
     for conn in (a, b):
-        reason = await conn.closed
+        reason = await conn.closed.addTimeout(10, reactor)
         assert reason.code == ErrorCode.SHUTTING_DOWN, reason
     daemon.start()
     try:
