@@ -454,7 +454,11 @@ class ClientCore:
                 # until the initiator proves it holds these keys.
                 contact = contact.with_tentative(step.new_epoch, step.new_keys, now)
             else:
-                contact = contact.with_keys(step.new_epoch, step.new_keys, now)
+                # A first exchange we answered is used at once, but is unproven
+                # until the initiator's KEY_CONFIRM (see kex.on_offer).
+                contact = contact.with_keys(
+                    step.new_epoch, step.new_keys, now, unproven=step.outcome != "completed"
+                )
                 events.append(KexCompleted(contact.user_id, step.new_epoch, first))
         self._put(contact)
         self._drop_sealers(contact.user_id)
@@ -544,6 +548,7 @@ class ClientCore:
                 self._entropy,
                 now,
                 answered_epoch=contact.offer_floor,
+                current_proven=contact.current is None or contact.current.proven,
             )
         else:
             step = kex.on_accept(contact.kex, self.identity, sender, parsed, contact.epoch)
@@ -557,8 +562,12 @@ class ClientCore:
         sender = contact.user_id
         events: list[Event] = []
         keys = contact.keys_for(blob.epoch, now, self._grace)
+        candidates = contact.tentative_for(blob.epoch)
+        if keys is not None and candidates and not self._opens(contact, keys, blob):
+            # Current keys from a forged first OFFER, say, and an answered
+            # OFFER of the same epoch: the tentative ones may be the real ones.
+            keys = None
         if keys is None:
-            candidates = contact.tentative_for(blob.epoch)
             if not candidates:
                 if blob.epoch > contact.epoch:
                     events = self._hold(contact, msg_id, raw, "no keys for its epoch yet")
@@ -617,6 +626,14 @@ class ClientCore:
             *events,
             MessageReceived(sender, msg_id, text, plain.unix_ms, contact.trust, blob.epoch),
         ]
+
+    def _opens(self, contact: Contact, keys: EpochKeys, blob: MessageBlob) -> bool:
+        """Whether ``blob`` authenticates under ``keys`` (nothing is recorded)."""
+        try:
+            open_message(Sealer(keys.keys), blob, contact.user_id, self.user_id)
+        except CryptoError:
+            return False
+        return True
 
     def _open_tentative(
         self, contact: Contact, blob: MessageBlob, candidates: tuple[EpochKeys, ...]

@@ -355,6 +355,7 @@ def on_offer(
     entropy: Entropy,
     now: float,
     answered_epoch: int = 0,
+    current_proven: bool = True,
 ) -> KexStep:
     """Handle an OFFER whose IK the caller has already matched to the contact.
 
@@ -373,7 +374,13 @@ def on_offer(
       the answered epoch is dropped;
     - epoch not above ours (stale or replayed, or a peer restored from a
       backup): answered with a fresh OFFER of ours (``resync``) if none is
-      pending; never by changing our keys;
+      pending; never by changing our keys.  But while ``current_proven`` is
+      false (no MESSAGE from the peer has ever authenticated under our
+      current keys, so they may come from a forged first OFFER) it is
+      answered with ``tentative`` keys: if it is real, the peer's
+      KEY_CONFIRM promotes them, even below our current epoch.  (A resync
+      offer above a forged epoch could be beyond the peer's jump limit and
+      wedge the pair for good.);
     - an OFFER more than :data:`MAX_EPOCH_JUMP` epochs ahead, or one whose keys
       are unusable (low-order point, malformed ML-KEM key): ``bad offer``.
     """
@@ -384,6 +391,8 @@ def on_offer(
         return KexStep(state, "answer resent", send=state.answered_blob)
     if offer.epoch > current_epoch + 1 + MAX_EPOCH_JUMP:
         return KexStep(state, "bad offer")
+    if offer.epoch <= current_epoch and not current_proven:
+        return _answer(state, identity, peer_id, offer, raw, entropy, "answered", current_epoch)
     if offer.epoch <= current_epoch:
         if state.pending is not None or max(current_epoch, answered_epoch) >= MAX_EPOCH:
             return KexStep(state, "stale")
