@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, write_atomic
+from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, temp_name, write_atomic
 from enclaves.crypto import KeyPair, Sealer
 from enclaves.storage.formats import (
     MAX_NOTICE_DATA,
@@ -141,6 +141,16 @@ class _Notice:
 
 
 @define
+class _NoticeWrite:
+    """A notice file on its way to disk."""
+
+    notice_id: int
+    temp: Path
+    final: Path
+    data: bytes = field(repr=False)
+
+
+@define
 class _Store:
     """A store in flight: reserved against the quota until it finishes."""
 
@@ -154,6 +164,19 @@ class _Store:
     blob: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
+
+
+def _write_new(path: Path, data: bytes) -> int:
+    """Create ``path`` (O_EXCL, no symlink) and write ``data``; returns the open fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -218,6 +241,8 @@ class FileStorage(Service):
         self._notices: dict[int, _Notice] = {}
         self._notices_by_user: dict[int, list[int]] = {}
         self._next_notice_seq = 1
+        self._notice_ready: list[tuple[_NoticeWrite | list[int], Deferred[None]]] = []
+        self._notice_committing = False
         # In flight.
         self._adding: set[int] = set()
         self._stores: dict[int, list[_Store]] = {}
@@ -1036,12 +1061,13 @@ class FileStorage(Service):
         created_ms = int(self._clock() * 1000)
         blob = encode_notice(self._sealer, notice_id, user_id, created_ms, bytes(data))
         path = self._notices_dir / notice_file_name(notice_id)
+        write = _NoticeWrite(notice_id, temp_name(path), path, blob)
 
         async def store() -> int:
-            await self._in_pool("keep the notice", create_exclusive, path, blob, 0o600)
+            await self._notice_commit(write)
             if user_id not in self._users:
                 # Removed while the file was written: it goes too.
-                await self._in_pool("remove the notice", self._unlink_notices, [notice_id])
+                await self._notice_commit([notice_id])
                 raise UnknownUser(f"no user {user_id}")
             self._notices[notice_id] = _Notice(user_id, created_ms)
             ids = self._notices_by_user.setdefault(user_id, [])
@@ -1064,7 +1090,7 @@ class FileStorage(Service):
         a notice left on disk is read again at the next start, at worst a repeat)."""
         for notice_id in ids:
             self._unindex_notice(user_id, notice_id)
-        self._in_pool("drop notices", self._unlink_notices, ids).addErrback(
+        self._track(self._notice_commit(list(ids))).addErrback(
             lambda failure: self.log.warn(
                 "could not delete dropped notices: {error}", error=str(failure.value)
             )
@@ -1079,11 +1105,100 @@ class FileStorage(Service):
         if not ids:
             self._notices_by_user.pop(user_id, None)
 
-    def _unlink_notices(self, ids: list[int]) -> None:
-        """On the pool: delete notice files durably."""
-        for notice_id in ids:
-            _unlink_missing_ok(self._notices_dir / notice_file_name(notice_id))
-        fsync_dir(self._notices_dir)
+    def _notice_commit(self, op: _NoticeWrite | list[int]) -> Deferred[None]:
+        """Queue a notice write or a removal of notices for the next notice batch.
+
+        Notices are group-committed like messages, in batches of their own:
+        a recipient reading a backlog from offline senders makes one notice
+        per message, and one pool job per batch keeps them from crowding out
+        everything else on the pool.
+        """
+        d: Deferred[None] = Deferred()
+        self._notice_ready.append((op, d))
+        if not self._notice_committing:
+            self._notice_batch()
+        return d
+
+    def _notice_batch(self) -> None:
+        batch = self._notice_ready[:_MAX_BATCH]
+        self._notice_ready = self._notice_ready[_MAX_BATCH:]
+        self._notice_committing = True
+        d = self._in_pool("keep notices", self._apply_notice_batch, [op for op, _ in batch])
+
+        def done(result: list[BaseException | None] | Failure) -> None:
+            failed: list[str] = []
+            for index, (op, waiting) in enumerate(batch):
+                error = result.value if isinstance(result, Failure) else result[index]
+                if error is None:
+                    waiting.callback(None)
+                    continue
+                if not isinstance(error, StorageError):
+                    failed.append(str(error))
+                    what = "keep the notice" if isinstance(op, _NoticeWrite) else "remove notices"
+                    error = storage_failed(error, what)
+                waiting.errback(Failure(error))
+            if failed:
+                self.log.error(
+                    "{failed} of {count} notice writes failed, e.g. {error}",
+                    failed=len(failed),
+                    count=len(batch),
+                    error=failed[0],
+                )
+            self._notice_committing = False
+            if self._notice_ready:
+                self._notice_batch()
+
+        d.addBoth(done)
+
+    def _apply_notice_batch(
+        self, ops: list[_NoticeWrite | list[int]]
+    ) -> list[BaseException | None]:
+        """On the pool: one group commit of notices, as :meth:`_apply_batch` does
+        for messages.  Write every new notice to its temporary name, fsync each,
+        rename them into place, unlink the removed ones, fsync the directory
+        once.  Per-operation errors are returned; if the directory fsync fails
+        nothing in the batch counts as done."""
+        results: list[BaseException | None] = [None] * len(ops)
+        open_files: list[tuple[int, int]] = []
+        try:
+            for index, op in enumerate(ops):
+                if isinstance(op, _NoticeWrite):
+                    try:
+                        open_files.append((index, _write_new(op.temp, op.data)))
+                    except OSError as error:
+                        _unlink_quietly(op.temp)
+                        results[index] = error
+            for index, fd in open_files:
+                try:
+                    os.fsync(fd)
+                except OSError as error:
+                    results[index] = error
+        finally:
+            for _, fd in open_files:
+                os.close(fd)
+        renamed: list[Path] = []
+        for index, op in enumerate(ops):
+            try:
+                if isinstance(op, _NoticeWrite):
+                    if results[index] is None:
+                        os.rename(op.temp, op.final)
+                        renamed.append(op.final)
+                    else:
+                        _unlink_quietly(op.temp)
+                else:
+                    for notice_id in op:
+                        _unlink_missing_ok(self._notices_dir / notice_file_name(notice_id))
+            except OSError as error:
+                if isinstance(op, _NoticeWrite):
+                    _unlink_quietly(op.temp)
+                results[index] = error
+        try:
+            fsync_dir(self._notices_dir)
+        except OSError as error:
+            for path in renamed:
+                _unlink_quietly(path)
+            return [error for _ in ops]
+        return results
 
     def notices_for(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         cutoff = self._notice_cutoff_ms()
@@ -1144,7 +1259,7 @@ class FileStorage(Service):
         error = self._check_running("remove notices")
         if error:
             return fail(error)
-        d = self._in_pool("remove notices", self._unlink_notices, known)
+        d = self._track(self._notice_commit(known))
 
         def removed(_: None) -> None:
             for notice_id in known:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from enclaves.crypto import KeyPair, Sealer
@@ -49,6 +50,10 @@ def text_of(events: list[LogEvent]) -> str:
 
 
 Factory = Callable[..., Any]
+
+
+def gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
+    return gatherResults(ds, consumeErrors=True)
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -196,10 +201,10 @@ async def test_a_failing_disk_refuses_the_notice(backend: Factory, monkeypatch: 
     else:
         import enclaves.storage.filestore as filestore
 
-        def full(*_: Any) -> None:
+        def full(*_: Any) -> int:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(filestore, "create_exclusive", full)
+        monkeypatch.setattr(filestore, "_write_new", full)
     with pytest.raises(StorageFailed):
         await storage.store_notice(A, b"x")
     assert await storage.notices_for(A) == []
@@ -306,3 +311,27 @@ async def test_damaged_and_stray_notice_files_at_start(
     assert await again.notices_for(A) == [(good, b"good")]
     assert os.listdir(data_dir / QUARANTINE_DIR) == [f"{bad}.notice"]
     assert f"{bad}.notice failed its integrity check; moved to" in text_of(logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_notices_are_group_committed(
+    data_dir: Path, keys: KeyPair, started: Any, monkeypatch: Any
+) -> None:
+    """A recipient reading a backlog from offline senders makes a notice per
+    message: concurrent notice writes share pool jobs and directory fsyncs."""
+    storage = started()
+    await users(storage, A)
+    batches: list[int] = []
+    apply = storage._apply_notice_batch
+
+    def counting(ops: list[Any]) -> list[BaseException | None]:
+        batches.append(len(ops))
+        return apply(ops)
+
+    monkeypatch.setattr(storage, "_apply_notice_batch", counting)
+    ids = await gather([storage.store_notice(A, b"%d" % i) for i in range(300)])
+    assert sum(batches) == 300 and len(batches) <= 5, batches
+    assert [data for _, data in await storage.notices_for(A)] == [b"%d" % i for i in range(300)]
+    assert sorted(ids) == ids
+    await storage.remove_notices(A, ids)
+    assert os.listdir(data_dir / NOTICES_DIR) == []
