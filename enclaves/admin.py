@@ -58,6 +58,7 @@ class ServerStatsView(Protocol):
     messages_stored: int
     messages_delivered: int
     started_at: float
+    notices_kept: int
 
 
 class RouterView(Protocol):
@@ -315,6 +316,7 @@ class Admin:
             ["messages routed", str(stats.messages_routed)],
             ["messages stored", str(stats.messages_stored)],
             ["messages delivered", str(stats.messages_delivered)],
+            ["notices kept", str(stats.notices_kept)],
             [
                 "uptime",
                 f"{format_duration(stats.uptime)} (since {format_time(stats.started_at)})",

@@ -787,9 +787,20 @@ class ClientCore:
             self._set_status(msg_id, "accepted")
 
     def on_delivered(self, msg_id: bytes) -> int | None:
-        """DELIVERED: mark history; returns the recipient if the message is known."""
+        """DELIVERED: mark history; returns the recipient the first time only (a
+        repeated DELIVERED, or one for an unknown message, returns None)."""
         self._outbox.pop(msg_id, None)
+        if self._status_of(msg_id) == "delivered":
+            return None
         return self._set_status(msg_id, "delivered")
+
+    def _status_of(self, msg_id: bytes) -> str | None:
+        """The history status of the newest outgoing line with ``msg_id``."""
+        for lines in self._history.values():
+            for line in reversed(lines):
+                if line.msg_id == msg_id and line.direction == "out":
+                    return line.status
+        return None
 
     def on_refused(self, msg_id: bytes, reason: str) -> None:
         """The server refused a SEND: kept as ``failed`` with ``reason``, never dropped."""

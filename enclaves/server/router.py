@@ -28,6 +28,7 @@ from enclaves.inner import (
     Deliver,
     Delivered,
     Error,
+    InnerError,
     InnerMessage,
     Invite,
     InviteToken,
@@ -39,6 +40,8 @@ from enclaves.inner import (
     Rotate,
     Rotated,
     Send,
+    decode_all,
+    encode,
     split_directory,
 )
 from enclaves.server.limits import TokenBucket
@@ -83,6 +86,8 @@ class ServerStats:
     messages_delivered: int
     started_at: float
     taken_at: float = field(factory=time.time)
+    #: DELIVERED and per-message ERRORs kept on disk for a sender who was offline.
+    notices_kept: int = 0
 
     @property
     def uptime(self) -> float:
@@ -109,6 +114,9 @@ class _Online:
     expires_ms: int | None
     bucket: TokenBucket
     ready: bool = False  # pending messages loaded; live deliveries go straight out
+    # The login read of stored notices has been asked for: a notice kept from
+    # now on is sent live (the read could not have seen it).
+    notices_asked: bool = False
     closed: bool = False
     backlog: list[_Item] = field(factory=list)
     # Flow control: at most ``max_inflight`` unacknowledged DELIVERs; beyond
@@ -169,6 +177,7 @@ class Router:
         self.messages_routed = 0
         self.messages_stored = 0
         self.messages_delivered = 0
+        self.notices_kept = 0
         self.started_at = float(self.clock.seconds())
 
     # -- admin surface ------------------------------------------------------------
@@ -190,6 +199,7 @@ class Router:
             messages_delivered=self.messages_delivered,
             started_at=self.started_at,
             taken_at=float(self.clock.seconds()),
+            notices_kept=self.notices_kept,
         )
 
     def revoke(self, user_id: int) -> Deferred[int]:
@@ -272,7 +282,7 @@ class Router:
         state.inflight, state.backlog = {}, []
         for item in items:
             if item.file_id is None:
-                self._tell(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
+                self._notify(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
 
     def _send_directory(self, state: _Online, users: Iterable[int]) -> None:
         """DIRECTORY, in as many parts as the frame limit needs."""
@@ -280,13 +290,17 @@ class Router:
             state.peer.send(part)
 
     def _start(self, state: _Online, uid: int) -> None:
-        """Directory first, then pending messages in arrival order, then live ones."""
+        """Directory first, then kept notices, then pending messages in arrival
+        order, then live ones."""
 
         async def start() -> None:
             users = await self.storage.list_users()
             if state.closed:
                 return
             self._send_directory(state, users)
+            await self._send_notices(state, uid)
+            if state.closed:
+                return
             # Messages for this user still being written (it was offline, or
             # its previous session's were in flight) come before live ones.
             await self._stores_settled(uid)
@@ -312,6 +326,77 @@ class Router:
                 state.peer.close(ErrorCode.STORAGE_FAILED, "the server could not read its storage")
 
         ensureDeferred(start()).addErrback(failed)
+
+    async def _send_notices(self, state: _Online, uid: int) -> None:
+        """Send the notices kept while ``uid`` was offline, then delete them.
+
+        "Sent" means handed to the session (queued for its next sealed write):
+        a connection lost in the instant after that loses them.  A storage
+        failure is logged and the session goes on; the notices stay for the
+        next login.
+        """
+        state.notices_asked = True
+        try:
+            notices = await self.storage.notices_for(uid)
+        except StorageError as error:
+            self.log.warn(
+                "could not read the notices of {user_id}: {error}", user_id=uid, error=str(error)
+            )
+            return
+        if state.closed or not notices:
+            return
+        done: list[int] = []
+        for notice_id, data in notices:
+            try:
+                messages = decode_all(data)
+            except InnerError:  # authenticated by storage: only a bug writes this
+                self.log.error("dropping notice {notice_id}: not an inner message",
+                               notice_id=notice_id)  # fmt: skip
+                messages = []
+            for message in messages:
+                state.peer.send(message)
+            done.append(notice_id)
+        self.log.info("sent {count} notices to {user_id}", count=len(done), user_id=uid)
+        self._remove_notices(uid, done)
+
+    def _remove_notices(self, uid: int, ids: list[int]) -> None:
+        def failed(failure: Failure) -> None:
+            # They stay and are sent again at the next login: a repeat, not a loss.
+            if failure.check(StorageError):
+                self.log.warn("sent notices kept (they will be sent again): {error}",
+                              error=str(failure.value))  # fmt: skip
+            else:
+                self.log.failure("could not delete sent notices", failure)
+
+        self.storage.remove_notices(uid, ids).addErrback(failed)
+
+    def _notify(self, user_id: int, message: InnerMessage) -> None:
+        """Send to ``user_id``'s live session, or keep it as a notice for its next login."""
+        state = self._online.get(user_id)
+        if state is not None and not state.closed:
+            state.peer.send(message)
+            return
+
+        def kept(notice_id: int) -> None:
+            self.notices_kept += 1
+            now = self._online.get(user_id)
+            if now is not None and not now.closed and now.notices_asked:
+                # The user came back while the notice was written, after the
+                # login read: send it now.
+                now.peer.send(message)
+                self._remove_notices(user_id, [notice_id])
+
+        def failed(failure: Failure) -> None:
+            if failure.check(UnknownUser):
+                return  # the sender was revoked meanwhile
+            if failure.check(StorageError):
+                self.log.warn("could not keep a notice for {user_id}: {error}",
+                              user_id=user_id, error=str(failure.value))  # fmt: skip
+            else:
+                self.log.failure("could not keep a notice for {user_id}", failure,
+                                 user_id=user_id)  # fmt: skip
+
+        self.storage.store_notice(user_id, encode(message)).addCallbacks(kept, failed)
 
     # -- inner messages ---------------------------------------------------------
 
@@ -489,7 +574,7 @@ class Router:
             self.log.info(
                 "message for {recipient} not stored: {code}", recipient=recipient, code=code.name
             )
-            self._tell(item.sender, _error(code, text, item.msg_id))
+            self._notify(item.sender, _error(code, text, item.msg_id))
             self._wake(recipient)
 
         self.storage.store_message(recipient, item.sender, item.msg_id, item.blob).addCallbacks(
@@ -504,7 +589,7 @@ class Router:
             self.messages_delivered += 1
             if item.file_id is None:
                 self._tell(item.sender, Accepted(msg_id))
-                self._tell(item.sender, Delivered(msg_id))
+                self._notify(item.sender, Delivered(msg_id))
             else:
                 self._remove_stored(item)
         self._maybe_refill(state)
@@ -513,7 +598,7 @@ class Router:
         assert item.file_id is not None
 
         def removed(_: None) -> None:
-            self._tell(item.sender, Delivered(item.msg_id))
+            self._notify(item.sender, Delivered(item.msg_id))
 
         def failed(failure: Failure) -> None:
             # The copy stays and is delivered again; the recipient drops the duplicate.

@@ -40,23 +40,30 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, write_atomic
+from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, temp_name, write_atomic
 from enclaves.crypto import KeyPair, Sealer
 from enclaves.storage.formats import (
+    MAX_NOTICE_DATA,
     U64_MAX,
     FormatError,
     decode_enrollment,
     decode_msg,
+    decode_notice,
     decode_user,
     encode_enrollment,
     encode_msg,
+    encode_notice,
     encode_user,
     msg_file_name,
+    notice_file_name,
     parse_msg_name,
+    parse_notice_name,
     parse_user_name,
     user_file_name,
 )
 from enclaves.storage.interface import (
+    MAX_NOTICES,
+    NOTICE_LIFETIME,
     InventoryEntry,
     IStorage,
     PendingSummary,
@@ -73,6 +80,7 @@ __all__ = [
     "FileStorage",
     "USERS_DIR",
     "PENDING_DIR",
+    "NOTICES_DIR",
     "QUARANTINE_DIR",
     "ENROLLMENT_FILE",
     "LOCK_FILE",
@@ -82,6 +90,7 @@ __all__ = [
 
 USERS_DIR = "users"
 PENDING_DIR = "pending"
+NOTICES_DIR = "notices"
 QUARANTINE_DIR = "quarantine"
 ENROLLMENT_FILE = "enrollment.state"
 LOCK_FILE = "lock"
@@ -124,6 +133,24 @@ class _Pending:
 
 
 @define
+class _Notice:
+    """One indexed notice."""
+
+    user_id: int
+    created_ms: int
+
+
+@define
+class _NoticeWrite:
+    """A notice file on its way to disk."""
+
+    notice_id: int
+    temp: Path
+    final: Path
+    data: bytes = field(repr=False)
+
+
+@define
 class _Store:
     """A store in flight: reserved against the quota until it finishes."""
 
@@ -137,6 +164,19 @@ class _Store:
     blob: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
+
+
+def _write_new(path: Path, data: bytes) -> int:
+    """Create ``path`` (O_EXCL, no symlink) and write ``data``; returns the open fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -169,17 +209,24 @@ class FileStorage(Service):
         max_pending_bytes: int = 64 * 1024 * 1024,
         threads: int = 4,
         reactor: Any = None,
+        max_notices: int = MAX_NOTICES,
+        notice_lifetime: float = NOTICE_LIFETIME,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_pending_count < 1 or max_pending_bytes < 1 or threads < 1:
+        if max_pending_count < 1 or max_pending_bytes < 1 or threads < 1 or max_notices < 1:
             raise ValueError("quotas and thread count must be positive")
         self.data_dir = Path(data_dir)
         self.max_pending_count = max_pending_count
         self.max_pending_bytes = max_pending_bytes
+        self.max_notices = max_notices
+        self.notice_lifetime = notice_lifetime
+        self._clock = clock
         self._sealer = Sealer(keys)
         self._threads = threads
         self._reactor = reactor
         self._users_dir = self.data_dir / USERS_DIR
         self._pending_dir = self.data_dir / PENDING_DIR
+        self._notices_dir = self.data_dir / NOTICES_DIR
         self._quarantine_dir = self.data_dir / QUARANTINE_DIR
         self._pool: ThreadPool | None = None
         self._lock_fd: int | None = None
@@ -191,6 +238,11 @@ class FileStorage(Service):
         self._by_recipient: dict[int, list[int]] = {}
         self._sizes: dict[int, int] = {}
         self._next_seq = 1
+        self._notices: dict[int, _Notice] = {}
+        self._notices_by_user: dict[int, list[int]] = {}
+        self._next_notice_seq = 1
+        self._notice_ready: list[tuple[_NoticeWrite | list[int], Deferred[None]]] = []
+        self._notice_committing = False
         # In flight.
         self._adding: set[int] = set()
         self._stores: dict[int, list[_Store]] = {}
@@ -217,8 +269,14 @@ class FileStorage(Service):
         started = time.monotonic()
         self._users, self._enrollment = {}, {}
         self._files, self._by_recipient, self._sizes = {}, {}, {}
+        self._notices, self._notices_by_user = {}, {}
         try:
-            for directory in (self._users_dir, self._pending_dir, self._quarantine_dir):
+            for directory in (
+                self._users_dir,
+                self._pending_dir,
+                self._notices_dir,
+                self._quarantine_dir,
+            ):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as error:
             raise storage_failed(error, f"set up data directory {self.data_dir}") from None
@@ -227,6 +285,8 @@ class FileStorage(Service):
             self._clean_temps()
             bad: list[Path] = []
             good = self._load_users(bad) + self._load_pending(bad)
+            expired = self._load_notices(bad)
+            good += len(self._notices) + expired
             if len(bad) >= 2 and not good:
                 # Not one file opens: far likelier a wrong key than damage.
                 # Moving everything to quarantine would only make a mess.
@@ -247,9 +307,11 @@ class FileStorage(Service):
         self.log.info(
             "storage loaded {users} users and {count} pending messages "
             "({orphans} for unknown users, {quarantined} files quarantined) "
-            "in {seconds:.3f}s",
+            "and {notices} notices ({expired} expired ones dropped) in {seconds:.3f}s",
             users=len(self._users),
             count=len(self._files),
+            notices=len(self._notices),
+            expired=expired,
             orphans=orphans,
             quarantined=quarantined,
             seconds=time.monotonic() - started,
@@ -277,7 +339,7 @@ class FileStorage(Service):
             self._lock_fd = None
 
     def _clean_temps(self) -> None:
-        for directory in (self.data_dir, self._users_dir, self._pending_dir):
+        for directory in (self.data_dir, self._users_dir, self._pending_dir, self._notices_dir):
             for entry in os.scandir(directory):
                 if _is_temp(entry.name) and entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
@@ -355,6 +417,51 @@ class FileStorage(Service):
             ids.sort()
         self._next_seq = max_seq + 1
         return len(self._files)
+
+    def _load_notices(self, bad: list[Path]) -> int:
+        """Index every notice, deleting expired ones; bad ones are added to ``bad``.
+        Returns the number of expired notices deleted."""
+        cutoff = self._notice_cutoff_ms()
+        max_seq = 0
+        expired = 0
+        for entry in os.scandir(self._notices_dir):
+            file_id = parse_notice_name(entry.name)
+            if file_id is None:
+                if not _is_temp(entry.name):
+                    self.log.warn("ignoring unexpected file {path}", path=entry.path)
+                continue
+            try:
+                with open(entry.path, "rb") as handle:
+                    data = handle.read(MAX_NOTICE_DATA + 256)
+                record = decode_notice(self._sealer, file_id, data)
+            except FormatError:
+                bad.append(Path(entry.path))
+                continue
+            except OSError as error:
+                raise storage_failed(error, f"read {entry.path}") from None
+            max_seq = max(max_seq, file_id >> SEQ_SHIFT)
+            if record.created_ms < cutoff:
+                try:
+                    os.unlink(entry.path)
+                except OSError as error:
+                    raise storage_failed(error, f"delete {entry.path}") from None
+                expired += 1
+                continue
+            self._notices[file_id] = _Notice(record.user_id, record.created_ms)
+            self._notices_by_user.setdefault(record.user_id, []).append(file_id)
+        for ids in self._notices_by_user.values():
+            ids.sort()
+        if expired:
+            try:
+                fsync_dir(self._notices_dir)
+            except OSError as error:
+                raise storage_failed(error, f"sync {self._notices_dir}") from None
+        self._next_notice_seq = max_seq + 1
+        return expired
+
+    def _notice_cutoff_ms(self) -> int:
+        """Notices created before this (unix ms) have expired."""
+        return int((self._clock() - self.notice_lifetime) * 1000)
 
     def _quarantine_now(self, path: Path) -> Path | None:
         """Move a bad file aside (synchronously) and log it."""
@@ -559,7 +666,11 @@ class FileStorage(Service):
         if error:
             return fail(error)
         record = self._users.pop(user_id, None)
-        if record is None and user_id not in self._by_recipient:
+        if (
+            record is None
+            and user_id not in self._by_recipient
+            and user_id not in self._notices_by_user
+        ):
             return fail(UnknownUser(f"no user {user_id}"))
         # An unknown id with pending messages (its user file was quarantined):
         # remove the orphaned messages.
@@ -572,8 +683,11 @@ class FileStorage(Service):
                 if in_flight:
                     await DeferredList(in_flight, consumeErrors=True)
                 ids = list(self._by_recipient.get(user_id, []))
+                notices = self._notices_by_user.pop(user_id, [])
+                for notice_id in notices:
+                    self._notices.pop(notice_id, None)
                 await self._in_pool(
-                    "remove the user", self._delete_user_files, user_id, ids, deleted
+                    "remove the user", self._delete_user_files, user_id, ids, notices, deleted
                 )
             except BaseException:
                 if record is not None:
@@ -593,13 +707,20 @@ class FileStorage(Service):
 
         return self._locked(remove)
 
-    def _delete_user_files(self, user_id: int, ids: list[int], deleted: list[int]) -> None:
-        """On the pool: messages first, then the user file; ``deleted`` records progress."""
+    def _delete_user_files(
+        self, user_id: int, ids: list[int], notices: list[int], deleted: list[int]
+    ) -> None:
+        """On the pool: messages and notices first, then the user file; ``deleted``
+        records the messages' progress."""
         for file_id in ids:
             _unlink_missing_ok(self._pending_dir / msg_file_name(file_id))
             deleted.append(file_id)
         if ids:
             fsync_dir(self._pending_dir)
+        for notice_id in notices:
+            _unlink_missing_ok(self._notices_dir / notice_file_name(notice_id))
+        if notices:
+            fsync_dir(self._notices_dir)
         _unlink_missing_ok(self._users_dir / user_file_name(user_id))
         fsync_dir(self._users_dir)
 
@@ -868,11 +989,18 @@ class FileStorage(Service):
         # Copies made here, on the reactor: the pool thread must not iterate
         # dicts the reactor is changing.
         return self._in_pool(
-            "list the data directory", self._inventory, dict(self._users), dict(self._files)
+            "list the data directory",
+            self._inventory,
+            dict(self._users),
+            dict(self._files),
+            dict(self._notices),
         )
 
     def _inventory(
-        self, users: dict[int, UserRecord], files: dict[int, _Pending]
+        self,
+        users: dict[int, UserRecord],
+        files: dict[int, _Pending],
+        notices: dict[int, _Notice],
     ) -> list[InventoryEntry]:
         entries: list[InventoryEntry] = []
 
@@ -906,9 +1034,238 @@ class FileStorage(Service):
                     self._pending_dir / name,
                     f"pending message for {pending.recipient} ({pending.size} bytes)",
                 )
+        for name in sorted(os.listdir(self._notices_dir)):
+            notice_id = parse_notice_name(name)
+            notice = notices.get(notice_id) if notice_id is not None else None
+            if notice is None:
+                add(self._notices_dir / name, "unexpected file")
+            else:
+                add(self._notices_dir / name, f"notice for {notice.user_id}")
         for name in sorted(os.listdir(self._quarantine_dir)):
             add(self._quarantine_dir / name, "quarantined: failed its integrity check")
         return entries
+
+    # -- notices -----------------------------------------------------------------
+
+    def store_notice(self, user_id: int, data: bytes) -> Deferred[int]:
+        if not 0 < user_id <= U64_MAX or not 0 < len(data) <= MAX_NOTICE_DATA:
+            return fail(ValueError(f"a notice is for a user and 1 to {MAX_NOTICE_DATA} bytes"))
+        error = self._check_running("keep the notice")
+        if error:
+            return fail(error)
+        if user_id not in self._users:
+            return fail(UnknownUser(f"no user {user_id}"))
+        (salt,) = struct.unpack(">H", os.urandom(2))
+        notice_id = self._next_notice_seq << SEQ_SHIFT | salt
+        self._next_notice_seq += 1
+        created_ms = int(self._clock() * 1000)
+        blob = encode_notice(self._sealer, notice_id, user_id, created_ms, bytes(data))
+        path = self._notices_dir / notice_file_name(notice_id)
+        write = _NoticeWrite(notice_id, temp_name(path), path, blob)
+
+        async def store() -> int:
+            await self._notice_commit(write)
+            if user_id not in self._users:
+                # Removed while the file was written: it goes too.
+                await self._notice_commit([notice_id])
+                raise UnknownUser(f"no user {user_id}")
+            self._notices[notice_id] = _Notice(user_id, created_ms)
+            ids = self._notices_by_user.setdefault(user_id, [])
+            insort(ids, notice_id)
+            if len(ids) > self.max_notices:
+                doomed = ids[: len(ids) - self.max_notices]
+                self.log.warn(
+                    "user {user_id} has more than {limit} notices; dropping the {count} oldest",
+                    user_id=user_id,
+                    limit=self.max_notices,
+                    count=len(doomed),
+                )
+                self._forget_notices(user_id, doomed)
+            return notice_id
+
+        return self._track(ensureDeferred(store()))
+
+    def _forget_notices(self, user_id: int, ids: list[int]) -> None:
+        """Drop notices from the index now and from the disk soon (failures logged:
+        a notice left on disk is read again at the next start, at worst a repeat)."""
+        for notice_id in ids:
+            self._unindex_notice(user_id, notice_id)
+        self._track(self._notice_commit(list(ids))).addErrback(
+            lambda failure: self.log.warn(
+                "could not delete dropped notices: {error}", error=str(failure.value)
+            )
+        )
+
+    def _unindex_notice(self, user_id: int, notice_id: int) -> None:
+        if self._notices.pop(notice_id, None) is None:
+            return
+        ids = self._notices_by_user.get(user_id, [])
+        if notice_id in ids:
+            ids.remove(notice_id)
+        if not ids:
+            self._notices_by_user.pop(user_id, None)
+
+    def _notice_commit(self, op: _NoticeWrite | list[int]) -> Deferred[None]:
+        """Queue a notice write or a removal of notices for the next notice batch.
+
+        Notices are group-committed like messages, in batches of their own:
+        a recipient reading a backlog from offline senders makes one notice
+        per message, and one pool job per batch keeps them from crowding out
+        everything else on the pool.
+        """
+        d: Deferred[None] = Deferred()
+        self._notice_ready.append((op, d))
+        if not self._notice_committing:
+            self._notice_batch()
+        return d
+
+    def _notice_batch(self) -> None:
+        batch = self._notice_ready[:_MAX_BATCH]
+        self._notice_ready = self._notice_ready[_MAX_BATCH:]
+        self._notice_committing = True
+        d = self._in_pool("keep notices", self._apply_notice_batch, [op for op, _ in batch])
+
+        def done(result: list[BaseException | None] | Failure) -> None:
+            failed: list[str] = []
+            for index, (op, waiting) in enumerate(batch):
+                error = result.value if isinstance(result, Failure) else result[index]
+                if error is None:
+                    waiting.callback(None)
+                    continue
+                if not isinstance(error, StorageError):
+                    failed.append(str(error))
+                    what = "keep the notice" if isinstance(op, _NoticeWrite) else "remove notices"
+                    error = storage_failed(error, what)
+                waiting.errback(Failure(error))
+            if failed:
+                self.log.error(
+                    "{failed} of {count} notice writes failed, e.g. {error}",
+                    failed=len(failed),
+                    count=len(batch),
+                    error=failed[0],
+                )
+            self._notice_committing = False
+            if self._notice_ready:
+                self._notice_batch()
+
+        d.addBoth(done)
+
+    def _apply_notice_batch(
+        self, ops: list[_NoticeWrite | list[int]]
+    ) -> list[BaseException | None]:
+        """On the pool: one group commit of notices, as :meth:`_apply_batch` does
+        for messages.  Write every new notice to its temporary name, fsync each,
+        rename them into place, unlink the removed ones, fsync the directory
+        once.  Per-operation errors are returned; if the directory fsync fails
+        nothing in the batch counts as done."""
+        results: list[BaseException | None] = [None] * len(ops)
+        open_files: list[tuple[int, int]] = []
+        try:
+            for index, op in enumerate(ops):
+                if isinstance(op, _NoticeWrite):
+                    try:
+                        open_files.append((index, _write_new(op.temp, op.data)))
+                    except OSError as error:
+                        _unlink_quietly(op.temp)
+                        results[index] = error
+            for index, fd in open_files:
+                try:
+                    os.fsync(fd)
+                except OSError as error:
+                    results[index] = error
+        finally:
+            for _, fd in open_files:
+                os.close(fd)
+        renamed: list[Path] = []
+        for index, op in enumerate(ops):
+            try:
+                if isinstance(op, _NoticeWrite):
+                    if results[index] is None:
+                        os.rename(op.temp, op.final)
+                        renamed.append(op.final)
+                    else:
+                        _unlink_quietly(op.temp)
+                else:
+                    for notice_id in op:
+                        _unlink_missing_ok(self._notices_dir / notice_file_name(notice_id))
+            except OSError as error:
+                if isinstance(op, _NoticeWrite):
+                    _unlink_quietly(op.temp)
+                results[index] = error
+        try:
+            fsync_dir(self._notices_dir)
+        except OSError as error:
+            for path in renamed:
+                _unlink_quietly(path)
+            return [error for _ in ops]
+        return results
+
+    def notices_for(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
+        cutoff = self._notice_cutoff_ms()
+        ids = list(self._notices_by_user.get(user_id, ()))
+        expired = [n for n in ids if self._notices[n].created_ms < cutoff]
+        if expired:
+            self.log.info(
+                "dropping {count} expired notices of user {user_id}",
+                count=len(expired),
+                user_id=user_id,
+            )
+            self._forget_notices(user_id, expired)
+            ids = [n for n in ids if n not in set(expired)]
+        if not ids:
+            return succeed([])
+        d = self._in_pool("read notices", self._read_notices, user_id, ids)
+
+        def adopt(result: tuple[list[tuple[int, bytes]], list[tuple[int, str | None]]]) -> Any:
+            notices, bad = result
+            for notice_id, target in bad:
+                self._unindex_notice(user_id, notice_id)
+                self.log.error(
+                    "notice {name} failed its integrity check; {where}",
+                    name=notice_file_name(notice_id),
+                    where=f"moved to {target}" if target else "could not be moved aside",
+                )
+            return notices
+
+        return d.addCallback(adopt)
+
+    def _read_notices(
+        self, user_id: int, ids: list[int]
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, str | None]]]:
+        notices: list[tuple[int, bytes]] = []
+        bad: list[tuple[int, str | None]] = []
+        for notice_id in ids:
+            path = self._notices_dir / notice_file_name(notice_id)
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read(MAX_NOTICE_DATA + 256)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            try:
+                record = decode_notice(self._sealer, notice_id, data)
+                if record.user_id != user_id:
+                    raise FormatError()
+            except FormatError:
+                target = self._move_aside(path)
+                bad.append((notice_id, str(target) if target else None))
+                continue
+            notices.append((notice_id, record.data))
+        return notices, bad
+
+    def remove_notices(self, user_id: int, ids: list[int]) -> Deferred[None]:
+        known = [n for n in ids if n in self._notices_by_user.get(user_id, ())]
+        if not known:
+            return succeed(None)
+        error = self._check_running("remove notices")
+        if error:
+            return fail(error)
+        d = self._track(self._notice_commit(known))
+
+        def removed(_: None) -> None:
+            for notice_id in known:
+                self._unindex_notice(user_id, notice_id)
+
+        return d.addCallback(removed)
 
 
 _TOP_LEVEL = {

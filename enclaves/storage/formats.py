@@ -36,6 +36,13 @@ __all__ = [
     "msg_file_name",
     "parse_user_name",
     "parse_msg_name",
+    "NOTICE_SUFFIX",
+    "MAX_NOTICE_DATA",
+    "NoticeRecord",
+    "encode_notice",
+    "decode_notice",
+    "notice_file_name",
+    "parse_notice_name",
 ]
 
 USER_FILE_SIZE = 80
@@ -45,11 +52,16 @@ MSG_HEADER_SIZE = 8 + 8 + 16
 MSG_MIN_SIZE = BLOCK + 48 + TAG_SIZE
 USER_SUFFIX = ".user"
 MSG_SUFFIX = ".msg"
+NOTICE_SUFFIX = ".notice"
+#: Most bytes of one notice's data (an encoded inner message).
+MAX_NOTICE_DATA = 4096
 U64_MAX = (1 << 64) - 1
 
 _USER_LABEL = b"enclaves/v1/user"
 _MSG_LABEL = b"enclaves/v1/msg"
 ENROLLMENT_AAD = b"enclaves/v1/enrollment"
+_NOTICE_LABEL = b"enclaves/v1/notice"
+_NOTICE_HEADER = struct.Struct(">QQ")  # user id, created (unix ms)
 _ENROLLMENT_ENTRY = struct.Struct(">QQ")
 _U64 = struct.Struct(">Q")
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,19})")
@@ -60,6 +72,15 @@ class FormatError(Exception):
 
     def __init__(self) -> None:
         super().__init__("stored file failed its integrity check")
+
+
+@frozen
+class NoticeRecord:
+    """The plaintext of a ``.notice`` file: what to tell ``user_id`` at its next login."""
+
+    user_id: int
+    created_ms: int
+    data: bytes = field(repr=lambda b: f"<{len(b)} bytes>")
 
 
 @frozen
@@ -160,6 +181,44 @@ def decode_msg(sealer: Sealer, file_id: int, data: bytes) -> MessageRecord:
     return MessageRecord(recipient, sender, plain[16:32], plain[32:])
 
 
+# -- notices/<n>.notice ------------------------------------------------------------
+
+
+def _notice_aad(file_id: int) -> bytes:
+    return _NOTICE_LABEL + _u64(file_id)
+
+
+def encode_notice(
+    sealer: Sealer, file_id: int, user_id: int, created_ms: int, data: bytes
+) -> bytes:
+    """``seal(S, "enclaves/v1/notice" || u64 n, u64 user || u64 created_ms || data)``."""
+    if not 0 <= file_id <= U64_MAX or not 0 < user_id <= U64_MAX:
+        raise ValueError("file id and user id are u64 (user id non-zero)")
+    if not 0 <= created_ms <= U64_MAX:
+        raise ValueError("a creation time is a u64 of unix milliseconds")
+    if not 0 < len(data) <= MAX_NOTICE_DATA:
+        raise ValueError(f"notice data is 1 to {MAX_NOTICE_DATA} bytes")
+    return sealer.seal(_notice_aad(file_id), _NOTICE_HEADER.pack(user_id, created_ms) + bytes(data))
+
+
+def decode_notice(sealer: Sealer, file_id: int, data: bytes) -> NoticeRecord:
+    """Open with ``n`` from the file name (tag checked before decryption); any defect
+    is FormatError."""
+    if not 0 <= file_id <= U64_MAX:
+        raise FormatError()
+    try:
+        plain = sealer.open(_notice_aad(file_id), bytes(data))
+    except CryptoError:
+        raise FormatError() from None
+    size = len(plain) - _NOTICE_HEADER.size
+    if not 0 < size <= MAX_NOTICE_DATA:
+        raise FormatError()
+    user_id, created_ms = _NOTICE_HEADER.unpack_from(plain)
+    if user_id == 0:
+        raise FormatError()
+    return NoticeRecord(user_id, created_ms, plain[_NOTICE_HEADER.size :])
+
+
 # -- enrollment.state --------------------------------------------------------------
 
 
@@ -217,6 +276,15 @@ def _parse_decimal(name: str, suffix: str) -> int | None:
         return None
     value = int(digits)
     return value if value <= U64_MAX else None
+
+
+def notice_file_name(file_id: int) -> str:
+    return f"{file_id}{NOTICE_SUFFIX}"
+
+
+def parse_notice_name(name: str) -> int | None:
+    """The file id of a canonical ``<n>.notice`` name, else None."""
+    return _parse_decimal(name, NOTICE_SUFFIX)
 
 
 def parse_user_name(name: str) -> int | None:

@@ -9,6 +9,8 @@ from zope.interface import Attribute, Interface
 from enclaves.crypto import KeyPair
 
 __all__ = [
+    "MAX_NOTICES",
+    "NOTICE_LIFETIME",
     "IStorage",
     "InventoryEntry",
     "PendingSummary",
@@ -20,6 +22,12 @@ __all__ = [
     "UserExists",
     "UserRecord",
 ]
+
+
+#: Most notices kept per user; beyond it the oldest is dropped (and logged).
+MAX_NOTICES = 10_000
+#: Seconds a notice is kept; older ones are dropped unread.
+NOTICE_LIFETIME = 30 * 24 * 3600
 
 
 class StorageError(Exception):
@@ -95,6 +103,8 @@ class IStorage(Interface):
 
     max_pending_count = Attribute("Per-recipient limit on pending messages.")
     max_pending_bytes = Attribute("Per-recipient limit on pending e2e blob bytes.")
+    max_notices = Attribute("Per-user limit on kept notices (the oldest is dropped).")
+    notice_lifetime = Attribute("Seconds a notice is kept before it is dropped unread.")
 
     def add_user(user_id: int, keys: KeyPair, enrollment_expires_ms: int | None) -> Deferred[None]:
         """Store a new user durably.  Fires with None; UserExists if taken."""
@@ -106,7 +116,7 @@ class IStorage(Interface):
         """Rotate: store ``keys`` durably and end enrollment.  Fires with None."""
 
     def remove_user(user_id: int) -> Deferred[int]:
-        """Delete the user and its pending messages.  Fires with the number of
+        """Delete the user, its pending messages and its notices.  Fires with the number of
         messages deleted; UnknownUser if there is no such user and no pending
         message for that id (messages left by a quarantined user file are
         deleted too)."""
@@ -133,3 +143,17 @@ class IStorage(Interface):
 
     def inventory() -> Deferred[list[InventoryEntry]]:
         """Fires with a list of :class:`InventoryEntry`, one per file held."""
+
+    def store_notice(user_id: int, data: bytes) -> Deferred[int]:
+        """Keep ``data`` (1 to MAX_NOTICE_DATA bytes: an encoded inner message
+        for ``user_id``'s next login) durably.  Fires with its notice id, which
+        orders the user's notices; beyond ``max_notices`` the oldest is dropped.
+        UnknownUser or StorageFailed otherwise."""
+
+    def notices_for(user_id: int) -> Deferred[list[tuple[int, bytes]]]:
+        """Fires with the user's (notice id, data) pairs, oldest first.  Notices
+        older than ``notice_lifetime`` are dropped first; a damaged one is
+        quarantined, logged and left out."""
+
+    def remove_notices(user_id: int, ids: list[int]) -> Deferred[None]:
+        """Delete these notices of ``user_id`` durably (absent ids are ignored)."""

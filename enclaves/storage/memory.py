@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 from attrs import evolve
@@ -17,7 +19,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from enclaves.crypto import KeyPair
+from enclaves.storage.formats import MAX_NOTICE_DATA
 from enclaves.storage.interface import (
+    MAX_NOTICES,
+    NOTICE_LIFETIME,
     InventoryEntry,
     IStorage,
     PendingSummary,
@@ -44,9 +49,18 @@ class MemoryStorage(Service):
         *,
         max_pending_count: int = DEFAULT_MAX_PENDING_COUNT,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_notices: int = MAX_NOTICES,
+        notice_lifetime: float = NOTICE_LIFETIME,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_pending_count = max_pending_count
         self.max_pending_bytes = max_pending_bytes
+        self.max_notices = max_notices
+        self.notice_lifetime = notice_lifetime
+        self._clock = clock
+        #: user id -> [(notice id, created unix ms, data)], oldest first.
+        self._notices: dict[int, list[tuple[int, int, bytes]]] = {}
+        self._next_notice = 1
         #: When true, every write fails with StorageFailed (nothing changes).
         self.fail_writes = False
         self._users: dict[int, UserRecord] = {}
@@ -87,6 +101,7 @@ class MemoryStorage(Service):
         doomed = [n for n, m in self._messages.items() if m.recipient == user_id]
         for file_id in doomed:
             del self._messages[file_id]
+        self._notices.pop(user_id, None)
         return succeed(len(doomed))
 
     def list_users(self) -> Deferred[list[int]]:
@@ -143,4 +158,42 @@ class MemoryStorage(Service):
             InventoryEntry(f"{n}.msg", len(m.blob), f"message for {m.recipient}")
             for n, m in self._messages.items()
         ]
+        entries += [
+            InventoryEntry(f"{n}.notice", len(data), f"notice for {uid}")
+            for uid, kept in self._notices.items()
+            for n, _, data in kept
+        ]
         return succeed(entries)
+
+    def store_notice(self, user_id: int, data: bytes) -> Deferred[int]:
+        if not 0 < len(data) <= MAX_NOTICE_DATA:
+            return fail(ValueError(f"notice data is 1 to {MAX_NOTICE_DATA} bytes"))
+        if refused := self._refuse_write():
+            return refused
+        if user_id not in self._users:
+            return fail(UnknownUser(f"no user {user_id}"))
+        notice_id, self._next_notice = self._next_notice, self._next_notice + 1
+        kept = self._notices.setdefault(user_id, [])
+        kept.append((notice_id, int(self._clock() * 1000), bytes(data)))
+        del kept[: -self.max_notices]
+        return succeed(notice_id)
+
+    def notices_for(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
+        cutoff = int((self._clock() - self.notice_lifetime) * 1000)
+        kept = [n for n in self._notices.get(user_id, []) if n[1] >= cutoff]
+        if kept:
+            self._notices[user_id] = kept
+        else:
+            self._notices.pop(user_id, None)
+        return succeed([(notice_id, data) for notice_id, _, data in kept])
+
+    def remove_notices(self, user_id: int, ids: list[int]) -> Deferred[None]:
+        if refused := self._refuse_write():
+            return refused
+        doomed = set(ids)
+        kept = [n for n in self._notices.get(user_id, []) if n[0] not in doomed]
+        if kept:
+            self._notices[user_id] = kept
+        else:
+            self._notices.pop(user_id, None)
+        return succeed(None)

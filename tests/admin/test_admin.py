@@ -27,6 +27,7 @@ class Stats:
     messages_routed: int = 10
     messages_stored: int = 4
     messages_delivered: int = 6
+    notices_kept: int = 2
     started_at: float = NOW - 93784
 
     @property
@@ -236,6 +237,7 @@ def test_stats() -> None:
         "messages routed 10",
         "messages stored 4",
         "messages delivered 6",
+        "notices kept 2",
         "uptime 1 d 02:03:04 (since 2027-01-14 05:56 UTC)",
     ]
 

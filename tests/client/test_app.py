@@ -10,14 +10,17 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from enclaves.client.app import ClientApp
+from enclaves.client.core import ClientCore
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
-from enclaves.inner import Directory, Joined, Removed
-from tests.client.helpers import make_core
+from enclaves.inner import Delivered, Directory, Error, Joined, Removed
+from tests.client.helpers import Relay, make_core
 
 
-def start(tmp_path: Path) -> tuple[ClientApp, MemoryReactorClock, list[tuple[str, str]]]:
-    core = make_core(1001)
+def start(
+    tmp_path: Path, core: ClientCore | None = None
+) -> tuple[ClientApp, MemoryReactorClock, list[tuple[str, str]]]:
+    core = core or make_core(1001)
     keystore = Keystore.create(tmp_path / "ks", "pass phrase", core.state())
     reactor = MemoryReactorClock()
     out: list[tuple[str, str]] = []
@@ -104,4 +107,46 @@ def test_a_removed_user_reappearing_is_a_warning_not_a_new_contact(tmp_path: Pat
     assert all("2002" in text and "tamper" in text for _tag, text in out)
     assert app.core.contact(2002).removed
     assert [c.user_id for c in app.core.contacts()] == []
+    app.stop()
+
+
+def keyed_with_2002() -> ClientCore:
+    a, b = make_core(1001), make_core(2002)
+    relay = Relay(a, b)
+    relay.post(1001, a.start_kex(2002, 0.0))
+    relay.flush(1.0)
+    return a
+
+
+def test_a_repeated_delivered_is_reported_once(tmp_path: Path) -> None:
+    """DELIVERED may come again (a kept notice, or a stored copy delivered again
+    after a server restart): "delivered" is printed when the status changes only."""
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
+    core.on_accepted(sent.msg_id)
+    app, _reactor, out = start(tmp_path, core)
+    out.clear()
+    for _ in range(3):
+        app._handle(Delivered(sent.msg_id), 3.0)
+    assert [tag for tag, _text in out] == ["delivered"]
+    assert app.core.history(2002)[-1].status == "delivered"
+    app.stop()
+
+
+def test_an_error_kept_for_later_marks_the_outbox_message_failed(tmp_path: Path) -> None:
+    """A per-message ERROR that was kept while the sender was offline and arrives
+    at its next login marks the outbox message failed with the reason."""
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
+    app, _reactor, out = start(tmp_path, core)
+    out.clear()
+    app._handle(Error(int(ErrorCode.QUOTA_EXCEEDED), sent.msg_id, "the queue is full"), 3.0)
+    (entry,) = app.core.outbox()
+    assert (entry.status, entry.reason) == (
+        "failed",
+        "the recipient's mailbox on the server is full",
+    )
+    assert app.core.history(2002)[-1].status == "failed"
+    assert [tag for tag, _text in out] == ["failed"]
+    assert "/retry" in out[0][1]
     app.stop()

@@ -255,6 +255,9 @@ def test_outbox_receipts_and_failures() -> None:
     a.on_accepted(out.msg_id)
     assert a.outbox() == [] and a.history(B)[-1].status == "accepted"
     assert a.on_delivered(out.msg_id) == B and a.history(B)[-1].status == "delivered"
+    # A repeated DELIVERED (a notice, or the server resending after a restart)
+    # changes nothing and is not reported again.
+    assert a.on_delivered(out.msg_id) is None and a.history(B)[-1].status == "delivered"
 
 
 def test_state_survives_a_restart_mid_exchange() -> None:

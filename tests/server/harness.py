@@ -31,7 +31,9 @@ class Harness:
     def __init__(self, *, router: dict[str, Any] | None = None, **factory: Any) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.storage = MemoryStorage(max_pending_count=50, max_pending_bytes=100_000)
+        self.storage = MemoryStorage(
+            max_pending_count=50, max_pending_bytes=100_000, clock=self.clock.seconds
+        )
         self.router = Router(self.storage, self.clock, **(router or {}))
         self.factory = ServerFactory(self.router, self.storage, self.clock, **factory)
 

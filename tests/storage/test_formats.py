@@ -12,15 +12,20 @@ from hypothesis import strategies as st
 
 from enclaves.crypto import KeyPair, Sealer
 from enclaves.storage.formats import (
+    MAX_NOTICE_DATA,
     FormatError,
     decode_enrollment,
     decode_msg,
+    decode_notice,
     decode_user,
     encode_enrollment,
     encode_msg,
+    encode_notice,
     encode_user,
     msg_file_size,
+    notice_file_name,
     parse_msg_name,
+    parse_notice_name,
     parse_user_name,
 )
 
@@ -82,6 +87,56 @@ def test_enrollment_layout_with_raw_primitives() -> None:
     assert plain == struct.pack(">IQQQQ", 2, 3, 2**63, 9, 1000)
     assert decode_enrollment(SEALER, data) == {3: 2**63, 9: 1000}
     assert decode_enrollment(SEALER, encode_enrollment(SEALER, {})) == {}
+
+
+def test_notice_file_layout_with_raw_primitives() -> None:
+    file_id = 0x0000000500001234
+    data = encode_notice(SEALER, file_id, 42, 1_800_000_000_123, b"\0\0\0\x11\x05" + b"D" * 16)
+    iv, body, tag = data[:16], data[16:-16], data[-16:]
+    aad = b"enclaves/v1/notice" + struct.pack(">Q", file_id)
+    assert tag == raw_cmac(S.auth, struct.pack(">H", len(aad)) + aad + iv + body)
+    padded = raw_cbc_decrypt(S.enc, iv, body)
+    unpadder = padding.PKCS7(128).unpadder()
+    plain = unpadder.update(padded) + unpadder.finalize()
+    assert plain == struct.pack(">QQ", 42, 1_800_000_000_123) + b"\0\0\0\x11\x05" + b"D" * 16
+    record = decode_notice(SEALER, file_id, data)
+    assert (record.user_id, record.created_ms) == (42, 1_800_000_000_123)
+    assert record.data == b"\0\0\0\x11\x05" + b"D" * 16
+
+
+def test_notice_file_bound_to_its_name_label_and_key() -> None:
+    data = encode_notice(SEALER, 5, 7, 1000, b"x")
+    assert decode_notice(SEALER, 5, data).user_id == 7
+    with pytest.raises(FormatError):
+        decode_notice(SEALER, 6, data)  # renamed to another notice id
+    with pytest.raises(FormatError):
+        decode_notice(OTHER, 5, data)  # another server's key
+    with pytest.raises(FormatError):
+        decode_notice(SEALER, 5, data[:-1])
+    plain = struct.pack(">QQ", 7, 1000) + b"x"
+    for label in (b"enclaves/v1/msg", b"enclaves/v1/enrollment", b"enclaves/v1/notices"):
+        # The same plaintext sealed for another purpose never opens as a notice.
+        with pytest.raises(FormatError):
+            decode_notice(SEALER, 5, SEALER.seal(label + struct.pack(">Q", 5), plain))
+    with pytest.raises(FormatError):  # a message file renamed to .notice
+        decode_notice(SEALER, 5, encode_msg(SEALER, 5, 7, 1, bytes(16), b"x"))
+    with pytest.raises(FormatError):  # user 0 is the server, never a notice's user
+        decode_notice(SEALER, 5, SEALER.seal(b"enclaves/v1/notice" + struct.pack(">Q", 5),
+                                             struct.pack(">QQ", 0, 1000) + b"x"))  # fmt: skip
+    with pytest.raises(FormatError):  # no data
+        decode_notice(SEALER, 5, SEALER.seal(b"enclaves/v1/notice" + struct.pack(">Q", 5),
+                                             struct.pack(">QQ", 7, 1000)))  # fmt: skip
+    too_big = struct.pack(">QQ", 7, 1000) + b"x" * (MAX_NOTICE_DATA + 1)
+    with pytest.raises(FormatError):
+        decode_notice(SEALER, 5, SEALER.seal(b"enclaves/v1/notice" + struct.pack(">Q", 5),
+                                             too_big))  # fmt: skip
+    for bad in (b"", b"x" * (MAX_NOTICE_DATA + 1)):
+        with pytest.raises(ValueError):
+            encode_notice(SEALER, 5, 7, 1000, bad)
+    with pytest.raises(ValueError):
+        encode_notice(SEALER, 5, 0, 1000, b"x")
+    assert notice_file_name(5) == "5.notice" and parse_notice_name("5.notice") == 5
+    assert parse_notice_name("05.notice") is None and parse_notice_name("5.msg") is None
 
 
 def test_user_file_bound_to_its_id_and_key() -> None:
@@ -166,6 +221,32 @@ def test_decode_msg_never_crashes(file_id: int, data: bytes) -> None:
         decode_msg(SEALER, file_id, data)
     except FormatError:
         pass
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**64 - 1), st.binary(max_size=300))
+def test_decode_notice_never_crashes(file_id: int, data: bytes) -> None:
+    try:
+        decode_notice(SEALER, file_id, data)
+    except FormatError:
+        pass
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**64 - 1), U64, st.integers(0, 2**64 - 1), st.binary(min_size=1, max_size=40)
+)
+def test_every_bit_flip_of_a_notice_file_is_rejected(
+    file_id: int, user_id: int, created_ms: int, payload: bytes
+) -> None:
+    data = encode_notice(SEALER, file_id, user_id, created_ms, payload)
+    record = decode_notice(SEALER, file_id, data)
+    assert (record.user_id, record.created_ms, record.data) == (user_id, created_ms, payload)
+    for bit in range(len(data) * 8):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(FormatError):
+            decode_notice(SEALER, file_id, bytes(flipped))
 
 
 @settings(max_examples=300)

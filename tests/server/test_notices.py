@@ -1,0 +1,213 @@
+"""Notices: DELIVERED and per-message ERRORs for a sender who is offline wait
+on disk for its next login (docs/protocol.rst, "Notices")."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+
+from enclaves.frames import ErrorCode
+from enclaves.inner import (
+    Accepted,
+    Deliver,
+    Delivered,
+    Directory,
+    Error,
+    Received,
+    Send,
+)
+from enclaves.storage.interface import QuotaExceeded, StorageFailed
+from tests.server.harness import Harness
+
+A, B, C = 11, 22, 33
+DAY = 24 * 3600
+
+
+def mid(n: int) -> bytes:
+    return struct.pack(">16xQ", n)[-16:]
+
+
+def _result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out
+    return out[0]
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def test_delivered_waits_for_the_offline_senders_next_login_exactly_once(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"stored"))
+    assert a.received() == [Accepted(mid(1))]
+    a.lose()  # the sender quits
+    b = h.raw(B, kb)
+    assert b.login() == [Directory((A, B)), Deliver(mid(1), A, b"stored")]
+    b.send(Received(mid(1)))  # hours later, the recipient reads
+    assert h.router.stats().notices_kept == 1
+    a2 = h.raw(A, ka)
+    assert a2.login() == [Directory((A, B)), Delivered(mid(1))]
+    assert _result(h.storage.notices_for(A)) == []
+    a2.lose()
+    a3 = h.raw(A, ka)
+    assert a3.login() == [Directory((A, B))]  # once only
+
+
+def test_delivered_of_a_live_delivery_after_the_sender_left(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"live"))
+    assert b.received() == [Deliver(mid(1), A, b"live")]
+    a.lose()
+    b.send(Received(mid(1)))
+    a2 = h.raw(A, ka)
+    # ACCEPTED is not kept: the sender's outbox resends, and DELIVERED settles it.
+    assert a2.login() == [Directory((A, B)), Delivered(mid(1))]
+
+
+def test_an_online_sender_gets_no_notice(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"m"))
+    b = h.raw(B, kb)
+    b.login()
+    b.send(Received(mid(1)))
+    assert a.received() == [Accepted(mid(1)), Delivered(mid(1))]
+    assert _result(h.storage.notices_for(A)) == [] and h.router.stats().notices_kept == 0
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (StorageFailed("disk full"), ErrorCode.STORAGE_FAILED),
+        (QuotaExceeded("queue full"), ErrorCode.QUOTA_EXCEEDED),
+    ],
+)
+def test_error_after_a_failed_store_reaches_the_sender_that_left(
+    h: Harness, refusal: Exception, code: ErrorCode
+) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"in flight"))
+    assert b.received() == [Deliver(mid(1), A, b"in flight")]
+    a.lose()
+    h.storage.store_message = lambda *_: fail(refusal)  # type: ignore[method-assign]
+    b.lose()  # the in-flight message must be stored now, and that fails
+    a2 = h.raw(A, ka)
+    (directory, error) = a2.login()
+    assert directory == Directory((A, B))
+    assert isinstance(error, Error) and (error.code, error.msg_id) == (code, mid(1))
+    a2.lose()
+    assert h.raw(A, ka).login() == [Directory((A, B))]
+
+
+def test_error_for_a_revoked_recipient_reaches_the_sender_that_left(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    a.send(Send(mid(1), B, b"in flight"))
+    b.received()
+    a.lose()
+    _result(h.router.revoke(B))
+    assert h.raw(A, ka).login() == [
+        Directory((A,)),
+        Error(ErrorCode.UNKNOWN_RECIPIENT, mid(1), "the recipient was revoked"),
+    ]
+
+
+def test_notices_come_after_the_directory_and_before_pending_messages(h: Harness) -> None:
+    ka, kb, kc = h.add_user(A), h.add_user(B), h.add_user(C)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"to b"))
+    a.received()
+    a.lose()
+    c = h.raw(C, kc)
+    c.login()
+    c.send(Send(mid(2), A, b"to a"))  # pending for A
+    b = h.raw(B, kb)
+    b.login()
+    b.send(Received(mid(1)))
+    assert h.raw(A, ka).login() == [
+        Directory((A, B, C)),
+        Delivered(mid(1)),
+        Deliver(mid(2), C, b"to a"),
+    ]
+
+
+def test_cap_keeps_the_newest_notices(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    h.storage.max_notices = 2
+    a = h.raw(A, ka)
+    a.login()
+    a.send(*(Send(mid(i), B, b"%d" % i) for i in range(4)))
+    a.received()
+    a.lose()
+    b = h.raw(B, kb)
+    b.login()
+    b.send(*(Received(mid(i)) for i in range(4)))
+    assert h.router.stats().notices_kept == 4
+    assert h.raw(A, ka).login() == [Directory((A, B)), Delivered(mid(2)), Delivered(mid(3))]
+
+
+def test_notices_expire_after_thirty_days(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"old"), Send(mid(2), B, b"newer"))
+    a.received()
+    a.lose()
+    b = h.raw(B, kb)
+    b.login()
+    b.send(Received(mid(1)))
+    h.clock.advance(29 * DAY)
+    b.send(Received(mid(2)))
+    h.clock.advance(1 * DAY + 1)
+    assert h.raw(A, ka).login() == [Directory((A, B)), Delivered(mid(2))]
+
+
+def test_a_notice_written_while_the_sender_logs_in_is_sent_live_once(h: Harness) -> None:
+    """The notice's write finishes after the login read of notices: it goes out
+    at once, and is not sent again at the following login."""
+    ka, kb = h.add_user(A), h.add_user(B)
+    real = h.storage.store_notice
+    gate: Deferred[None] = Deferred()
+
+    def slow_store(user_id: int, data: bytes) -> Deferred[int]:
+        return gate.addCallback(lambda _: real(user_id, data))
+
+    h.storage.store_notice = slow_store  # type: ignore[method-assign]
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"m"))
+    a.received()
+    a.lose()
+    b = h.raw(B, kb)
+    b.login()
+    b.send(Received(mid(1)))
+    a2 = h.raw(A, ka)
+    assert a2.login() == [Directory((A, B))]
+    gate.callback(None)
+    assert a2.received() == [Delivered(mid(1))]
+    a2.lose()
+    assert h.raw(A, ka).login() == [Directory((A, B))]
+
+
+def test_unreadable_notices_do_not_stop_the_session(h: Harness) -> None:
+    ka, kb = h.add_user(A), h.add_user(B)
+    b = h.raw(B, kb)
+    b.login()
+    b.send(Send(mid(1), A, b"pending"))
+    h.storage.notices_for = lambda _: fail(StorageFailed("disk error"))  # type: ignore[method-assign]
+    assert h.raw(A, ka).login() == [Directory((A, B)), Deliver(mid(1), B, b"pending")]
