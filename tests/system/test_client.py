@@ -383,8 +383,12 @@ async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Pa
         running += [a, b]
         wait_keys(a, [ids["b"]])
         wait_keys(b, [ids["a"]])
-        assert b.quit() == 0
         a.send(f"/verify {ids['b']} yes")
+        # B reads everything A sent so far (a KEY_CONFIRM may still be on its
+        # way) before leaving, so that its queue on the server starts empty.
+        a.send(f"/msg {ids['b']} ready")
+        b.expect(r": ready$")
+        assert b.quit() == 0
         for n in range(3):
             a.send(f"/msg {ids['b']} note {n}")
         failed = a.expect(
