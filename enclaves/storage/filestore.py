@@ -179,6 +179,62 @@ def _write_new(path: Path, data: bytes) -> int:
     return fd
 
 
+def _group_commit(
+    directory: Path, ops: list[tuple[Path, Path, bytes] | list[Path]]
+) -> list[BaseException | None]:
+    """On the pool: one group commit in ``directory``.
+
+    Each op is a new file ``(temp, final, data)`` or a list of files to
+    unlink.  Write every new file to its temporary name, then fsync each (the
+    first fsync's journal commit carries most of the others), rename them
+    into place, unlink the removed ones, and fsync the directory once.
+    Per-operation errors are returned, never raised; if the directory fsync
+    fails the new files are taken back and nothing in the batch counts as done.
+    """
+    results: list[BaseException | None] = [None] * len(ops)
+    open_files: list[tuple[int, int]] = []
+    try:
+        for index, op in enumerate(ops):
+            if isinstance(op, tuple):
+                try:
+                    open_files.append((index, _write_new(op[0], op[2])))
+                except OSError as error:
+                    _unlink_quietly(op[0])
+                    results[index] = error
+        for index, fd in open_files:
+            try:
+                os.fsync(fd)
+            except OSError as error:
+                results[index] = error
+    finally:
+        for _, fd in open_files:
+            os.close(fd)
+    renamed: list[Path] = []
+    for index, op in enumerate(ops):
+        try:
+            if isinstance(op, tuple):
+                if results[index] is None:
+                    os.rename(op[0], op[1])
+                    renamed.append(op[1])
+                else:
+                    _unlink_quietly(op[0])
+            else:
+                for path in op:
+                    _unlink_missing_ok(path)
+        except OSError as error:
+            if isinstance(op, tuple):
+                _unlink_quietly(op[0])
+            results[index] = error
+    try:
+        fsync_dir(directory)
+    except OSError as error:
+        # Not durable: take the new files back, fail everything in the batch.
+        for path in renamed:
+            _unlink_quietly(path)
+        return [error for _ in ops]
+    return results
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -835,66 +891,23 @@ class FileStorage(Service):
         d.addBoth(done)
 
     def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
-        """On the pool: one group commit.
-
-        Write every new file to its temporary name, then fsync each (the
-        first fsync's journal commit carries most of the others), rename
-        them into place, unlink the removed ones, and fsync the directory
-        once.  Per-operation errors are returned, never raised; if the
-        directory fsync fails nothing in the batch counts as done.
-        """
-        results: list[BaseException | None] = [None] * len(ops)
-        open_files: list[tuple[int, int]] = []
-        try:
-            for index, op in enumerate(ops):
-                if isinstance(op, _Store):
-                    fd = -1
-                    try:
-                        data = encode_msg(
-                            self._sealer, op.file_id, op.recipient, op.sender, op.msg_id, op.blob
-                        )
-                        fd = os.open(op.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                    except OSError as error:
-                        if fd >= 0:
-                            os.close(fd)
-                        _unlink_quietly(op.temp)
-                        results[index] = error
-                    else:
-                        open_files.append((index, fd))
-            for index, fd in open_files:
-                try:
-                    os.fsync(fd)
-                except OSError as error:
-                    results[index] = error
-        finally:
-            for _, fd in open_files:
-                os.close(fd)
-        renamed: list[Path] = []
-        for index, op in enumerate(ops):
-            try:
-                if isinstance(op, _Store):
-                    if results[index] is None:
-                        os.rename(op.temp, op.final)
-                        renamed.append(op.final)
-                    else:
-                        _unlink_quietly(op.temp)
-                else:
-                    _unlink_missing_ok(self._pending_dir / msg_file_name(op))
-            except OSError as error:
-                if isinstance(op, _Store):
-                    _unlink_quietly(op.temp)
-                results[index] = error
-        try:
-            fsync_dir(self._pending_dir)
-        except OSError as error:
-            # Not durable: take the new files back, fail everything in the batch.
-            for path in renamed:
-                _unlink_quietly(path)
-            return [error for _ in ops]
-        return results
+        """On the pool: seal the new message files and group-commit the batch
+        (:func:`_group_commit`); an int is the file id of a message to unlink."""
+        return _group_commit(
+            self._pending_dir,
+            [
+                (
+                    op.temp,
+                    op.final,
+                    encode_msg(
+                        self._sealer, op.file_id, op.recipient, op.sender, op.msg_id, op.blob
+                    ),
+                )
+                if isinstance(op, _Store)
+                else [self._pending_dir / msg_file_name(op)]
+                for op in ops
+            ],
+        )
 
     def _index(self, store: _Store) -> None:
         self._files[store.file_id] = _Pending(store.recipient, store.size)
@@ -1153,52 +1166,17 @@ class FileStorage(Service):
     def _apply_notice_batch(
         self, ops: list[_NoticeWrite | list[int]]
     ) -> list[BaseException | None]:
-        """On the pool: one group commit of notices, as :meth:`_apply_batch` does
-        for messages.  Write every new notice to its temporary name, fsync each,
-        rename them into place, unlink the removed ones, fsync the directory
-        once.  Per-operation errors are returned; if the directory fsync fails
-        nothing in the batch counts as done."""
-        results: list[BaseException | None] = [None] * len(ops)
-        open_files: list[tuple[int, int]] = []
-        try:
-            for index, op in enumerate(ops):
-                if isinstance(op, _NoticeWrite):
-                    try:
-                        open_files.append((index, _write_new(op.temp, op.data)))
-                    except OSError as error:
-                        _unlink_quietly(op.temp)
-                        results[index] = error
-            for index, fd in open_files:
-                try:
-                    os.fsync(fd)
-                except OSError as error:
-                    results[index] = error
-        finally:
-            for _, fd in open_files:
-                os.close(fd)
-        renamed: list[Path] = []
-        for index, op in enumerate(ops):
-            try:
-                if isinstance(op, _NoticeWrite):
-                    if results[index] is None:
-                        os.rename(op.temp, op.final)
-                        renamed.append(op.final)
-                    else:
-                        _unlink_quietly(op.temp)
-                else:
-                    for notice_id in op:
-                        _unlink_missing_ok(self._notices_dir / notice_file_name(notice_id))
-            except OSError as error:
-                if isinstance(op, _NoticeWrite):
-                    _unlink_quietly(op.temp)
-                results[index] = error
-        try:
-            fsync_dir(self._notices_dir)
-        except OSError as error:
-            for path in renamed:
-                _unlink_quietly(path)
-            return [error for _ in ops]
-        return results
+        """On the pool: group-commit a batch of notice writes and removals
+        (:func:`_group_commit`), as :meth:`_apply_batch` does for messages."""
+        return _group_commit(
+            self._notices_dir,
+            [
+                (op.temp, op.final, op.data)
+                if isinstance(op, _NoticeWrite)
+                else [self._notices_dir / notice_file_name(n) for n in op]
+                for op in ops
+            ],
+        )
 
     def notices_for(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         cutoff = self._notice_cutoff_ms()
