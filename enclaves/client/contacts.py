@@ -67,22 +67,12 @@ class IKMismatch(ContactError):
 @frozen
 class EpochKeys:
     """The pair keys of one epoch, when this side adopted them (``now`` seconds),
-    and the replay window of the peer's counters under them.
-
-    ``unproven``: adopted by answering a first OFFER (nothing to fall back
-    to), so nothing yet shows they are the peer's; they count as proven once a
-    MESSAGE from the peer authenticates under them (``window.highest > 0``)."""
+    and the replay window of the peer's counters under them."""
 
     epoch: int
     keys: KeyPair = field(repr=False)
     adopted: float
     window: ReplayWindow = field(factory=ReplayWindow)
-    unproven: bool = False
-
-    @property
-    def proven(self) -> bool:
-        """Whether the peer has shown that it holds these keys."""
-        return not self.unproven or self.window.highest > 0
 
 
 @frozen
@@ -141,14 +131,14 @@ class Contact:
         """The petname, else the decimal id."""
         return self.petname if self.petname else str(self.user_id)
 
-    def with_keys(self, epoch: int, keys: KeyPair, now: float, unproven: bool = False) -> Contact:
+    def with_keys(self, epoch: int, keys: KeyPair, now: float) -> Contact:
         """Adopt new pair keys; the current ones become the grace-period previous.
 
         Tentative keys of this epoch or older are dropped: they can no longer
         become current."""
         return evolve(
             self,
-            current=EpochKeys(epoch, keys, now, unproven=unproven),
+            current=EpochKeys(epoch, keys, now),
             previous=self.current,
             tentative=tuple(t for t in self.tentative if t.epoch > epoch),
         )

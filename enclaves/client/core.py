@@ -421,8 +421,15 @@ class ClientCore:
     def start_kex(self, user_id: int, now: float) -> list[Event]:
         """Offer a (re)key at epoch+1; while an offer is pending this does nothing."""
         contact = self.add_contact(user_id)
-        if contact.kex.pending is not None or contact.removed:
+        if contact.removed:
             return []
+        pending = contact.kex.pending
+        if pending is not None:
+            if not pending.reported:
+                return []
+            # Stuck (never answered after every retry): the peer may never be
+            # able to take it (e.g. beyond its jump limit); start afresh.
+            contact = self._put(evolve(contact, kex=evolve(contact.kex, pending=None)))
         step = kex.start(contact.kex, self.identity, contact.offer_floor, self._entropy, now)
         return self._apply(contact, step, now)
 
@@ -454,11 +461,7 @@ class ClientCore:
                 # until the initiator proves it holds these keys.
                 contact = contact.with_tentative(step.new_epoch, step.new_keys, now)
             else:
-                # A first exchange we answered is used at once, but is unproven
-                # until the initiator's KEY_CONFIRM (see kex.on_offer).
-                contact = contact.with_keys(
-                    step.new_epoch, step.new_keys, now, unproven=step.outcome != "completed"
-                )
+                contact = contact.with_keys(step.new_epoch, step.new_keys, now)
                 events.append(KexCompleted(contact.user_id, step.new_epoch, first))
         self._put(contact)
         self._drop_sealers(contact.user_id)
@@ -485,6 +488,9 @@ class ClientCore:
         elif step.outcome == "bad offer":
             log.warn("unusable key exchange offer from {peer}", peer=contact.user_id)
             events.append(KexFailed(contact.user_id, epoch, "unusable offer"))
+            # It may be a real offer we cannot take (its epoch beyond our jump
+            # limit): offer one of ours, which the peer can always answer.
+            events += self._heal(contact.user_id, now)
         elif step.outcome == "epochs exhausted":
             events.append(KexFailed(contact.user_id, epoch, "no more rekeys possible"))
         if step.new_keys is not None:
@@ -547,8 +553,6 @@ class ClientCore:
                 contact.epoch,
                 self._entropy,
                 now,
-                answered_epoch=contact.offer_floor,
-                current_proven=contact.current is None or contact.current.proven,
             )
         else:
             step = kex.on_accept(contact.kex, self.identity, sender, parsed, contact.epoch)
@@ -648,11 +652,13 @@ class ClientCore:
         return None
 
     def _heal(self, user_id: int, now: float) -> list[Event]:
-        """A MESSAGE under an epoch we hold no keys for: the pair is out of step
-        (or someone injected it).  Offer a fresh exchange unless one is pending,
-        at most once per :data:`HEAL_INTERVAL`."""
+        """A MESSAGE under an epoch we hold no keys for, or an OFFER we cannot
+        take: the pair is out of step (or someone injected it).  Offer a fresh
+        exchange unless one of ours is pending and not yet stuck, at most once
+        per :data:`HEAL_INTERVAL`."""
         contact = self._contacts[user_id]
-        if contact.kex.pending is not None or contact.pending_ik is not None:
+        pending = contact.kex.pending
+        if (pending is not None and not pending.reported) or contact.pending_ik is not None:
             return []
         last = self._last_heal.get(user_id)
         if last is not None and now < last + HEAL_INTERVAL:

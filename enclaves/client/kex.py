@@ -274,8 +274,7 @@ class KexStep:
     ``outcome`` is one of: ``offered``, ``already pending``, ``answered``,
     ``answer resent``, ``crossing lost`` (we answered theirs; ours stays
     pending unless it can no longer complete, see :func:`on_offer`),
-    ``crossing won`` (their offer ignored: ours stands), ``resync`` (a stale
-    offer answered by a fresh offer of ours), ``stale`` (ignored), ``bad offer``
+    ``crossing won`` (their offer ignored: ours stands), ``stale`` (ignored), ``bad offer``
     (dropped), ``completed``, ``confirm failed`` (that ACCEPT dropped, our
     offer still pending), ``retry``, ``stuck`` (reported once), ``idle``,
     ``epochs exhausted`` (2**32 - 1 reached: no more rekeys).
@@ -354,14 +353,8 @@ def on_offer(
     current_epoch: int,
     entropy: Entropy,
     now: float,
-    answered_epoch: int = 0,
-    current_proven: bool = True,
 ) -> KexStep:
     """Handle an OFFER whose IK the caller has already matched to the contact.
-
-    ``answered_epoch`` is the highest epoch we hold tentative keys for (0 if
-    none): a fresh offer of ours goes above it, so that we never offer an
-    epoch whose OFFER from the peer we have already answered.
 
     - the OFFER we last answered, again: the same ACCEPT is sent again;
     - epoch above ours and no offer of ours at that epoch or above: answer
@@ -372,32 +365,27 @@ def on_offer(
       the caller drops it once a MESSAGE from the peer authenticates under
       an epoch at or above it.  On a first exchange an offer of ours below
       the answered epoch is dropped;
-    - epoch not above ours (stale or replayed, or a peer restored from a
-      backup): answered with a fresh OFFER of ours (``resync``) if none is
-      pending; never by changing our keys.  But while ``current_proven`` is
-      false (no MESSAGE from the peer has ever authenticated under our
-      current keys, so they may come from a forged first OFFER) it is
-      answered with ``tentative`` keys: if it is real, the peer's
-      KEY_CONFIRM promotes them, even below our current epoch.  (A resync
-      offer above a forged epoch could be beyond the peer's jump limit and
-      wedge the pair for good.);
-    - an OFFER more than :data:`MAX_EPOCH_JUMP` epochs ahead, or one whose keys
-      are unusable (low-order point, malformed ML-KEM key): ``bad offer``.
+    - epoch not above ours (stale, replayed or forged, or a peer restored
+      from a backup, or one whose view of the pair broke): answered with
+      ``tentative`` keys.  Only the real peer, holding that OFFER's secrets,
+      can complete it and prove it with a KEY_CONFIRM, which then promotes
+      the keys even below our current epoch; a replayed or forged one is
+      never promoted.  (Answering with a fresh offer of ours above our epoch
+      instead could be beyond the peer's jump limit when the server has
+      pushed our epoch far ahead of the peer's, and wedge the pair for good.)
+    - an OFFER for epoch 0, or more than :data:`MAX_EPOCH_JUMP` epochs
+      ahead, or one whose keys are unusable (low-order point, malformed
+      ML-KEM key): ``bad offer``.
     """
     raw = offer.to_bytes()
     if state.answered_digest is not None and hmac.compare_digest(
         state.answered_digest, sha256(raw)
     ):
         return KexStep(state, "answer resent", send=state.answered_blob)
-    if offer.epoch > current_epoch + 1 + MAX_EPOCH_JUMP:
+    if offer.epoch < 1 or offer.epoch > current_epoch + 1 + MAX_EPOCH_JUMP:
         return KexStep(state, "bad offer")
-    if offer.epoch <= current_epoch and not current_proven:
-        return _answer(state, identity, peer_id, offer, raw, entropy, "answered", current_epoch)
     if offer.epoch <= current_epoch:
-        if state.pending is not None or max(current_epoch, answered_epoch) >= MAX_EPOCH:
-            return KexStep(state, "stale")
-        fresh = make_offer(identity, max(current_epoch, answered_epoch) + 1, entropy, now)
-        return KexStep(evolve(state, pending=fresh), "resync", send=fresh.blob)
+        return _answer(state, identity, peer_id, offer, raw, entropy, "answered", current_epoch)
     pending = state.pending
     if pending is None or pending.epoch < offer.epoch:
         outcome = "answered" if pending is None else "crossing lost"

@@ -113,7 +113,6 @@ def _epoch_keys(value: EpochKeys | None) -> Any:
         "keys": _b(value.keys.to_bytes()),
         "adopted": value.adopted,
         "window": [value.window.highest, str(value.window.bitmap)],
-        **({"unproven": True} if value.unproven else {}),
     }
 
 
@@ -254,8 +253,6 @@ def _d_epoch_keys(value: Any) -> EpochKeys:
         _keys(value.get("keys")),
         _get(value, "adopted", float),
         _d_window(_get(value, "window", list)),
-        # Absent in keystores written before the field existed: proven.
-        _get(value, "unproven", bool) if "unproven" in value else False,
     )
 
 

@@ -1101,21 +1101,23 @@ class FileStorage(Service):
     def _forget_notices(self, user_id: int, ids: list[int]) -> None:
         """Drop notices from the index now and from the disk soon (failures logged:
         a notice left on disk is read again at the next start, at worst a repeat)."""
-        for notice_id in ids:
-            self._unindex_notice(user_id, notice_id)
+        self._unindex_notices(user_id, ids)
         self._track(self._notice_commit(list(ids))).addErrback(
             lambda failure: self.log.warn(
                 "could not delete dropped notices: {error}", error=str(failure.value)
             )
         )
 
-    def _unindex_notice(self, user_id: int, notice_id: int) -> None:
-        if self._notices.pop(notice_id, None) is None:
+    def _unindex_notices(self, user_id: int, ids: list[int]) -> None:
+        """Drop notices from the index (one pass over the user's list: a
+        user may hold up to ``max_notices``)."""
+        gone = {n for n in ids if self._notices.pop(n, None) is not None}
+        if not gone:
             return
-        ids = self._notices_by_user.get(user_id, [])
-        if notice_id in ids:
-            ids.remove(notice_id)
-        if not ids:
+        left = [n for n in self._notices_by_user.get(user_id, []) if n not in gone]
+        if left:
+            self._notices_by_user[user_id] = left
+        else:
             self._notices_by_user.pop(user_id, None)
 
     def _notice_commit(self, op: _NoticeWrite | list[int]) -> Deferred[None]:
@@ -1189,15 +1191,16 @@ class FileStorage(Service):
                 user_id=user_id,
             )
             self._forget_notices(user_id, expired)
-            ids = [n for n in ids if n not in set(expired)]
+            gone = set(expired)
+            ids = [n for n in ids if n not in gone]
         if not ids:
             return succeed([])
         d = self._in_pool("read notices", self._read_notices, user_id, ids)
 
         def adopt(result: tuple[list[tuple[int, bytes]], list[tuple[int, str | None]]]) -> Any:
             notices, bad = result
+            self._unindex_notices(user_id, [notice_id for notice_id, _ in bad])
             for notice_id, target in bad:
-                self._unindex_notice(user_id, notice_id)
                 self.log.error(
                     "notice {name} failed its integrity check; {where}",
                     name=notice_file_name(notice_id),
@@ -1231,7 +1234,8 @@ class FileStorage(Service):
         return notices, bad
 
     def remove_notices(self, user_id: int, ids: list[int]) -> Deferred[None]:
-        known = [n for n in ids if n in self._notices_by_user.get(user_id, ())]
+        have = set(self._notices_by_user.get(user_id, ()))
+        known = [n for n in ids if n in have]
         if not known:
             return succeed(None)
         error = self._check_running("remove notices")
@@ -1240,8 +1244,7 @@ class FileStorage(Service):
         d = self._track(self._notice_commit(known))
 
         def removed(_: None) -> None:
-            for notice_id in known:
-                self._unindex_notice(user_id, notice_id)
+            self._unindex_notices(user_id, known)
 
         return d.addCallback(removed)
 

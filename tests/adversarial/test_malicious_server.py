@@ -13,10 +13,13 @@ back messages, and lie about DELIVERED.
 
 from __future__ import annotations
 
+import os
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
+from enclaves.client.blob import MessageBlob, parse_blob
 from enclaves.client.contacts import ContactError, Trust
 from enclaves.client.core import (
     BlobDropped,
@@ -385,3 +388,72 @@ def test_bit_flips_in_accept_blobs() -> None:
         outcomes |= {type(e).__name__ for e in got}
         _recovers(a, b, 10.0)
     assert {"KexFailed", "BlobDropped"} <= outcomes
+
+
+def test_a_server_cannot_push_a_proven_pair_apart_for_good() -> None:
+    """Found in review: the server pushes A's epoch far ahead of B's (a forged
+    OFFER for A to answer at e + 512, a junk MESSAGE to make A offer above it,
+    B's tentative keys for that exchange evicted by four forged OFFERs, A's
+    KEY_CONFIRM held back, another forged OFFER lifting A's floor to the jump
+    limit).  Every step is something a server can do.  Once it relays
+    honestly again the pair must agree keys and carry messages both ways —
+    B's own offers are stale for A and must be answered, not refused."""
+    a, b = make_core(A), make_core(B)
+    cores = {A: a, B: b}
+    queue: deque[tuple[int, int, bytes, bytes]] = deque()
+
+    def emit(src: int, events: list[Event]) -> None:
+        queue.extend(
+            (e.recipient, src, e.msg_id, e.blob) for e in events if isinstance(e, SendBlob)
+        )
+
+    def inject(to: int, blob: bytes, now: float) -> None:
+        emit(to, cores[to].handle_blob(A + B - to, os.urandom(16), blob, now))
+
+    def pump(
+        now: float, hold: Callable[[tuple[int, int, bytes, bytes]], bool]
+    ) -> list[tuple[int, int, bytes, bytes]]:
+        held = []
+        while queue:
+            item = queue.popleft()
+            if hold(item):
+                held.append(item)
+                continue
+            to, src, msg_id, blob = item
+            events = cores[to].handle_blob(src, msg_id, blob, now)
+            got[to] += [e.text for e in events if isinstance(e, MessageReceived)]
+            emit(to, events)
+        return held
+
+    got: dict[int, list[str]] = {A: [], B: []}
+    t = 1000.0
+    emit(A, a.on_directory([B], t, True))
+    b.on_directory([A], t, False)
+    pump(t, lambda item: False)
+    e = a.contact(B).epoch
+    inject(A, forged_offer(b, e + 512), t)
+    queue.clear()  # A's ACCEPT dropped
+    inject(A, MessageBlob(e + 600, os.urandom(48)).to_bytes(), t + 1)  # A heals above e+512
+    held = pump(t + 1, lambda item: item[0] == B and isinstance(parse_blob(item[3]), MessageBlob))
+    assert a.contact(B).epoch == e + 513 and held  # A's KEY_CONFIRM held back
+    for _ in range(4):
+        inject(B, forged_offer(a, e + 1), t + 1)
+    queue.clear()
+    assert all(k.epoch == e + 1 for k in b.contact(A).tentative)  # the real one evicted
+    inject(A, forged_offer(b, a.contact(B).epoch + MAX_EPOCH_JUMP // 2), t + 1)
+    queue.clear()
+    queue.extend(held)
+    # From here on the server is honest: three days of ticks and hourly messages.
+    sent: dict[int, list[str]] = {A: [], B: []}
+    for step in range(0, 3 * 86400, 300):
+        now = t + 2 + step
+        emit(A, a.tick(now))
+        emit(B, b.tick(now))
+        if step % 3600 == 0 and step >= 86400:
+            for me, peer in ((a, B), (b, A)):
+                text = f"{me.user_id} {step}"
+                emit(me.user_id, [me.encrypt_message(peer, text, now, confirmed=True)])
+                sent[me.user_id].append(text)
+        pump(now, lambda item: False)
+    assert a.contact(B).current.keys == b.contact(A).current.keys
+    assert got[B][-len(sent[A]) :] == sent[A] and got[A][-len(sent[B]) :] == sent[B]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclaves.client.blob import Accept
+from enclaves.client.blob import Accept, parse_blob
 from enclaves.client.contacts import MAX_TENTATIVE, ContactError, Trust, encode_ik
 from enclaves.client.core import (
     HEAL_INTERVAL,
@@ -23,7 +23,7 @@ from enclaves.client.core import (
     Refused,
     SendBlob,
 )
-from enclaves.client.kex import Entropy
+from enclaves.client.kex import KEX_TIMEOUT, Entropy
 from enclaves.client.state import decode_state, encode_state
 from tests.client.helpers import Relay, forged_offer, make_core
 
@@ -299,6 +299,9 @@ def test_garbage_blobs_never_raise() -> None:
 
 
 def test_restored_backup_resynchronises_with_rekey() -> None:
+    """A restored an old backup (epoch 1) while B is at 3: B answers A's stale
+    OFFER for epoch 2 tentatively, A completes it, and its KEY_CONFIRM makes B
+    take epoch 2 although it is below B's own."""
     a, b, relay = pair()
     backup = encode_state(a.state())  # A's keystore copy at epoch 1
     for now in (2.0, 3.0):
@@ -309,11 +312,12 @@ def test_restored_backup_resynchronises_with_rekey() -> None:
     relay.cores[A] = restored
     relay.post(A, restored.start_kex(B, 4.0))  # offers epoch 2: stale for B
     relay.flush(5.0)
-    assert restored.contact(B).epoch == b.contact(A).epoch == 4
+    assert restored.contact(B).epoch == b.contact(A).epoch == 2
     assert restored.contact(B).current.keys == b.contact(A).current.keys
     send(restored, relay, B, "back", 6.0)
+    send(b, relay, A, "welcome back", 6.0)
     relay.flush(6.0)
-    assert received(relay, B) == ["back"]
+    assert received(relay, B) == ["back"] and received(relay, A) == ["welcome back"]
 
 
 def test_first_ik_is_learned_only_from_a_completed_exchange() -> None:
@@ -334,9 +338,11 @@ def test_unusable_offers_are_reported_not_raised() -> None:
     (offer,) = a.start_kex(B, 0.0)
     zero_ek = offer.blob[:37] + bytes(32) + offer.blob[69:]
     far = offer.blob[:1] + (5000).to_bytes(4, "big") + offer.blob[5:]
-    for i, blob in enumerate((zero_ek, far)):
-        events = b.handle_blob(A, bytes([i]) * 16, blob, 1.0)
-        assert [type(e) for e in events] == [KexFailed]
+    # The first makes B offer an exchange of its own (the peer may be unable
+    # to take ours); the second finds that offer pending and sends nothing.
+    kinds = [[type(e) for e in b.handle_blob(A, bytes([i]) * 16, blob, 1.0)]
+             for i, blob in enumerate((zero_ek, far))]  # fmt: skip
+    assert kinds == [[KexFailed, SendBlob], [KexFailed]]
     assert b.contact(A).current is None and b.contact(A).ik is None
 
 
@@ -693,20 +699,43 @@ def test_forged_and_replayed_offers_never_break_the_pair(ops: list[tuple[str, in
     assert a.contact(B).current.keys == b.contact(A).current.keys
 
 
-def test_resync_after_an_answer_offers_above_the_answered_epoch() -> None:
-    """A answered B's rekey (tentative epoch 2); then a stale OFFER makes A offer a
-    fresh exchange.  It must be epoch 3: at 2 both would answer each other's
-    offer and complete different keys for the same epoch (found by
-    test_forged_and_replayed_offers_never_break_the_pair)."""
+def test_own_offer_goes_above_the_answered_epochs() -> None:
+    """A answered B's rekey (tentative epoch 2) and a forged stale OFFER (epoch 1,
+    answered tentatively and never promoted).  A's own rekey then offers epoch 3:
+    at 2 both would answer each other's offer and complete different keys for
+    the same epoch (found by test_forged_and_replayed_offers_never_break_the_pair)."""
     a, b, relay = pair()
     (offer,) = b.start_kex(A, 2.0)
     relay.post(A, a.handle_blob(B, offer.msg_id, offer.blob, 2.0))
-    (resync,) = a.handle_blob(B, b"s" * 16, forged_offer(b, 1), 2.5)
-    assert isinstance(resync, SendBlob) and resync.blob[1:5] == (3).to_bytes(4, "big")
-    relay.post(A, [resync])
+    (answer,) = a.handle_blob(B, b"s" * 16, forged_offer(b, 1), 2.5)
+    assert isinstance(answer, SendBlob)
+    accept = parse_blob(answer.blob)
+    assert isinstance(accept, Accept) and accept.epoch == 1
+    (own,) = a.start_kex(B, 2.6)
+    assert isinstance(own, SendBlob) and parse_blob(own.blob).epoch == 3
+    relay.post(A, [answer, own])
     relay.flush(3.0)
+    assert a.contact(B).epoch == b.contact(A).epoch == 3
     assert a.contact(B).current.keys == b.contact(A).current.keys
     send(a, relay, B, "x", 4.0)
     send(b, relay, A, "y", 4.0)
     relay.flush(4.0)
     assert received(relay, B) == ["x"] and received(relay, A) == ["y"]
+
+
+def test_a_stuck_offer_is_replaced_by_a_fresh_one() -> None:
+    """An OFFER never answered after every retry (the peer may be unable to take
+    it, e.g. beyond its jump limit) no longer blocks /rekey and self-healing."""
+    a = make_core(A)
+    (offer,) = a.start_kex(B, 0.0)
+    assert a.start_kex(B, 1.0) == []  # pending and not yet stuck: nothing new
+    now = 0.0
+    for _ in range(10):
+        if a.contact(B).kex.pending.reported:
+            break
+        now += KEX_TIMEOUT
+        a.tick(now)
+    assert a.contact(B).kex.pending.reported
+    (fresh,) = a.start_kex(B, now + 1.0)
+    assert isinstance(fresh, SendBlob) and fresh.blob != offer.blob
+    assert a.contact(B).kex.pending.blob == fresh.blob

@@ -175,13 +175,24 @@ def test_duplicate_offer_gets_the_same_accept(alice: Identity, bob: Identity) ->
     assert again.outcome == "answer resent" and again.send == b.send and again.new_keys is None
 
 
-def test_stale_offer_is_answered_by_a_fresh_offer(alice: Identity, bob: Identity) -> None:
+def test_stale_offer_is_answered_with_tentative_keys(alice: Identity, bob: Identity) -> None:
+    """Bob is already at epoch 3 (e.g. Alice restored an old backup, or the server
+    pushed Bob's epoch ahead): her OFFER for epoch 1 is answered, tentatively —
+    only the real Alice can complete it and promote the keys with a KEY_CONFIRM."""
     a = kex.start(KexState(), alice, 0, SeededEntropy(b"old"), now=0.0)
-    # Bob is already at epoch 3 (e.g. Alice restored an old backup).
     step = kex.on_offer(KexState(), bob, ID_A, parse_blob(a.send), 3, Entropy(), 0.0)
-    assert step.outcome == "resync" and step.new_keys is None
-    assert parse_blob(step.send).epoch == 4
-    assert step.state.pending is not None
+    assert step.outcome == "answered" and step.tentative and step.new_epoch == 1
+    accept = parse_blob(step.send)
+    assert isinstance(accept, Accept) and accept.epoch == 1
+    done = kex.on_accept(a.state, alice, ID_B, accept)
+    assert done.outcome == "completed" and done.new_keys == step.new_keys
+
+
+def test_offer_for_epoch_0_is_refused(alice: Identity, bob: Identity) -> None:
+    a = kex.start(KexState(), alice, 0, SeededEntropy(b"a"), now=0.0)
+    zero = parse_blob(a.send[:1] + bytes(4) + a.send[5:])
+    step = kex.on_offer(KexState(), bob, ID_A, zero, 3, Entropy(), 0.0)
+    assert step.outcome == "bad offer" and step.send is None and step.new_keys is None
 
 
 def test_rekey_offers_next_epoch(alice: Identity) -> None:
@@ -262,14 +273,6 @@ def test_accept_for_an_offer_below_current_is_stale(alice: Identity, bob: Identi
     b = kex.on_offer(KexState(), bob, ID_A, parse_blob(a.send), 0, Entropy(), 0.0)
     late = kex.on_accept(a.state, alice, ID_B, parse_blob(b.send), current_epoch=2)
     assert late.outcome == "stale" and late.new_keys is None and late.state.pending is None
-
-
-def test_resync_offers_above_the_epochs_we_answered(alice: Identity, bob: Identity) -> None:
-    """A stale OFFER is answered by a fresh one above any epoch we hold tentative
-    keys for, so we never offer an epoch whose OFFER we already answered."""
-    stale = kex.start(KexState(), alice, 0, SeededEntropy(b"a"), now=0.0)
-    step = kex.on_offer(KexState(), bob, ID_A, parse_blob(stale.send), 3, Entropy(), 0.0, 5)
-    assert step.outcome == "resync" and parse_blob(step.send).epoch == 6
 
 
 # -- fixed byte vectors ------------------------------------------------------------

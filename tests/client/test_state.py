@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclaves.client.contacts import Contact, EpochKeys, HeldBlob, Trust
+from enclaves.client.contacts import Contact, HeldBlob, Trust
 from enclaves.client.e2e import ReplayWindow
 from enclaves.client.kex import KexState, PendingOffer
 from enclaves.client.state import (
@@ -143,20 +143,3 @@ def test_state_without_tentative_field_still_decodes() -> None:
     old = decode_state(json.dumps(doc).encode())
     assert old.contacts[2**64 - 1].tentative == ()
     assert old.contacts[2**64 - 1].current == state.contacts[2**64 - 1].current
-
-
-def test_unproven_first_keys_round_trip_and_old_keystores_are_proven() -> None:
-    """The "unproven" flag of keys adopted by answering a first OFFER survives a
-    save; keystores written before the flag have none: their keys count as proven."""
-    keys = KeyPair(b"\x04" * 32, b"\x05" * 32)
-    contact = Contact(9, current=EpochKeys(3, keys, 1.0, unproven=True))
-    state = ClientState(7, KeyPair(b"\x01" * 32, b"\x02" * 32), b"\x03" * 32, None, {9: contact})
-    back = decode_state(encode_state(state)).contacts[9].current
-    assert back is not None and back.unproven and not back.proven
-    doc = json.loads(encode_state(state))
-    del doc["contacts"][0]["current"]["unproven"]
-    old = decode_state(json.dumps(doc).encode()).contacts[9].current
-    assert old is not None and old.proven
-    doc["contacts"][0]["current"]["unproven"] = "yes"
-    with pytest.raises(StateError):
-        decode_state(json.dumps(doc).encode())
