@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import time
 from bisect import insort
@@ -235,6 +236,26 @@ def _group_commit(
     return results
 
 
+def _read_regular(path: str | Path, limit: int = -1) -> bytes:
+    """Read (up to ``limit`` bytes of) a stored file.  Anything but a regular
+    file — a directory, a FIFO (opened without blocking), a symlink (not
+    followed) — is :class:`FormatError`, so it is moved aside like a damaged
+    file instead of stopping or hanging the server."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FormatError() from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError()
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(limit)
+    finally:
+        os.close(fd)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -436,8 +457,7 @@ class FileStorage(Service):
                     self.log.warn("ignoring unexpected file {path}", path=entry.path)
                 continue
             try:
-                with open(entry.path, "rb") as handle:
-                    data = handle.read(81)
+                data = _read_regular(entry.path, 81)
                 keys = decode_user(self._sealer, user_id, data)
             except FormatError:
                 bad.append(Path(entry.path))
@@ -457,8 +477,7 @@ class FileStorage(Service):
                     self.log.warn("ignoring unexpected file {path}", path=entry.path)
                 continue
             try:
-                with open(entry.path, "rb") as handle:
-                    data = handle.read()
+                data = _read_regular(entry.path)
                 record = decode_msg(self._sealer, file_id, data)
             except FormatError:
                 bad.append(Path(entry.path))
@@ -487,8 +506,7 @@ class FileStorage(Service):
                     self.log.warn("ignoring unexpected file {path}", path=entry.path)
                 continue
             try:
-                with open(entry.path, "rb") as handle:
-                    data = handle.read(MAX_NOTICE_DATA + 256)
+                data = _read_regular(entry.path, MAX_NOTICE_DATA + 256)
                 record = decode_notice(self._sealer, file_id, data)
             except FormatError:
                 bad.append(Path(entry.path))
@@ -953,11 +971,10 @@ class FileStorage(Service):
         for file_id in ids:
             path = self._pending_dir / msg_file_name(file_id)
             try:
-                data = path.read_bytes()
+                data = _read_regular(path)
+                record = decode_msg(self._sealer, file_id, data)
             except FileNotFoundError:
                 continue  # removed meanwhile
-            try:
-                record = decode_msg(self._sealer, file_id, data)
             except FormatError:
                 target = self._move_aside(path)
                 bad.append((file_id, str(target) if target else None))
@@ -1218,14 +1235,12 @@ class FileStorage(Service):
         for notice_id in ids:
             path = self._notices_dir / notice_file_name(notice_id)
             try:
-                with open(path, "rb") as handle:
-                    data = handle.read(MAX_NOTICE_DATA + 256)
-            except FileNotFoundError:
-                continue  # removed meanwhile
-            try:
+                data = _read_regular(path, MAX_NOTICE_DATA + 256)
                 record = decode_notice(self._sealer, notice_id, data)
                 if record.user_id != user_id:
                     raise FormatError()
+            except FileNotFoundError:
+                continue  # removed meanwhile
             except FormatError:
                 target = self._move_aside(path)
                 bad.append((notice_id, str(target) if target else None))

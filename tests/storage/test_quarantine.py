@@ -13,6 +13,7 @@ from enclaves.crypto import KeyPair, Sealer
 from enclaves.serverkey import StartupError, open_server_key
 from enclaves.storage.filestore import (
     ENROLLMENT_FILE,
+    NOTICES_DIR,
     PENDING_DIR,
     QUARANTINE_DIR,
     USERS_DIR,
@@ -213,5 +214,24 @@ async def test_wrong_key_without_check_file_moves_nothing(data_dir: Path, keys: 
     storage = make_storage(data_dir, keys)
     try:
         assert await storage.list_users() == [A, B, C]
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_files_under_data_names_are_moved_aside(data_dir: Path, keys: KeyPair) -> None:
+    """A directory, a FIFO and a symlink named like data files neither stop nor
+    hang the start-up (a FIFO opened for reading would block forever): each is
+    moved aside like a damaged file and the rest is served."""
+    ids = await _populate(data_dir, keys)
+    pending, users = data_dir / PENDING_DIR, data_dir / USERS_DIR
+    (pending / "900000000000.msg").mkdir()
+    os.mkfifo(users / "44.user")
+    os.symlink(pending / f"{ids[0]}.msg", data_dir / NOTICES_DIR / "900000000001.notice")
+    storage = make_storage(data_dir, keys)
+    try:
+        assert await storage.list_users() == [A, B, C]
+        assert [m.file_id for m in await storage.pending_for(A)] == ids
+        assert _quarantined(data_dir) == ["44.user", "900000000000.msg", "900000000001.notice"]
     finally:
         await storage.stopService()
