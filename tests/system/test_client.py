@@ -162,16 +162,24 @@ async def two_users(
     return ks, ids, tokens
 
 
+async def chatting_pair(
+    tmp_path: Path, daemon: Daemon, running: list[Client]
+) -> tuple[dict[str, Path], dict[str, int], Client, Client]:
+    """:func:`two_users`, both chatting (added to ``running``) with pair keys."""
+    ks, ids, _tokens = await two_users(tmp_path, daemon)
+    a, b = chat(ks["a"]), chat(ks["b"])
+    running += [a, b]
+    wait_keys(a, [ids["b"]])
+    wait_keys(b, [ids["a"]])
+    return ks, ids, a, b
+
+
 @pytest_twisted.ensureDeferred
 async def test_changed_identity_key_blocks_sending_until_accepted(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     running: list[Client] = []
     try:
-        ks, ids, _tokens = await two_users(tmp_path, daemon)
-        a, b = chat(ks["a"]), chat(ks["b"])
-        running += [a, b]
-        wait_keys(a, [ids["b"]])
-        wait_keys(b, [ids["a"]])
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
         assert b.quit() == 0
         # b loses its identity key (a reinstall — or an attacker): a new one, and
         # no pair keys with a any more.
@@ -378,11 +386,7 @@ async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Pa
     daemon = Daemon(tmp_path, "--max-pending", "2")
     running: list[Client] = []
     try:
-        ks, ids, _tokens = await two_users(tmp_path, daemon)
-        a, b = chat(ks["a"]), chat(ks["b"])
-        running += [a, b]
-        wait_keys(a, [ids["b"]])
-        wait_keys(b, [ids["a"]])
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
         a.send(f"/verify {ids['b']} yes")
         # B reads everything A sent so far (a KEY_CONFIRM may still be on its
         # way) before leaving, so that its queue on the server starts empty.
@@ -421,11 +425,7 @@ async def test_recipient_killed_mid_stream_loses_and_repeats_nothing(tmp_path: P
     daemon = Daemon(tmp_path)
     running: list[Client] = []
     try:
-        ks, ids, _tokens = await two_users(tmp_path, daemon)
-        a, b = chat(ks["a"]), chat(ks["b"])
-        running += [a, b]
-        wait_keys(a, [ids["b"]])
-        wait_keys(b, [ids["a"]])
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
         a.send(f"/verify {ids['b']} yes")
         count = 40
         a.send("\n".join(f"/msg {ids['b']} stream {n}" for n in range(count)))

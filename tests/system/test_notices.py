@@ -16,7 +16,7 @@ import pytest_twisted
 from enclaves.storage.filestore import NOTICES_DIR
 from tests.daemon import Daemon
 from tests.system.clients import Client, chat
-from tests.system.test_client import two_users, wait_keys
+from tests.system.test_client import chatting_pair
 
 pytestmark = pytest.mark.system
 
@@ -47,11 +47,7 @@ async def test_sender_sees_delivered_at_its_next_start_also_after_a_server_resta
     daemon = Daemon(tmp_path)
     running: list[Client] = []
     try:
-        ks, ids, _tokens = await two_users(tmp_path, daemon)
-        a, b = chat(ks["a"]), chat(ks["b"])
-        running += [a, b]
-        wait_keys(a, [ids["b"]])
-        wait_keys(b, [ids["a"]])
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
         a.send(f"/verify {ids['b']} yes")
         a.expect(r"^\[trust\] \d+ is now verified$")
         assert b.quit() == 0
