@@ -664,7 +664,7 @@ class ClientCore:
         if last is not None and now < last + HEAL_INTERVAL:
             return []
         self._last_heal[user_id] = now
-        log.info("no keys for a message from {peer}: offering a fresh key exchange", peer=user_id)
+        log.info("out of step with {peer}: offering a fresh key exchange", peer=user_id)
         return self.start_kex(user_id, now)
 
     def _key_confirm(self, user_id: int, now: float) -> list[Event]:
