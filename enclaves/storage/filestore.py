@@ -23,7 +23,7 @@ import time
 from bisect import insort
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from attrs import define, field
 from twisted.application.service import Service
@@ -145,7 +145,6 @@ class _Notice:
 class _NoticeWrite:
     """A notice file on its way to disk."""
 
-    notice_id: int
     temp: Path
     final: Path
     data: bytes = field(repr=False)
@@ -165,6 +164,67 @@ class _Store:
     blob: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
+
+
+_Op = TypeVar("_Op")
+
+
+class _CommitQueue(Generic[_Op]):
+    """Operations on one directory, group-committed one pool job at a time:
+    those that arrive while a batch is on the pool wait for the next."""
+
+    def __init__(
+        self,
+        start: Callable[[list[_Op]], Deferred[list[BaseException | None]]],
+        what: Callable[[_Op], str],
+        done: Callable[[_Op], None],
+        kind: str,
+        log: Logger,
+    ) -> None:
+        self._start, self._what, self._done, self._kind, self._log = start, what, done, kind, log
+        self._ready: list[tuple[_Op, Deferred[None]]] = []
+        self._committing = False
+
+    def add(self, op: _Op) -> Deferred[None]:
+        """Queue ``op``; fires once it is durable (or fails with StorageError)."""
+        d: Deferred[None] = Deferred()
+        self._ready.append((op, d))
+        if not self._committing:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        batch, self._ready = self._ready[:_MAX_BATCH], self._ready[_MAX_BATCH:]
+        self._committing = True
+
+        def finished(result: list[BaseException | None] | Failure) -> None:
+            # Still "committing" while the waiters' callbacks run: operations they
+            # start must queue for the next batch, not start a batch of one.
+            failed: list[str] = []
+            for index, (op, waiting) in enumerate(batch):
+                error = result.value if isinstance(result, Failure) else result[index]
+                if error is None:
+                    self._done(op)
+                    waiting.callback(None)
+                    continue
+                if not isinstance(error, StorageError):
+                    failed.append(str(error))
+                    error = storage_failed(error, self._what(op))
+                waiting.errback(Failure(error))
+            if failed:
+                # One line per batch, not per operation: a full disk fails them all.
+                self._log.error(
+                    "{failed} of {count} {kind} writes failed, e.g. {error}",
+                    failed=len(failed),
+                    count=len(batch),
+                    kind=self._kind,
+                    error=failed[0],
+                )
+            self._committing = False
+            if self._ready:
+                self._next()
+
+        self._start([op for op, _ in batch]).addBoth(finished)
 
 
 def _write_new(path: Path, data: bytes) -> int:
@@ -318,13 +378,27 @@ class FileStorage(Service):
         self._notices: dict[int, _Notice] = {}
         self._notices_by_user: dict[int, list[int]] = {}
         self._next_notice_seq = 1
-        self._notice_ready: list[tuple[_NoticeWrite | list[int], Deferred[None]]] = []
-        self._notice_committing = False
+        # Notices are group-committed like messages, in batches of their own:
+        # a recipient reading a backlog from offline senders makes one notice
+        # per message, and one pool job per batch keeps them from crowding out
+        # everything else on the pool.
+        self._notice_queue: _CommitQueue[_NoticeWrite | list[int]] = _CommitQueue(
+            lambda ops: self._in_pool("keep notices", self._apply_notice_batch, ops),
+            lambda op: "keep the notice" if isinstance(op, _NoticeWrite) else "remove notices",
+            lambda op: None,
+            "notice",
+            self.log,
+        )
         # In flight.
         self._adding: set[int] = set()
         self._stores: dict[int, list[_Store]] = {}
-        self._ready: list[tuple[_Store | int, Deferred[None]]] = []
-        self._committing = False
+        self._queue: _CommitQueue[_Store | int] = _CommitQueue(
+            lambda ops: self._in_pool("store the message", self._apply_batch, ops),
+            lambda op: "store the message" if isinstance(op, _Store) else "remove the message",
+            lambda op: self._index(op) if isinstance(op, _Store) else self._unindex(op),
+            "pending-message",
+            self.log,
+        )
         self._busy: set[Deferred[Any]] = set()
         self._meta = DeferredLock()
 
@@ -848,7 +922,7 @@ class FileStorage(Service):
             bytes(blob),
         )
         in_flight.append(store)
-        d: Deferred[int] = self._commit(store).addCallback(lambda _: file_id)
+        d: Deferred[int] = self._queue.add(store).addCallback(lambda _: file_id)
 
         def finished(result: Any) -> Any:
             flight = self._stores.get(recipient, [])
@@ -861,52 +935,6 @@ class FileStorage(Service):
 
         d.addBoth(finished)
         return self._track(d)
-
-    def _commit(self, op: _Store | int) -> Deferred[None]:
-        """Queue a new file (a store) or an unlink (a file id) for the next group commit."""
-        d: Deferred[None] = Deferred()
-        self._ready.append((op, d))
-        if not self._committing:
-            self._commit_batch()
-        return d
-
-    def _commit_batch(self) -> None:
-        batch, self._ready = self._ready[:_MAX_BATCH], self._ready[_MAX_BATCH:]
-        self._committing = True
-        ops = [op for op, _ in batch]
-        d = self._in_pool("store the message", self._apply_batch, ops)
-
-        def done(result: list[BaseException | None] | Failure) -> None:
-            # Still "committing" while the waiters' callbacks run: stores they
-            # start must queue for the next batch, not start a batch of one.
-            failed: list[str] = []
-            for index, (op, waiting) in enumerate(batch):
-                error = result.value if isinstance(result, Failure) else result[index]
-                if error is None:
-                    if isinstance(op, _Store):
-                        self._index(op)
-                    else:
-                        self._unindex(op)
-                    waiting.callback(None)
-                else:
-                    what = "store the message" if isinstance(op, _Store) else "remove the message"
-                    if not isinstance(error, StorageError):
-                        failed.append(str(error))
-                        error = storage_failed(error, what)
-                    waiting.errback(Failure(error))
-            if failed:
-                # One line per batch, not per message: a full disk fails them all.
-                self.log.error(
-                    "{failed} of {count} pending-message writes failed, e.g. {error}",
-                    failed=len(failed),
-                    count=len(batch),
-                    error=failed[0],
-                )
-            self._committing = False
-            if self._ready:
-                self._commit_batch()
-
-        d.addBoth(done)
 
     def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
         """On the pool: seal the new message files and group-commit the batch
@@ -1005,7 +1033,7 @@ class FileStorage(Service):
         error = self._check_running("remove the message")
         if error:
             return fail(error)
-        return self._track(self._commit(file_id))
+        return self._track(self._queue.add(file_id))
 
     def pending_summary(self) -> Deferred[dict[int, PendingSummary]]:
         return succeed(
@@ -1091,13 +1119,13 @@ class FileStorage(Service):
         created_ms = int(self._clock() * 1000)
         blob = encode_notice(self._sealer, notice_id, user_id, created_ms, bytes(data))
         path = self._notices_dir / notice_file_name(notice_id)
-        write = _NoticeWrite(notice_id, temp_name(path), path, blob)
+        write = _NoticeWrite(temp_name(path), path, blob)
 
         async def store() -> int:
-            await self._notice_commit(write)
+            await self._notice_queue.add(write)
             if user_id not in self._users:
                 # Removed while the file was written: it goes too.
-                await self._notice_commit([notice_id])
+                await self._notice_queue.add([notice_id])
                 raise UnknownUser(f"no user {user_id}")
             self._notices[notice_id] = _Notice(user_id, created_ms)
             ids = self._notices_by_user.setdefault(user_id, [])
@@ -1119,7 +1147,7 @@ class FileStorage(Service):
         """Drop notices from the index now and from the disk soon (failures logged:
         a notice left on disk is read again at the next start, at worst a repeat)."""
         self._unindex_notices(user_id, ids)
-        self._track(self._notice_commit(list(ids))).addErrback(
+        self._track(self._notice_queue.add(list(ids))).addErrback(
             lambda failure: self.log.warn(
                 "could not delete dropped notices: {error}", error=str(failure.value)
             )
@@ -1136,51 +1164,6 @@ class FileStorage(Service):
             self._notices_by_user[user_id] = left
         else:
             self._notices_by_user.pop(user_id, None)
-
-    def _notice_commit(self, op: _NoticeWrite | list[int]) -> Deferred[None]:
-        """Queue a notice write or a removal of notices for the next notice batch.
-
-        Notices are group-committed like messages, in batches of their own:
-        a recipient reading a backlog from offline senders makes one notice
-        per message, and one pool job per batch keeps them from crowding out
-        everything else on the pool.
-        """
-        d: Deferred[None] = Deferred()
-        self._notice_ready.append((op, d))
-        if not self._notice_committing:
-            self._notice_batch()
-        return d
-
-    def _notice_batch(self) -> None:
-        batch = self._notice_ready[:_MAX_BATCH]
-        self._notice_ready = self._notice_ready[_MAX_BATCH:]
-        self._notice_committing = True
-        d = self._in_pool("keep notices", self._apply_notice_batch, [op for op, _ in batch])
-
-        def done(result: list[BaseException | None] | Failure) -> None:
-            failed: list[str] = []
-            for index, (op, waiting) in enumerate(batch):
-                error = result.value if isinstance(result, Failure) else result[index]
-                if error is None:
-                    waiting.callback(None)
-                    continue
-                if not isinstance(error, StorageError):
-                    failed.append(str(error))
-                    what = "keep the notice" if isinstance(op, _NoticeWrite) else "remove notices"
-                    error = storage_failed(error, what)
-                waiting.errback(Failure(error))
-            if failed:
-                self.log.error(
-                    "{failed} of {count} notice writes failed, e.g. {error}",
-                    failed=len(failed),
-                    count=len(batch),
-                    error=failed[0],
-                )
-            self._notice_committing = False
-            if self._notice_ready:
-                self._notice_batch()
-
-        d.addBoth(done)
 
     def _apply_notice_batch(
         self, ops: list[_NoticeWrite | list[int]]
@@ -1256,7 +1239,7 @@ class FileStorage(Service):
         error = self._check_running("remove notices")
         if error:
             return fail(error)
-        d = self._track(self._notice_commit(known))
+        d = self._track(self._notice_queue.add(known))
 
         def removed(_: None) -> None:
             self._unindex_notices(user_id, known)
