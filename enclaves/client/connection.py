@@ -42,6 +42,7 @@ from enclaves.frames import (
 from enclaves.handshake import ClientHandshake, HandshakeError
 from enclaves.inner import NO_MSG_ID, Directory, Error, InnerMessage, Ping, Pong
 from enclaves.session import Session, SessionError, max_blob_size
+from enclaves.transport import write_now
 
 __all__ = [
     "ClientConnection",
@@ -242,7 +243,7 @@ class ClientConnection(Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def _lose(self) -> None:
         if self.transport is not None:

@@ -34,6 +34,7 @@ from enclaves.server.limits import FailureLimiter
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
+from enclaves.transport import close_after_output, write_now
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -81,6 +82,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._record: UserRecord | None = None
         self._live = False
         self._paused = False
+        self._linger: Any = None
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -131,6 +133,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
         was_session = self._live
         self._state = _CLOSED
         self.setTimeout(None)
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -344,7 +348,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def _drop(self) -> None:
         if self._live:
@@ -355,12 +359,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.transport is None:
             return
+        self.factory.connection_lost(self)  # a lingering socket holds no slot
         if self._paused:
             # Its output is backed up: a client that does not read would hold
             # the connection open forever waiting for a graceful close.
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        else:
-            self.transport.loseConnection()
+        elif self._linger is None:
+            self._linger = close_after_output(self.transport, self.factory.clock)
 
 
 class ServerFactory(Factory):

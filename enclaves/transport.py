@@ -1,0 +1,62 @@
+"""Plain-TCP shortcuts around Twisted's buffered writes and abrupt closes.
+
+Twisted's ``transport.write`` only buffers: the bytes go out on a later
+reactor turn, after an ``epoll_ctl`` to watch for writability, a wake-up and
+another ``epoll_ctl`` to stop watching.  For one small frame on an idle socket
+that costs more than the send itself.  :func:`write_now` sends at once when
+nothing is queued ahead and hands any rest (or an error) to
+``transport.write``, so ordering, backpressure and error handling stay
+Twisted's.
+
+Closing a socket whose input was not all read makes the kernel answer with
+RST, and the peer can then lose the last bytes we wrote — the ERROR saying
+why.  :func:`close_after_output` half-closes instead and reads (and drops)
+until the peer closes, for at most :data:`LINGER_SECONDS`.
+
+Any other transport (TLS, test transports) gets the plain Twisted calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+__all__ = ["LINGER_SECONDS", "close_after_output", "write_now"]
+
+LINGER_SECONDS = 2.0
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def _plain_tcp(transport: Any) -> bool:
+    return type(transport) in _PLAIN_TCP and not transport.TLS
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Send ``data`` now if a plain-TCP transport has nothing queued, else queue it."""
+    if (
+        _plain_tcp(transport)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, Exception) or sent <= 0:
+            transport.write(data)  # Twisted retries, or finds the connection lost
+        elif sent < len(data):
+            transport.write(data[sent:])
+        return
+    transport.write(data)
+
+
+def close_after_output(transport: Any, clock: Any) -> Any:
+    """Close once our output is out, without RST; the linger call to cancel, or None."""
+    if _plain_tcp(transport) and transport.connected and not transport.disconnecting:
+        transport.loseWriteConnection()
+        return clock.callLater(LINGER_SECONDS, transport.abortConnection)
+    transport.loseConnection()
+    return None
