@@ -268,8 +268,24 @@ def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
     raise TypeError(f"not an inner message: {type(message).__name__}")
 
 
+_ID_PEER_HEAD = struct.Struct(">IB16sQ")  # length, kind, msg_id, user id
+_ID_ONLY = struct.Struct(">IB16s")  # length, kind, msg_id
+_ID_PEER_KIND = {Send: Kind.SEND, Deliver: Kind.DELIVER}
+_ID_ONLY_KIND = {Accepted: Kind.ACCEPTED, Received: Kind.RECEIVED, Delivered: Kind.DELIVERED}
+
+
 def encode(message: InnerMessage) -> bytes:
     """One inner message with its length prefix."""
+    # The kinds of every routed message take a short path (same bytes).
+    cls = type(message)
+    kind = _ID_PEER_KIND.get(cls)
+    if kind is not None:
+        blob = message.blob  # type: ignore[union-attr]
+        peer = message.recipient if cls is Send else message.sender  # type: ignore[union-attr]
+        return _ID_PEER_HEAD.pack(len(blob) + 25, kind, message.msg_id, peer) + blob  # type: ignore[union-attr]
+    kind = _ID_ONLY_KIND.get(cls)
+    if kind is not None:
+        return _ID_ONLY.pack(17, kind, message.msg_id)  # type: ignore[union-attr]
     kind, fields = _fields(message)
     return _LEN.pack(len(fields) + 1) + bytes((kind,)) + fields
 
@@ -283,13 +299,19 @@ def _need(fields: bytes, size: int, kind: Kind) -> None:
         raise InnerError(f"{kind.name} must carry {size} bytes, not {len(fields)}")
 
 
+_KINDS = {int(kind): kind for kind in Kind}
+_ID_PEER_CLASS: dict[int, type[Send] | type[Deliver]] = {Kind.SEND: Send, Kind.DELIVER: Deliver}
+_ID_ONLY_CLASS: dict[int, type[Accepted] | type[Received] | type[Delivered]] = {
+    Kind.ACCEPTED: Accepted,
+    Kind.RECEIVED: Received,
+    Kind.DELIVERED: Delivered,
+}
+
+
 def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:
-    try:
-        kind = Kind(kind_byte)
-    except ValueError:
-        raise InnerError(
-            f"unknown inner message kind 0x{kind_byte:02x}", ErrorCode.UNKNOWN_KIND
-        ) from None
+    kind = _KINDS.get(kind_byte)
+    if kind is None:
+        raise InnerError(f"unknown inner message kind 0x{kind_byte:02x}", ErrorCode.UNKNOWN_KIND)
     if kind in (Kind.SEND, Kind.DELIVER):
         if len(fields) < MSG_ID_SIZE + 8:
             raise InnerError(f"{kind.name} is too short")
@@ -358,6 +380,15 @@ def decode_all(data: bytes) -> list[InnerMessage]:
         if size < 1 or offset + 4 + size > end:
             raise InnerError("inner message length does not fit the frame")
         kind_byte = data[offset + 4]
-        messages.append(_decode_one(kind_byte, bytes(data[offset + 5 : offset + 4 + size])))
+        # The routed kinds and their receipts are decoded inline (same checks).
+        cls = _ID_PEER_CLASS.get(kind_byte)
+        if cls is not None and size >= 25:  # SEND, DELIVER
+            (peer,) = _U64.unpack_from(data, offset + 21)
+            msg_id = bytes(data[offset + 5 : offset + 21])
+            messages.append(cls(msg_id, peer, bytes(data[offset + 29 : offset + 4 + size])))
+        elif size == 17 and kind_byte in _ID_ONLY_CLASS:  # ACCEPTED, RECEIVED, DELIVERED
+            messages.append(_ID_ONLY_CLASS[kind_byte](bytes(data[offset + 5 : offset + 21])))
+        else:
+            messages.append(_decode_one(kind_byte, bytes(data[offset + 5 : offset + 4 + size])))
         offset += 4 + size
     return messages

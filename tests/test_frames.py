@@ -137,6 +137,38 @@ def test_inner_malformed(data: bytes) -> None:
         inner.decode_all(data)
 
 
+@given(
+    st.sampled_from([inner.Send, inner.Deliver, inner.Accepted, inner.Received, inner.Delivered]),
+    st.binary(min_size=16, max_size=16),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=300),
+)
+def test_routed_kinds_take_a_short_path_to_the_same_bytes(
+    cls: type, msg_id: bytes, peer: int, blob: bytes
+) -> None:
+    """encode/decode_all have inline paths for the routed kinds: same bytes both ways."""
+    message = cls(msg_id, peer, blob) if cls in (inner.Send, inner.Deliver) else cls(msg_id)
+    kind, fields = inner._fields(message)
+    generic = struct.pack(">I", len(fields) + 1) + bytes((kind,)) + fields
+    assert inner.encode(message) == generic
+    assert inner.decode_all(generic + generic) == [message, message]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        struct.pack(">IB", 24, 0x01) + bytes(23),  # SEND one byte short of msg_id + recipient
+        struct.pack(">IB", 24, 0x02) + bytes(23),  # DELIVER likewise
+        struct.pack(">IB", 18, 0x03) + bytes(17),  # ACCEPTED with a byte too many
+        struct.pack(">IB", 16, 0x05) + bytes(15),  # DELIVERED with a byte too few
+        struct.pack(">IB", 17, 0x04) + bytes(15),  # RECEIVED cut short by the end of data
+    ],
+)
+def test_routed_kinds_of_the_wrong_size_are_refused(data: bytes) -> None:
+    with pytest.raises(inner.InnerError):
+        inner.decode_all(data)
+
+
 @given(st.binary(max_size=400))
 def test_inner_decoder_never_raises_anything_else(data: bytes) -> None:
     try:
