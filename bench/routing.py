@@ -18,6 +18,7 @@ three servers.  More workers than (cores - 1) inflate the latencies.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -351,6 +352,11 @@ def cmd_worker(
 
             receiver.on_message = on_message
             sender.on_message = lambda message: None
+        # As the server does (FreezeStartupObjects): the set-up's long-lived
+        # objects leave the collector's sight, so a full collection of them
+        # does not stall the generator for 15-25 ms mid-measurement.
+        gc.collect()
+        gc.freeze()
         delay = float(start_at) - time.time()
         if delay > 0:
             from twisted.internet.task import deferLater

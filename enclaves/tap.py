@@ -15,7 +15,11 @@ from twisted.python import usage
 from enclaves.admin import Admin, make_namespace
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
 from enclaves.frames import DEFAULT_MAX_FRAME
-from enclaves.server.lifecycle import CleanExitOnSignals, DisconnectOnStop
+from enclaves.server.lifecycle import (
+    CleanExitOnSignals,
+    DisconnectOnStop,
+    FreezeStartupObjects,
+)
 from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -235,6 +239,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     shell = _admin_shell(options, storage, router, key_path, reactor)
     if shell is not None:
         shell.setServiceParent(top)
+    FreezeStartupObjects(reactor).setServiceParent(top)
     return top
 
 

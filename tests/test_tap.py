@@ -37,3 +37,39 @@ def test_max_frame_floor_fits_a_kex_blob() -> None:
 
     assert Options().parseOptions([f"--max-frame={MIN_MAX_FRAME}"]) is None
     assert max_blob_size(MIN_MAX_FRAME) >= 1253 + 1000
+
+
+def test_the_server_freezes_its_start_up_objects_once_the_reactor_runs(tmp_path: Path) -> None:
+    """makeService ends with FreezeStartupObjects; it freezes only when the reactor runs."""
+    import gc
+
+    from twisted.internet.task import Clock
+
+    from enclaves.server.lifecycle import FreezeStartupObjects
+    from enclaves.tap import makeService
+
+    class NotRunning(Clock):
+        """A clock that keeps callWhenRunning calls instead of running them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.when_running: list = []  # type: ignore[type-arg]
+
+        def callWhenRunning(self, f, *a, **kw):  # type: ignore[no-untyped-def]
+            self.when_running.append(lambda: f(*a, **kw))
+
+    options = Options()
+    options.parseOptions([f"--data-dir={tmp_path}", "--listen=tcp:0:interface=127.0.0.1"])
+    top = makeService(options, NotRunning())
+    freezers = [s for s in top if isinstance(s, FreezeStartupObjects)]  # type: ignore[attr-defined]
+    assert len(freezers) == 1 and list(top)[-1] is freezers[0]  # type: ignore[call-overload]
+    reactor = NotRunning()
+    service = FreezeStartupObjects(reactor)
+    assert gc.get_freeze_count() == 0
+    service.startService()
+    assert gc.get_freeze_count() == 0 and len(reactor.when_running) == 1
+    try:
+        reactor.when_running[0]()
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -1,7 +1,8 @@
-"""Clean exit on SIGTERM and SIGINT: the daemon stops and exits with status 0."""
+"""Process-level services: clean exit on signals, disconnect on stop, GC freeze."""
 
 from __future__ import annotations
 
+import gc
 import signal
 from types import FrameType
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-__all__ = ["CleanExitOnSignals", "DisconnectOnStop"]
+__all__ = ["CleanExitOnSignals", "DisconnectOnStop", "FreezeStartupObjects"]
 
 
 class CleanExitOnSignals(Service):
@@ -56,3 +57,28 @@ class DisconnectOnStop(Service):
     def stopService(self) -> None:
         super().stopService()
         self._factory.disconnect_all()
+
+
+class FreezeStartupObjects(Service):
+    """Once the reactor runs, move every object made so far out of the collector's sight.
+
+    Modules, the user index and the server's own objects live as long as the
+    process.  Left in the collector's oldest generation, each full collection
+    walks all of them: 15-25 ms with the reactor stopped, every few seconds
+    under load.  Frozen (``gc.freeze``), they are never walked again; objects
+    made later are collected as usual.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._freeze)
+
+    def _freeze(self) -> None:
+        gc.collect()
+        gc.freeze()
+        self.log.debug("froze {count} start-up objects", count=gc.get_freeze_count())
