@@ -76,7 +76,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._state = _HANDSHAKE
         self._session: Session | None = None
         self._queue: list[InnerMessage] = []
-        self._flush_call: Any = None
+        self._flush_soon = False  # in the factory's list of protocols to flush
         self._pinged = False
         self._peer = "?"
         self._record: UserRecord | None = None
@@ -135,9 +135,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
         self._queue = []
         if was_session:
             self.factory.router.logout(self)
@@ -266,14 +263,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if self._state != _SESSION:
             return
         self._queue.append(message)
-        if self._flush_call is None:
-            self._flush_call = self.factory.clock.callLater(0, self._flush)
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.factory.flush_soon(self)
 
     def _flush(self) -> None:
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
         if not self._queue or self._session is None or self._state == _CLOSED:
             return
         queue, self._queue = self._queue, []
@@ -396,6 +390,19 @@ class ServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.limiter = limiter if limiter is not None else FailureLimiter()
         self.protocols: set[ServerProtocol] = set()
+        self._to_flush: list[ServerProtocol] = []
+
+    def flush_soon(self, protocol: ServerProtocol) -> None:
+        """Seal ``protocol``'s queued output on the next reactor turn, with all others."""
+        if not self._to_flush:
+            self.clock.callLater(0, self._flush_all)
+        self._to_flush.append(protocol)
+
+    def _flush_all(self) -> None:
+        protocols, self._to_flush = self._to_flush, []
+        for protocol in protocols:
+            protocol._flush_soon = False
+            protocol._flush()
 
     def connection_made(self, protocol: ServerProtocol) -> None:
         self.protocols.add(protocol)
