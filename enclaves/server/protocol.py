@@ -47,6 +47,7 @@ __all__ = [
 DEFAULT_HANDSHAKE_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 300
 DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_LINGERING = 256  # closed connections at once waiting (<= 2 s) for the peer
 
 _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "handshake",
@@ -135,6 +136,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        self.factory.lingering.discard(self)
         self._queue = []
         if was_session:
             self.factory.router.logout(self)
@@ -353,13 +355,22 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.transport is None:
             return
-        self.factory.connection_lost(self)  # a lingering socket holds no slot
+        factory = self.factory
+        factory.connection_lost(self)  # a lingering socket holds no slot...
         if self._paused:
             # Its output is backed up: a client that does not read would hold
             # the connection open forever waiting for a graceful close.
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        elif self._linger is None:
-            self._linger = close_after_output(self.transport, self.factory.clock)
+        elif self._linger is not None or self in factory.lingering:
+            return
+        elif len(factory.lingering) >= factory.max_lingering:
+            # ...but lingering ones are few: a flood of refused connections
+            # must not hold file descriptors for 2 s each.
+            self.transport.loseConnection()
+        else:
+            self._linger = close_after_output(self.transport, factory.clock)
+            if self._linger is not None:
+                factory.lingering.add(self)
 
 
 class ServerFactory(Factory):
@@ -380,6 +391,7 @@ class ServerFactory(Factory):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         limiter: FailureLimiter | None = None,
+        max_lingering: int = DEFAULT_MAX_LINGERING,
     ) -> None:
         self.router = router
         self.storage = storage
@@ -390,6 +402,8 @@ class ServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.limiter = limiter if limiter is not None else FailureLimiter()
         self.protocols: set[ServerProtocol] = set()
+        self.lingering: set[ServerProtocol] = set()  # closed, waiting for the peer's close
+        self.max_lingering = max_lingering
         self._to_flush: list[ServerProtocol] = []
 
     def flush_soon(self, protocol: ServerProtocol) -> None:
