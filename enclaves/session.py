@@ -106,11 +106,16 @@ class Session:
         refuse such blobs up front with MESSAGE_TOO_LARGE).
         """
         limit = self._max_inner
+        raws = [encode(message) for message in messages]
+        whole = b"".join(raws)
+        if len(whole) <= limit:  # the usual case: one frame
+            if not raws:
+                return b""
+            return self.seal_frame(whole)
         out: list[bytes] = []
         chunk: list[bytes] = []
         size = 0
-        for message in messages:
-            raw = encode(message)
+        for raw in raws:
             if len(raw) > limit:
                 raise ValueError("inner message does not fit one frame")
             if size + len(raw) > limit:

@@ -40,7 +40,17 @@ from enclaves.frames import (
     decode_error,
 )
 from enclaves.handshake import ClientHandshake, HandshakeError
-from enclaves.inner import NO_MSG_ID, Directory, Error, InnerMessage, Ping, Pong
+from enclaves.inner import (
+    NO_MSG_ID,
+    Accepted,
+    Deliver,
+    Delivered,
+    Directory,
+    Error,
+    InnerMessage,
+    Ping,
+    Pong,
+)
 from enclaves.session import Session, SessionError, max_blob_size
 from enclaves.transport import write_now
 
@@ -51,6 +61,10 @@ __all__ = [
     "LoginFailed",
     "connect",
 ]
+
+
+# Handed to the application as they are (the others may need the connection first).
+_PLAIN_KINDS = frozenset({Deliver, Accepted, Delivered})
 
 
 class LoginFailed(Exception):
@@ -217,6 +231,9 @@ class ClientConnection(Protocol):
             self._abort(Disconnected(int(ErrorCode.BAD_FRAME), f"unexpected {frame.type.name}"))
 
     def _message_received(self, message: InnerMessage) -> None:
+        if type(message) in _PLAIN_KINDS:  # nearly all traffic: straight through
+            self._hand_over(message)
+            return
         if isinstance(message, Ping):
             self.send(Pong(message.nonce))
             return
@@ -233,6 +250,9 @@ class ClientConnection(Protocol):
         if isinstance(message, Error) and message.msg_id == NO_MSG_ID:
             # A session ERROR: the server closes right after it.
             self._reason = Disconnected(message.code, message.text)
+        self._hand_over(message)
+
+    def _hand_over(self, message: InnerMessage) -> None:
         if self.on_message is not None:
             try:
                 self.on_message(message)

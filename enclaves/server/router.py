@@ -405,6 +405,19 @@ class Router:
         state = self._by_peer.get(id(peer))
         if state is None or state.closed:
             return
+        # The two kinds of nearly all traffic first (the same checks as below).
+        cls = type(message)
+        if cls is Received and not state.enrolling:
+            self._acknowledge(state, message.msg_id)  # type: ignore[union-attr]
+            return
+        if cls is Send and not state.enrolling:
+            if not state.bucket.take(self.clock.seconds()):
+                peer.close(
+                    ErrorCode.MESSAGE_RATE, f"more than {self.message_rate} messages a second"
+                )
+            else:
+                self._route(state, message)  # type: ignore[arg-type]
+            return
         if isinstance(message, Ping):
             peer.send(Pong(message.nonce))
             return
@@ -588,8 +601,12 @@ class Router:
         for item in items:
             self.messages_delivered += 1
             if item.file_id is None:
-                self._tell(item.sender, Accepted(msg_id))
-                self._notify(item.sender, Delivered(msg_id))
+                sender = self._online.get(item.sender)
+                if sender is not None and not sender.closed:
+                    sender.peer.send(Accepted(msg_id))
+                    sender.peer.send(Delivered(msg_id))
+                else:  # no ACCEPTED (the outbox resends); DELIVERED kept as a notice
+                    self._notify(item.sender, Delivered(msg_id))
             else:
                 self._remove_stored(item)
         self._maybe_refill(state)
