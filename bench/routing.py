@@ -79,21 +79,28 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(
-    mode: str, port: int, pid: int, args: argparse.Namespace, users: Path | None, rate: float = 0
+    mode: str,
+    port: int,
+    pid: int,
+    args: argparse.Namespace,
+    users: Path | None,
+    rate: float = 0,
+    seconds: float | None = None,
 ) -> dict[str, Any]:
+    seconds = seconds or args.seconds
     start_at = time.time() + 2.0
     per = args.pairs // args.workers
     workers = []
     for w in range(args.workers):
         argv = [
             "bench.routing", "worker", mode, str(port), str(per), str(w * per),
-            str(start_at), str(args.warmup), str(args.seconds), str(args.window),
+            str(start_at), str(args.warmup), str(seconds), str(args.window),
             str(rate / args.workers), str(users or ""),
         ]  # fmt: skip
         workers.append(run_py(*argv, stdout=subprocess.PIPE))
     time.sleep(max(0.0, start_at + args.warmup - time.time()))
     cpu0 = cpu_seconds(pid)
-    time.sleep(args.seconds)
+    time.sleep(seconds)
     cpu1 = cpu_seconds(pid)
     count, latencies = 0, []
     for proc in workers:
@@ -101,8 +108,8 @@ def load(
         result = json.loads(out.strip().splitlines()[-1])
         count += result["count"]
         latencies += [us / 1e6 for us in result["latencies"]]
-    rate_measured = count / args.seconds
-    server_cpu = (cpu1 - cpu0) / args.seconds
+    rate_measured = count / seconds
+    server_cpu = (cpu1 - cpu0) / seconds
     return {
         "msgs_per_s": round(rate_measured),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
@@ -151,7 +158,13 @@ def main(args: argparse.Namespace) -> None:
             peak = load("enclaves", daemon.port, daemon.process.pid, args, users)
             results["enclaves"] = peak
             results["enclaves_half_rate"] = load(
-                "enclaves", daemon.port, daemon.process.pid, args, users, peak["msgs_per_s"] / 2
+                "enclaves",
+                daemon.port,
+                daemon.process.pid,
+                args,
+                users,
+                peak["msgs_per_s"] / 2,
+                args.latency_seconds,
             )
         finally:
             daemon.stop()
@@ -420,5 +433,12 @@ if __name__ == "__main__":
         parser.add_argument("--seconds", type=float, default=3.0)
         parser.add_argument("--warmup", type=float, default=1.0)
         parser.add_argument("--window", type=int, default=50)
+        parser.add_argument(
+            "--latency-seconds",
+            type=float,
+            default=10.0,
+            help="length of the half-peak latency run (a p99 over more than one "
+            "or two 100 ms stretches of a busy machine)",
+        )
         parser.add_argument("--idle", type=int, default=5000)
         main(parser.parse_args())
