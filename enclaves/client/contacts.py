@@ -20,6 +20,7 @@ from enclaves.crypto import KeyPair, fingerprint, format_digits, safety_number
 __all__ = [
     "GRACE",
     "MAX_HELD",
+    "MAX_HELD_BYTES",
     "MAX_TENTATIVE",
     "IK_PREFIX",
     "Trust",
@@ -37,6 +38,8 @@ __all__ = [
 
 GRACE = 24 * 3600.0  # seconds the previous epoch's keys still open messages
 MAX_HELD = 256  # blobs kept per contact while waiting for keys or a key decision
+MAX_HELD_BYTES = 4 * 1024 * 1024  # bytes of held blobs over all contacts (a server can
+# send blobs under any sender id: this bounds what it can make the keystore carry)
 MAX_TENTATIVE = 4  # unconfirmed answered exchanges kept per contact (oldest dropped)
 IK_PREFIX = "enclaves-ik:"
 

@@ -21,6 +21,7 @@ from enclaves.client.blob import Accept, BlobError, MessageBlob, Offer, parse_bl
 from enclaves.client.contacts import (
     GRACE,
     MAX_HELD,
+    MAX_HELD_BYTES,
     Contact,
     ContactError,
     EpochKeys,
@@ -227,6 +228,7 @@ class ClientCore:
         self.endpoint = state.endpoint
         self.identity = Identity.from_private_bytes(state.user_id, state.identity_private)
         self._contacts: dict[int, Contact] = dict(state.contacts)
+        self._held_bytes = sum(_held_size(c) for c in self._contacts.values())
         self._outbox: dict[bytes, OutboxEntry] = {e.msg_id: e for e in state.outbox}
         self._seen: deque[bytes] = deque(state.seen[-MAX_SEEN:])
         self._seen_set = set(self._seen)
@@ -685,6 +687,14 @@ class ClientCore:
         return [self._queue(user_id, blob, "kex", now)]
 
     def _hold(self, contact: Contact, msg_id: bytes, raw: bytes, reason: str) -> list[Event]:
+        if self._held_bytes + len(raw) > MAX_HELD_BYTES:
+            # Held blobs are the server's to send; past this it gets no more room.
+            log.warn(
+                "dropped a blob from {peer}: {size} bytes already held for all contacts",
+                peer=contact.user_id,
+                size=self._held_bytes,
+            )
+            return [BlobDropped(contact.user_id, msg_id, "too many held for all contacts")]
         events: list[Event] = []
         held = (*contact.held, HeldBlob(msg_id, raw))
         while len(held) > MAX_HELD:
@@ -831,6 +841,9 @@ class ClientCore:
     # -- helpers --------------------------------------------------------------
 
     def _put(self, contact: Contact) -> Contact:
+        old = self._contacts.get(contact.user_id)
+        if old is None or old.held is not contact.held:
+            self._held_bytes += _held_size(contact) - (0 if old is None else _held_size(old))
         self._contacts[contact.user_id] = contact
         return contact
 
@@ -867,3 +880,7 @@ class ClientCore:
                         lines[i] = evolve(lines[i], status=status)
                     return user_id
         return None
+
+
+def _held_size(contact: Contact) -> int:
+    return sum(len(item.blob) for item in contact.held)

@@ -739,3 +739,35 @@ def test_a_stuck_offer_is_replaced_by_a_fresh_one() -> None:
     (fresh,) = a.start_kex(B, now + 1.0)
     assert isinstance(fresh, SendBlob) and fresh.blob != offer.blob
     assert a.contact(B).kex.pending.blob == fresh.blob
+
+
+def test_held_blobs_are_bounded_over_all_contacts() -> None:
+    """A server can send blobs under any sender id, each held for want of keys:
+    past MAX_HELD_BYTES over all contacts a new one is dropped, not kept, and
+    the bound survives a save and reload of the state."""
+    from enclaves.client.contacts import MAX_HELD, MAX_HELD_BYTES
+
+    a = make_core(A)
+    bogus = b"\x01" + (7).to_bytes(4, "big") + bytes(8000)  # an epoch nobody has
+    per_sender = MAX_HELD // 2
+    kept = dropped = 0
+    enough = 2 * MAX_HELD_BYTES // (len(bogus) * per_sender)  # twice what fits: bounded
+    for sender in range(5001, 5001 + enough):
+        if dropped:
+            break
+        for n in range(per_sender):
+            msg_id = sender.to_bytes(8, "big") + n.to_bytes(8, "big")
+            events = a.handle_blob(sender, msg_id, bogus, 1.0)
+            if any(isinstance(e, BlobDropped) for e in events):
+                (event,) = [e for e in events if isinstance(e, BlobDropped)]
+                assert event.reason == "too many held for all contacts"
+                dropped += 1
+                break
+            kept += 1
+    assert dropped == 1
+    held = sum(len(c.held) for c in a.contacts())
+    assert held == kept and held * len(bogus) <= MAX_HELD_BYTES < (held + 1) * len(bogus)
+    again = ClientCore(a.state(), entropy=a._entropy)
+    msg_id = b"\xff" * 16
+    events = again.handle_blob(sender + 1, msg_id, bogus, 1.0)  # (and a healing OFFER)
+    assert BlobDropped in {type(e) for e in events} and BlobHeld not in {type(e) for e in events}
