@@ -64,7 +64,7 @@ def printable(text: str) -> str:
 
 
 def format_contact(contact: Contact) -> str:
-    """``NAME id=N trust=T keys=...`` for /contacts."""
+    """``NAME id=N trust=T keys=...[ answered=...]`` for /contacts."""
     if contact.pending_ik is not None:
         keys = "IDENTITY-KEY-CHANGED"
     elif contact.current is not None:
@@ -73,7 +73,12 @@ def format_contact(contact: Contact) -> str:
         keys = "exchanging"
     else:
         keys = "none"
-    return f"{contact.name} id={contact.user_id} trust={contact.trust.value} keys={keys}"
+    line = f"{contact.name} id={contact.user_id} trust={contact.trust.value} keys={keys}"
+    answered = sorted({t.epoch for t in contact.tentative})
+    if answered and contact.pending_ik is None:
+        # Exchanges we answered whose keys the contact has not yet proven.
+        line += " answered=" + ",".join(f"epoch-{epoch}" for epoch in answered)
+    return line
 
 
 @implementer(IHalfCloseableProtocol)

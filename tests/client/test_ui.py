@@ -130,3 +130,18 @@ def test_peer_text_can_not_forge_lines_or_drive_the_terminal(ui) -> None:
     assert out.count("\n") == 1
     assert "\\x0a[msg]" in out and "\\x1b[2J" in out and "\\u202e" in out
     assert printable("grüße 👋") == "grüße 👋"
+
+
+def test_contacts_line_shows_answered_exchanges_not_yet_proven() -> None:
+    from enclaves.client.contacts import Contact
+    from enclaves.client.ui import format_contact
+    from enclaves.crypto import KeyPair
+
+    keys = KeyPair(bytes([1]) * 32, bytes([2]) * 32)
+    contact = Contact(B).with_keys(1, keys, 1.0)
+    assert format_contact(contact) == f"{B} id={B} trust=unverified keys=epoch-1"
+    contact = contact.with_tentative(3, keys, 2.0).with_tentative(2, keys, 3.0)
+    assert format_contact(contact).endswith(" keys=epoch-1 answered=epoch-2,epoch-3")
+    assert format_contact(Contact(B).with_tentative(2, keys, 1.0)).endswith(
+        " keys=none answered=epoch-2"
+    )
