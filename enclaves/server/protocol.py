@@ -34,7 +34,7 @@ from enclaves.server.limits import FailureLimiter
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
-from enclaves.transport import close_after_output, write_now
+from enclaves.transport import LINGER_SECONDS, close_after_output, write_now
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -355,22 +355,29 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.transport is None:
             return
-        factory = self.factory
-        factory.connection_lost(self)  # a lingering socket holds no slot...
+        transport: Any = self.transport
         if self._paused:
             # Its output is backed up: a client that does not read would hold
             # the connection open forever waiting for a graceful close.
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-        elif self._linger is not None or self in factory.lingering:
+            transport.abortConnection()
             return
-        elif len(factory.lingering) >= factory.max_lingering:
-            # ...but lingering ones are few: a flood of refused connections
-            # must not hold file descriptors for 2 s each.
-            self.transport.loseConnection()
-        else:
-            self._linger = close_after_output(self.transport, factory.clock)
+        if self._linger is not None:
+            return  # already closing
+        factory = self.factory
+        if len(factory.lingering) < factory.max_lingering:
+            self._linger = close_after_output(transport, factory.clock)
             if self._linger is not None:
+                # Half-closed, reading until the peer closes (at most
+                # LINGER_SECONDS): it holds no connection slot, and few linger.
                 factory.lingering.add(self)
+                factory.connection_lost(self)
+                return
+        else:
+            transport.loseConnection()
+        # Any other close (TLS, or too many lingering) keeps its slot until the
+        # socket is gone, and goes within LINGER_SECONDS even if the client
+        # never reads what is still buffered for it.
+        self._linger = factory.clock.callLater(LINGER_SECONDS, transport.abortConnection)
 
 
 class ServerFactory(Factory):
@@ -416,7 +423,13 @@ class ServerFactory(Factory):
         protocols, self._to_flush = self._to_flush, []
         for protocol in protocols:
             protocol._flush_soon = False
-            protocol._flush()
+        for protocol in protocols:
+            try:
+                protocol._flush()
+            except Exception:
+                # A bug in one session must not stall the output of the others.
+                self.log.failure("flushing output for user {user_id}", user_id=protocol.user_id)
+                protocol._drop()
 
     def connection_made(self, protocol: ServerProtocol) -> None:
         self.protocols.add(protocol)

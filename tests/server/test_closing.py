@@ -64,3 +64,47 @@ async def test_refused_connections_linger_but_only_a_few_at_once() -> None:
         for sock in socks:
             sock.close()
         await port.stopListening()
+
+
+def test_a_close_that_cannot_linger_still_ends_within_the_linger_time() -> None:
+    """TLS transports (here a test transport: neither lingers) and closes beyond
+    max_lingering just close, keeping their connection slot; if the client never
+    reads what is still buffered, the connection is aborted after LINGER_SECONDS."""
+    from enclaves.inner import Error, Ping
+    from enclaves.transport import LINGER_SECONDS
+    from tests.server.harness import Harness
+
+    h = Harness()
+    client = h.raw(7, h.add_user(7))
+    client.login()
+    client.send(Ping(1))
+    client.write(b"\x00\x00\x00\x02\x01\x77")  # an unknown frame type: the session ends
+    assert any(isinstance(m, Error) for m in client.received())
+    assert client.transport.disconnecting and not client.transport.disconnected
+    assert client.proto in h.factory.protocols  # still counted: it does not linger
+    h.clock.advance(LINGER_SECONDS - 0.01)
+    assert not client.transport.disconnected
+    h.clock.advance(0.01)
+    assert client.transport.disconnected  # aborted
+
+
+def test_one_session_failing_to_flush_does_not_stall_the_others() -> None:
+    """Output is flushed for all sessions in one call per reactor turn: a bug
+    in one session's flush ends that session, and the others still get theirs."""
+    from enclaves.inner import Deliver, Send
+    from tests.server.harness import Harness
+
+    h = Harness()
+    a, b, c = (h.raw(uid, h.add_user(uid)) for uid in (1, 2, 3))
+    for client in (a, b, c):
+        client.login()
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    a.proto._flush = broken  # type: ignore[method-assign]
+    c.send(Send(b"\x01" * 16, 1, b"to a"), Send(b"\x02" * 16, 2, b"to b"))
+    assert [m for m in b.received() if isinstance(m, Deliver)] == [
+        Deliver(b"\x02" * 16, 3, b"to b")
+    ]
+    assert a.transport.disconnecting
