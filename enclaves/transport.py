@@ -39,6 +39,7 @@ def write_now(transport: Any, data: bytes) -> None:
         _plain_tcp(transport)
         and transport.connected
         and not transport.disconnecting
+        and not transport._aborting
         and not transport._writeDisconnecting
         and not transport._writeDisconnected
         and not transport._tempDataBuffer
