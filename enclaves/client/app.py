@@ -466,7 +466,11 @@ class ClientApp:
                 if previous is not None and previous.removed:
                     self._warn_removed_again(message.user_id)
                     return []
-                self.core.add_contact(message.user_id)
+                try:
+                    self.core.add_contact(message.user_id)
+                except ContactError as error:
+                    self.out("warn", str(error))
+                    return []
                 self._save_soon()
                 if previous is None:
                     self.out(

@@ -19,6 +19,7 @@ from enclaves.crypto import KeyPair, fingerprint, format_digits, safety_number
 
 __all__ = [
     "GRACE",
+    "MAX_CONTACTS",
     "MAX_HELD",
     "MAX_HELD_BYTES",
     "MAX_TENTATIVE",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 GRACE = 24 * 3600.0  # seconds the previous epoch's keys still open messages
+MAX_CONTACTS = 100_000  # contacts (removed ones included) a keystore holds at most
 MAX_HELD = 256  # blobs kept per contact while waiting for keys or a key decision
 MAX_HELD_BYTES = 4 * 1024 * 1024  # bytes of held blobs over all contacts (a server can
 # send blobs under any sender id: this bounds what it can make the keystore carry)

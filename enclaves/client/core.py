@@ -20,6 +20,7 @@ from enclaves.client import kex
 from enclaves.client.blob import Accept, BlobError, MessageBlob, Offer, parse_blob
 from enclaves.client.contacts import (
     GRACE,
+    MAX_CONTACTS,
     MAX_HELD,
     MAX_HELD_BYTES,
     Contact,
@@ -218,8 +219,10 @@ class ClientCore:
         grace: float = GRACE,
         kex_timeout: float = kex.KEX_TIMEOUT,
         kex_max_offers: int = kex.KEX_MAX_OFFERS,
+        max_contacts: int = MAX_CONTACTS,
     ) -> None:
         self._entropy = entropy if entropy is not None else Entropy()
+        self._max_contacts = max_contacts
         self._grace = grace
         self._kex_timeout = kex_timeout
         self._kex_max_offers = kex_max_offers
@@ -303,6 +306,12 @@ class ClientCore:
         if user_id == self.user_id or not 0 < user_id < 1 << 64:
             raise ContactError("not a contact id")
         if user_id not in self._contacts:
+            if len(self._contacts) >= self._max_contacts:
+                # The server names users: this bounds what it can make us keep.
+                raise ContactError(
+                    f"user {user_id} not added: this keystore holds at most "
+                    f"{self._max_contacts} contacts"
+                )
             self._contacts[user_id] = Contact(user_id)
         return self._contacts[user_id]
 
@@ -313,7 +322,11 @@ class ClientCore:
         for user_id in user_ids:
             if user_id == self.user_id or user_id == 0:
                 continue
-            contact = self.add_contact(user_id)
+            try:
+                contact = self.add_contact(user_id)
+            except ContactError as error:
+                log.warn("directory: {error}; the rest are ignored", error=str(error))
+                break
             if contact.removed:
                 log.warn("the directory lists removed user {peer}: ignored", peer=user_id)
                 continue
@@ -517,7 +530,11 @@ class ClientCore:
         except BlobError as e:
             log.info("dropped a malformed e2e blob from {sender}: {why}", sender=sender, why=e)
             return [BlobDropped(sender, msg_id, "malformed")]
-        self.add_contact(sender)
+        try:
+            self.add_contact(sender)
+        except ContactError as error:
+            log.warn("dropped a blob: {error}", error=str(error))
+            return [BlobDropped(sender, msg_id, "too many contacts")]
         return self._process(sender, msg_id, bytes(blob), parsed, now)
 
     def _process(

@@ -771,3 +771,18 @@ def test_held_blobs_are_bounded_over_all_contacts() -> None:
     msg_id = b"\xff" * 16
     events = again.handle_blob(sender + 1, msg_id, bogus, 1.0)  # (and a healing OFFER)
     assert BlobDropped in {type(e) for e in events} and BlobHeld not in {type(e) for e in events}
+
+
+def test_contacts_are_bounded() -> None:
+    """The server names users (DIRECTORY, JOINED, DELIVER senders): a keystore
+    keeps at most max_contacts; past that the directory's rest is ignored and a
+    blob from yet another id is dropped, both with a log line."""
+    a = make_core(A, max_contacts=3)
+    a.on_directory([A, B, C, 400, 500], 1.0, start_kex=False)
+    assert [c.user_id for c in a.contacts()] == [B, C, 400]
+    bogus = b"\x01" + (7).to_bytes(4, "big") + bytes(64)
+    (event,) = a.handle_blob(600, b"6" * 16, bogus, 1.0)
+    assert event == BlobDropped(600, b"6" * 16, "too many contacts")
+    with pytest.raises(ContactError, match="at most 3 contacts"):
+        a.add_contact(700)
+    assert a.add_contact(B).user_id == B  # known ones are still fine
