@@ -27,10 +27,14 @@ __all__ = ["LINGER_SECONDS", "close_after_output", "write_now"]
 LINGER_SECONDS = 2.0
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
+# The FileDescriptor internals write_now reads; a Twisted without them (a
+# future release) gets plain writes, never an AttributeError mid-session.
+_INTERNALS = ("_aborting", "_writeDisconnecting", "_writeDisconnected", "offset", "dataBuffer")
+_FAST = all(hasattr(cls, name) for cls in _PLAIN_TCP for name in (*_INTERNALS, "TLS"))
 
 
 def _plain_tcp(transport: Any) -> bool:
-    return type(transport) in _PLAIN_TCP and not transport.TLS
+    return _FAST and type(transport) in _PLAIN_TCP and not transport.TLS
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -42,7 +46,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and not transport._aborting
         and not transport._writeDisconnecting
         and not transport._writeDisconnected
-        and not transport._tempDataBuffer
+        and not getattr(transport, "_tempDataBuffer", True)
         and transport.offset == len(transport.dataBuffer)
     ):
         sent = transport.writeSomeData(data)

@@ -186,3 +186,24 @@ async def test_a_lingering_socket_closes_when_the_peer_does() -> None:
         assert bytes(client.received) == b""
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_twisted_internals_it_relies_on_write_now_just_writes(
+    monkeypatch: Any,
+) -> None:
+    """A Twisted lacking the FileDescriptor attributes write_now reads gets
+    plain buffered writes (checked once at import), never an AttributeError."""
+    from twisted.internet import reactor
+
+    import enclaves.transport
+
+    monkeypatch.setattr(enclaves.transport, "_FAST", False)
+    client, server, port = await _pair()
+    try:
+        write_now(client.transport, b"buffered")
+        assert client.transport in reactor.getWriters()  # type: ignore[attr-defined]
+        await _wait(lambda: bytes(server.received) == b"buffered", "the bytes")
+    finally:
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await port.stopListening()
