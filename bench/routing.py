@@ -7,7 +7,8 @@ for latency.  The load runs in ``--workers`` processes; server CPU is read
 from /proc.  Finally, memory per idle authenticated connection is measured
 with ``--idle`` connections.
 
-    python -m bench.routing [--pairs 20] [--seconds 3] [--idle 5000] [--workers 1]
+    python -m bench.routing [--pairs 20] [--seconds 3] [--latency-seconds 10]
+                            [--idle 5000] [--workers 1]
 
 On a small machine the load generator shares the CPUs with the server, so
 ``msgs_per_s`` is partly the client's limit; ``msgs_per_server_cpu_s``

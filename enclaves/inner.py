@@ -270,8 +270,14 @@ def _fields(message: InnerMessage) -> tuple[Kind, bytes]:
 
 _ID_PEER_HEAD = struct.Struct(">IB16sQ")  # length, kind, msg_id, user id
 _ID_ONLY = struct.Struct(">IB16s")  # length, kind, msg_id
-_ID_PEER_KIND = {Send: Kind.SEND, Deliver: Kind.DELIVER}
-_ID_ONLY_KIND = {Accepted: Kind.ACCEPTED, Received: Kind.RECEIVED, Delivered: Kind.DELIVERED}
+_ID_PEER_CLASS: dict[int, type[Send] | type[Deliver]] = {Kind.SEND: Send, Kind.DELIVER: Deliver}
+_ID_ONLY_CLASS: dict[int, type[Accepted] | type[Received] | type[Delivered]] = {
+    Kind.ACCEPTED: Accepted,
+    Kind.RECEIVED: Received,
+    Kind.DELIVERED: Delivered,
+}
+_ID_PEER_KIND: dict[type, Kind] = {cls: Kind(kind) for kind, cls in _ID_PEER_CLASS.items()}
+_ID_ONLY_KIND: dict[type, Kind] = {cls: Kind(kind) for kind, cls in _ID_ONLY_CLASS.items()}
 
 
 def encode(message: InnerMessage) -> bytes:
@@ -300,12 +306,6 @@ def _need(fields: bytes, size: int, kind: Kind) -> None:
 
 
 _KINDS = {int(kind): kind for kind in Kind}
-_ID_PEER_CLASS: dict[int, type[Send] | type[Deliver]] = {Kind.SEND: Send, Kind.DELIVER: Deliver}
-_ID_ONLY_CLASS: dict[int, type[Accepted] | type[Received] | type[Delivered]] = {
-    Kind.ACCEPTED: Accepted,
-    Kind.RECEIVED: Received,
-    Kind.DELIVERED: Delivered,
-}
 
 
 def _decode_one(kind_byte: int, fields: bytes) -> InnerMessage:

@@ -107,10 +107,10 @@ class Session:
         """
         limit = self._max_inner
         raws = [encode(message) for message in messages]
+        if not raws:
+            return b""
         whole = b"".join(raws)
         if len(whole) <= limit:  # the usual case: one frame
-            if not raws:
-                return b""
             return self.seal_frame(whole)
         out: list[bytes] = []
         chunk: list[bytes] = []
