@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from enclaves.crypto import BLOCK, TAG_SIZE, CryptoError, Sealer
+from enclaves.crypto import BLOCK, TAG_SIZE, CryptoError, StreamSealer
 from enclaves.frames import VERSION, ErrorCode, FrameType
 from enclaves.handshake import SessionKeys
 from enclaves.inner import InnerError, InnerMessage, decode_all, encode
@@ -71,8 +71,8 @@ class Session:
             send, recv = keys.s2c, keys.c2s
         else:
             raise ValueError("side must be 'client' or 'server'")
-        self._sealer = Sealer(send)
-        self._opener = Sealer(recv)
+        self._sealer = StreamSealer(send)
+        self._opener = StreamSealer(recv)
         self._send_seq = 0
         self._recv_seq = 0
         self.max_frame = max_frame

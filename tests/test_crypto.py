@@ -14,6 +14,9 @@ from enclaves import crypto
 
 KEYS = crypto.KeyPair(bytes(range(32)), bytes(range(32, 64)))
 SEALER = crypto.Sealer(KEYS)
+# A session's sealer keeps its cipher contexts: it must behave exactly alike.
+STREAM = crypto.StreamSealer(KEYS)
+BOTH = pytest.mark.parametrize("sealer", [SEALER, STREAM], ids=["Sealer", "StreamSealer"])
 
 
 def _raw_cbc_mac(key: bytes, msg: bytes) -> bytes:
@@ -56,33 +59,37 @@ def test_padding_never_inspected_when_tag_fails(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 1
 
 
-def test_bad_padding_under_valid_tag_is_the_same_error() -> None:
+@BOTH
+def test_bad_padding_under_valid_tag_is_the_same_error(sealer: crypto.Sealer) -> None:
     iv = os.urandom(16)
     enc = Cipher(algorithms.AES(KEYS.enc), modes.CBC(iv)).encryptor()
     body = enc.update(b"x" * 15 + b"\x07") + enc.finalize()  # invalid PKCS#7
-    tag = SEALER.mac(struct.pack(">H", 0), b"", iv, body)
+    tag = sealer.mac(struct.pack(">H", 0), b"", iv, body)
     with pytest.raises(crypto.CryptoError) as bad_padding:
-        SEALER.open(b"", iv + body + tag)
+        sealer.open(b"", iv + body + tag)
     with pytest.raises(crypto.CryptoError) as bad_tag:
-        SEALER.open(b"", iv + body + bytes(16))
+        sealer.open(b"", iv + body + bytes(16))
     assert str(bad_padding.value) == str(bad_tag.value)
 
 
-def test_sealing_twice_differs() -> None:
-    assert SEALER.seal(b"a", b"same") != SEALER.seal(b"a", b"same")
+@BOTH
+def test_sealing_twice_differs(sealer: crypto.Sealer) -> None:
+    assert sealer.seal(b"a", b"same") != sealer.seal(b"a", b"same")
 
 
-def test_aad_is_bound() -> None:
-    blob = SEALER.seal(b"one", b"msg")
+@BOTH
+def test_aad_is_bound(sealer: crypto.Sealer) -> None:
+    blob = sealer.seal(b"one", b"msg")
     with pytest.raises(crypto.CryptoError):
-        SEALER.open(b"two", blob)
+        sealer.open(b"two", blob)
     # The aad length prefix keeps aad and IV from sliding into each other.
     with pytest.raises(crypto.CryptoError):
-        SEALER.open(b"one" + blob[:1], blob[1:])
+        sealer.open(b"one" + blob[:1], blob[1:])
 
 
-def test_wrong_key_fails() -> None:
-    blob = SEALER.seal(b"", b"msg")
+@BOTH
+def test_wrong_key_fails(sealer: crypto.Sealer) -> None:
+    blob = sealer.seal(b"", b"msg")
     with pytest.raises(crypto.CryptoError):
         crypto.open_sealed(crypto.KeyPair.generate(), b"", blob)
 
@@ -105,8 +112,9 @@ def test_low_order_point_refused() -> None:
 @settings(max_examples=300)
 @given(aad=st.binary(max_size=300), plaintext=st.binary(max_size=2000))
 def test_round_trip(aad: bytes, plaintext: bytes) -> None:
-    assert SEALER.open(aad, SEALER.seal(aad, plaintext)) == plaintext
-    assert crypto.open_sealed(KEYS, aad, crypto.seal(KEYS, aad, plaintext)) == plaintext
+    for sealer in (SEALER, STREAM):
+        assert sealer.open(aad, sealer.seal(aad, plaintext)) == plaintext
+        assert crypto.open_sealed(KEYS, aad, crypto.seal(KEYS, aad, plaintext)) == plaintext
 
 
 @settings(max_examples=200)
@@ -118,38 +126,88 @@ def test_round_trip(aad: bytes, plaintext: bytes) -> None:
 def test_every_single_bit_flip_is_rejected(
     aad: bytes, plaintext: bytes, data: st.DataObject
 ) -> None:
-    blob = SEALER.seal(aad, plaintext)
-    bit = data.draw(st.integers(0, len(blob) * 8 - 1))
-    flipped = bytearray(blob)
-    flipped[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(crypto.CryptoError):
-        SEALER.open(aad, bytes(flipped))
+    for sealer in (SEALER, STREAM):
+        blob = sealer.seal(aad, plaintext)
+        bit = data.draw(st.integers(0, len(blob) * 8 - 1))
+        flipped = bytearray(blob)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(crypto.CryptoError):
+            sealer.open(aad, bytes(flipped))
 
 
-def test_every_bit_of_one_blob_is_covered() -> None:
-    blob = SEALER.seal(b"aad", b"exhaustive")
+@BOTH
+def test_every_bit_of_one_blob_is_covered(sealer: crypto.Sealer) -> None:
+    blob = sealer.seal(b"aad", b"exhaustive")
     for bit in range(len(blob) * 8):
         flipped = bytearray(blob)
         flipped[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(crypto.CryptoError):
-            SEALER.open(b"aad", bytes(flipped))
+            sealer.open(b"aad", bytes(flipped))
 
 
 @given(plaintext=st.binary(max_size=200), data=st.data())
 def test_truncation_and_extension_rejected(plaintext: bytes, data: st.DataObject) -> None:
-    blob = SEALER.seal(b"", plaintext)
-    cut = data.draw(st.integers(0, len(blob) - 1))
-    with pytest.raises(crypto.CryptoError):
-        SEALER.open(b"", blob[:cut])
-    extra = data.draw(st.binary(min_size=1, max_size=48))
-    with pytest.raises(crypto.CryptoError):
-        SEALER.open(b"", blob + extra)
+    for sealer in (SEALER, STREAM):
+        blob = sealer.seal(b"", plaintext)
+        cut = data.draw(st.integers(0, len(blob) - 1))
+        with pytest.raises(crypto.CryptoError):
+            sealer.open(b"", blob[:cut])
+        extra = data.draw(st.binary(min_size=1, max_size=48))
+        with pytest.raises(crypto.CryptoError):
+            sealer.open(b"", blob + extra)
 
 
 @given(blob=st.binary(max_size=200), aad=st.binary(max_size=20))
 def test_open_never_raises_anything_else(blob: bytes, aad: bytes) -> None:
+    for sealer in (SEALER, STREAM):
+        with pytest.raises(crypto.CryptoError):
+            sealer.open(aad, blob)
+
+
+# -- the session's stream sealer --------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(frames=st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=600)), max_size=8))
+def test_stream_sealer_speaks_the_same_format(frames: list[tuple[bytes, bytes]]) -> None:
+    """Either side may be a plain Sealer: one per frame, in any interleaving."""
+    stream_out, stream_in = crypto.StreamSealer(KEYS), crypto.StreamSealer(KEYS)
+    for aad, plaintext in frames:
+        assert SEALER.open(aad, stream_out.seal(aad, plaintext)) == plaintext
+        assert stream_in.open(aad, SEALER.seal(aad, plaintext)) == plaintext
+        assert stream_in.open(aad, stream_out.seal(aad, plaintext)) == plaintext
+
+
+def test_stream_sealer_ivs_are_not_the_previous_block() -> None:
+    """Chained CBC's predictable IV (the last ciphertext block) must not appear."""
+    sealer = crypto.StreamSealer(KEYS)
+    previous = sealer.seal(b"", b"x" * 40)
+    ivs = {previous[:16]}
+    for _ in range(200):
+        blob = sealer.seal(b"", b"x" * 40)
+        assert blob[:16] != previous[-32:-16]  # the last block of C
+        ivs.add(blob[:16])
+        previous = blob
+    assert len(ivs) == 201
+
+
+def test_stream_sealer_decrypts_nothing_when_the_tag_fails() -> None:
+    sealer = crypto.StreamSealer(KEYS)
+    blob = SEALER.seal(b"aad", b"hello")
     with pytest.raises(crypto.CryptoError):
-        SEALER.open(aad, blob)
+        sealer.open(b"aad", blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert sealer._decryptor is None  # no decryption context was even made
+    assert sealer.open(b"aad", blob) == b"hello"
+
+
+@pytest.mark.parametrize("pad", [0, 17, 255])
+def test_stream_sealer_refuses_padding_bytes_out_of_range(pad: int) -> None:
+    iv = os.urandom(16)
+    enc = Cipher(algorithms.AES(KEYS.enc), modes.CBC(iv)).encryptor()
+    body = enc.update(b"y" * 31 + bytes((pad,))) + enc.finalize()
+    tag = SEALER.mac(struct.pack(">H", 0), b"", iv, body)
+    with pytest.raises(crypto.CryptoError):
+        crypto.StreamSealer(KEYS).open(b"", iv + body + tag)
 
 
 # -- safety numbers -------------------------------------------------------------
