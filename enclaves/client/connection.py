@@ -137,6 +137,7 @@ class ClientConnection(Protocol):
         self._session: Session | None = None
         self._queue: list[InnerMessage] = []
         self._flush_call: Any = None
+        self._receiving = False  # inside dataReceived, which flushes at its end
         self._reason: Disconnected | None = None
         self._done = False
         self._login_nonce: int | None = None
@@ -171,10 +172,14 @@ class ClientConnection(Protocol):
         except FrameError as error:
             self._abort(Disconnected(int(error.code), f"bad frame from the server: {error}"))
             return
-        for frame in frames:
-            if self._done:
-                return
-            self._frame_received(frame)
+        self._receiving = True
+        try:
+            for frame in frames:
+                if self._done:
+                    return
+                self._frame_received(frame)
+        finally:
+            self._receiving = False
         self.flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
@@ -284,7 +289,7 @@ class ClientConnection(Protocol):
         if self._done:
             return
         self._queue.append(message)
-        if self._flush_call is None:
+        if self._flush_call is None and not self._receiving:
             self._flush_call = self._clock.callLater(0, self.flush)
 
     def flush(self) -> None:

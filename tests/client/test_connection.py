@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,3 +136,46 @@ def test_outer_error_inside_a_session_is_a_plain_close() -> None:
     a.dataReceived(forged)
     pump.flush()
     assert reasons == [Disconnected(None, "connection closed")]
+
+
+def test_answers_made_while_receiving_leave_with_that_read() -> None:
+    """A RECEIVED sent from on_message goes out when the read ends, no timer needed;
+    a send to another connection from the same callback still gets its timer."""
+    h = Harness()
+    ka, kb, kc = h.add_user(1), h.add_user(2), h.add_user(3)
+    a, pa = _connect(h, 1, ka)
+    b, pb = _connect(h, 2, kb)
+    c, pc = _connect(h, 3, kc)
+    for pump in (pa, pb, pc):
+        pump.flush()
+    for conn in (a, b, c):
+        _drain(conn)
+    a.send(Send(mid(1), 2, b"hello"))
+    pa.flush()
+    timers: list[str] = []
+
+    class CountingClock:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+            timers.append(self.name)
+            return h.clock.callLater(delay, f, *args)
+
+    b._clock, c._clock = CountingClock("b"), CountingClock("c")
+
+    def on_message(message: object) -> None:
+        assert isinstance(message, Deliver)
+        b.send(Received(message.msg_id))
+        c.send(Send(mid(2), 1, b"relayed"))
+
+    b.on_message = on_message
+    pb.flush(advanceClock=False)  # b reads the DELIVER and answers within that read
+    assert not b._queue  # written at the end of the read...
+    assert timers == ["c"]  # ...with no timer; another connection's send has one
+    assert c._queue
+    pb.flush(), pa.flush()
+    assert _drain(a) == [Accepted(mid(1)), Delivered(mid(1))]
+    h.clock.advance(0)
+    pc.flush(), pa.flush()
+    assert [m for m in _drain(a) if isinstance(m, Deliver)] == [Deliver(mid(2), 3, b"relayed")]
