@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 from attrs import field, frozen
 
@@ -366,29 +366,68 @@ def _text(raw: bytes) -> str:
         raise InnerError("text is not UTF-8") from None
 
 
+def _slot_builder(cls: type, *names: str) -> Any:
+    """Build ``cls`` from already checked values: set its slots, skip the validators.
+
+    Only the decoder uses it, for values whose size the wire format fixed.
+    """
+    setters = [cls.__dict__[name].__set__ for name in names]  # the slot descriptors
+    new = object.__new__
+
+    if len(setters) == 1:
+        (set_0,) = setters
+
+        def build_1(value: Any) -> Any:
+            obj = new(cls)
+            set_0(obj, value)
+            return obj
+
+        return build_1
+    set_a, set_b, set_c = setters
+
+    def build_3(a: Any, b: Any, c: Any) -> Any:
+        obj = new(cls)
+        set_a(obj, a)
+        set_b(obj, b)
+        set_c(obj, c)
+        return obj
+
+    return build_3
+
+
+_BUILD_ID_PEER = {
+    Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
+    Kind.DELIVER: _slot_builder(Deliver, "msg_id", "sender", "blob"),
+}
+_BUILD_ID_ONLY = {kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()}
+
+
 def decode_all(data: bytes) -> list[InnerMessage]:
     """Every inner message in ``data``; raises :class:`InnerError` on any defect."""
     messages: list[InnerMessage] = []
+    append = messages.append
+    data = bytes(data)
     offset = 0
     end = len(data)
     if end == 0:
         raise InnerError("sealed frame carries no inner message")
+    unpack_len = _LEN.unpack_from
     while offset < end:
         if end - offset < 5:
             raise InnerError("truncated inner message header")
-        (size,) = _LEN.unpack_from(data, offset)
-        if size < 1 or offset + 4 + size > end:
+        (size,) = unpack_len(data, offset)
+        stop = offset + 4 + size
+        if size < 1 or stop > end:
             raise InnerError("inner message length does not fit the frame")
         kind_byte = data[offset + 4]
         # The routed kinds and their receipts are decoded inline (same checks).
-        cls = _ID_PEER_CLASS.get(kind_byte)
-        if cls is not None and size >= 25:  # SEND, DELIVER
-            (peer,) = _U64.unpack_from(data, offset + 21)
-            msg_id = bytes(data[offset + 5 : offset + 21])
-            messages.append(cls(msg_id, peer, bytes(data[offset + 29 : offset + 4 + size])))
-        elif size == 17 and kind_byte in _ID_ONLY_CLASS:  # ACCEPTED, RECEIVED, DELIVERED
-            messages.append(_ID_ONLY_CLASS[kind_byte](bytes(data[offset + 5 : offset + 21])))
+        build: Any = _BUILD_ID_PEER.get(kind_byte)
+        if build is not None and size >= 25:  # SEND, DELIVER
+            _size, _kind, msg_id, peer = _ID_PEER_HEAD.unpack_from(data, offset)
+            append(build(msg_id, peer, data[offset + 29 : stop]))
+        elif size == 17 and kind_byte in _BUILD_ID_ONLY:  # ACCEPTED, RECEIVED, DELIVERED
+            append(_BUILD_ID_ONLY[kind_byte](data[offset + 5 : stop]))
         else:
-            messages.append(_decode_one(kind_byte, bytes(data[offset + 5 : offset + 4 + size])))
-        offset += 4 + size
+            append(_decode_one(kind_byte, data[offset + 5 : stop]))
+        offset = stop
     return messages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -151,7 +152,19 @@ def test_routed_kinds_take_a_short_path_to_the_same_bytes(
     kind, fields = inner._fields(message)
     generic = struct.pack(">I", len(fields) + 1) + bytes((kind,)) + fields
     assert inner.encode(message) == generic
-    assert inner.decode_all(generic + generic) == [message, message]
+    decoded = inner.decode_all(generic + generic)
+    assert decoded == [message, message]
+    assert decoded[0] == inner._decode_one(kind, fields) and type(decoded[0]) is cls
+    attrs.validate(decoded[0])  # built without running them, yet valid
+
+
+def test_short_path_classes_need_nothing_but_their_slots() -> None:
+    """decode_all builds the routed kinds by setting slots: that is only sound
+    while attrs' __init__ does nothing else (no converter, no post-init)."""
+    for cls in (inner.Send, inner.Deliver, inner.Accepted, inner.Received, inner.Delivered):
+        assert not hasattr(cls, "__attrs_post_init__") and not hasattr(cls, "__attrs_pre_init__")
+        assert all(a.converter is None and a.on_setattr is None for a in attrs.fields(cls))
+        assert "__dict__" not in dir(cls) and cls.__slots__
 
 
 @pytest.mark.parametrize(
