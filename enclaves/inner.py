@@ -378,7 +378,7 @@ def _slot_builder(cls: type, *names: str) -> Any:
         (set_0,) = setters
 
         def build_1(value: Any) -> Any:
-            obj = new(cls)
+            obj: Any = new(cls)
             set_0(obj, value)
             return obj
 
@@ -386,7 +386,7 @@ def _slot_builder(cls: type, *names: str) -> Any:
     set_a, set_b, set_c = setters
 
     def build_3(a: Any, b: Any, c: Any) -> Any:
-        obj = new(cls)
+        obj: Any = new(cls)
         set_a(obj, a)
         set_b(obj, b)
         set_c(obj, c)
@@ -395,11 +395,11 @@ def _slot_builder(cls: type, *names: str) -> Any:
     return build_3
 
 
-_BUILD_ID_PEER = {
+_BUILD_ID_PEER: dict[int, Any] = {
     Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
     Kind.DELIVER: _slot_builder(Deliver, "msg_id", "sender", "blob"),
 }
-_BUILD_ID_ONLY = {kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()}
+_BUILD_ID_ONLY: dict[int, Any] = {kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()}
 
 
 def decode_all(data: bytes) -> list[InnerMessage]:
