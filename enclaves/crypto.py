@@ -247,9 +247,12 @@ class StreamSealer(Sealer):
         if encryptor is None:
             encryptor = Cipher(self._aes, modes.CBC(os.urandom(BLOCK))).encryptor()
             self._encryptor = encryptor
-        iv_body = encryptor.update(
-            os.urandom(BLOCK) + plaintext + _PADS[BLOCK - len(plaintext) % BLOCK]
-        )
+        data = os.urandom(BLOCK) + bytes(plaintext)
+        data += _PADS[BLOCK - len(data) % BLOCK]
+        iv_body = encryptor.update(data)
+        if len(iv_body) != len(data):  # never: the chain must stay block-aligned
+            self._encryptor = None
+            raise CryptoError()
         mac = self._mac.copy()
         mac.update(_U16.pack(len(aad)) + aad)
         mac.update(iv_body)
@@ -274,6 +277,7 @@ class StreamSealer(Sealer):
             self._decryptor = decryptor
         padded = decryptor.update(iv_body)
         if len(padded) != len(iv_body):  # never, with padding left to us
+            self._decryptor = None
             raise CryptoError()
         # Strict PKCS#7; the tag is already good, so no oracle is left to time.
         pad = padded[-1]

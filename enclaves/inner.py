@@ -399,7 +399,9 @@ _BUILD_ID_PEER: dict[int, Any] = {
     Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
     Kind.DELIVER: _slot_builder(Deliver, "msg_id", "sender", "blob"),
 }
-_BUILD_ID_ONLY: dict[int, Any] = {kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()}
+_BUILD_ID_ONLY: dict[int, Any] = {
+    kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()
+}
 
 
 def decode_all(data: bytes) -> list[InnerMessage]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import os
 import struct
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -208,6 +210,69 @@ def test_stream_sealer_refuses_padding_bytes_out_of_range(pad: int) -> None:
     tag = SEALER.mac(struct.pack(">H", 0), b"", iv, body)
     with pytest.raises(crypto.CryptoError):
         crypto.StreamSealer(KEYS).open(b"", iv + body + tag)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [memoryview(b"\x00\x0f").cast("H"), array.array("H", b"\x00\x0f")],
+    ids=["memoryview-H", "array-H"],
+)
+def test_stream_sealer_pads_bytes_not_items(odd: Any) -> None:
+    """A buffer of 2-byte items must not leave the running encryptor off its
+    block boundary: that would shift every later frame under a valid tag."""
+    sealer = crypto.StreamSealer(KEYS)
+    assert crypto.open_sealed(KEYS, b"", sealer.seal(b"", odd)) == bytes(odd)
+    plaintext = b"hello\n"  # ends in 0x0a, its own pad length: a shifted frame would unpad
+    assert crypto.open_sealed(KEYS, b"", sealer.seal(b"", plaintext)) == plaintext
+
+
+def test_stream_sealer_iv_is_the_encryption_of_a_fresh_random_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IV = AES(K.enc, R xor the last block sent), R drawn from os.urandom per frame."""
+    sealer = crypto.StreamSealer(KEYS)
+    previous = sealer.seal(b"", b"first")[-32:-16]
+    drawn: list[bytes] = []
+    real = os.urandom
+
+    def urandom(n: int) -> bytes:
+        drawn.append(real(n))
+        return drawn[-1]
+
+    monkeypatch.setattr(crypto.os, "urandom", urandom)
+    blob = sealer.seal(b"", b"second")
+    one_block = Cipher(algorithms.AES(KEYS.enc), modes.CBC(bytes(16))).decryptor()
+    block = one_block.update(blob[:16]) + one_block.finalize()  # AES^-1(IV)
+    assert bytes(a ^ b for a, b in zip(block, previous, strict=True)) == drawn[-1]
+
+
+class _CountingDecryptor:
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, 0
+
+    def update(self, data: bytes) -> bytes:
+        self.calls += 1
+        return bytes(self.inner.update(data))
+
+
+def test_stream_sealer_running_decryptor_untouched_by_a_bad_tag() -> None:
+    opener = crypto.StreamSealer(KEYS)
+    assert opener.open(b"a", SEALER.seal(b"a", b"warm up")) == b"warm up"
+    spy = _CountingDecryptor(opener._decryptor)
+    opener._decryptor = spy
+    blob = SEALER.seal(b"a", b"x" * 40)
+    with pytest.raises(crypto.CryptoError):
+        opener.open(b"a", blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert spy.calls == 0
+    assert opener.open(b"a", blob) == b"x" * 40 and spy.calls == 1
+
+
+def test_stream_sealer_opens_regardless_of_history_and_buffer_type() -> None:
+    opener = crypto.StreamSealer(KEYS)
+    blobs = [crypto.StreamSealer(KEYS).seal(b"", bytes([i]) * (i * 7)) for i in range(6)]
+    for i in (3, 0, 5, 5, 1, 4, 2, 0):  # replays, any order: the chain state never matters
+        for form in (bytes, bytearray, memoryview):
+            assert opener.open(b"", form(blobs[i])) == bytes([i]) * (i * 7)
 
 
 # -- safety numbers -------------------------------------------------------------
