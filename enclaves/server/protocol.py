@@ -247,16 +247,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._go_live()
         self._pinged = False
         self.resetTimeout()
-        router = self.factory.router
-        for message in messages:
-            if self._state != _SESSION:
-                return
-            if isinstance(message, Error):
-                self.log.info(
-                    "user {user_id} reported error {code}", user_id=self.user_id, code=message.code
-                )
-                continue
-            router.message_received(self, message)
+        self.factory.router.messages_received(self, messages)
 
     # -- output -----------------------------------------------------------------------
 

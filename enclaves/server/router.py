@@ -400,23 +400,39 @@ class Router:
 
     # -- inner messages ---------------------------------------------------------
 
+    def messages_received(self, peer: Peer, messages: list[InnerMessage]) -> None:
+        """The inner messages of one sealed frame from ``peer``'s live session, in order."""
+        state = self._by_peer.get(id(peer))
+        if state is None:
+            return
+        now = self.clock.seconds()
+        for message in messages:
+            if state.closed:
+                return  # an earlier message ended the session
+            # The two kinds of nearly all traffic first (the same checks as below).
+            cls = type(message)
+            if cls is Received and not state.enrolling:
+                self._acknowledge(state, message.msg_id)  # type: ignore[union-attr]
+            elif cls is Send and not state.enrolling:
+                if state.bucket.take(now):
+                    self._route(state, message)  # type: ignore[arg-type]
+                else:
+                    peer.close(
+                        ErrorCode.MESSAGE_RATE, f"more than {self.message_rate} messages a second"
+                    )
+            else:
+                self._other_message(state, message)
+
     def message_received(self, peer: Peer, message: InnerMessage) -> None:
         """One inner message from ``peer``'s live session."""
-        state = self._by_peer.get(id(peer))
-        if state is None or state.closed:
-            return
-        # The two kinds of nearly all traffic first (the same checks as below).
-        cls = type(message)
-        if cls is Received and not state.enrolling:
-            self._acknowledge(state, message.msg_id)  # type: ignore[union-attr]
-            return
-        if cls is Send and not state.enrolling:
-            if not state.bucket.take(self.clock.seconds()):
-                peer.close(
-                    ErrorCode.MESSAGE_RATE, f"more than {self.message_rate} messages a second"
-                )
-            else:
-                self._route(state, message)  # type: ignore[arg-type]
+        self.messages_received(peer, [message])
+
+    def _other_message(self, state: _Online, message: InnerMessage) -> None:
+        peer = state.peer
+        if isinstance(message, Error):
+            self.log.info(
+                "user {user_id} reported error {code}", user_id=peer.user_id, code=message.code
+            )
             return
         if isinstance(message, Ping):
             peer.send(Pong(message.nonce))

@@ -300,9 +300,13 @@ def test_message_rate() -> None:
     a.send(*(Send(mid(i), B, b"m") for i in range(5)))
     assert len(a.received()) == 5
     h.clock.advance(1)
-    a.send(*(Send(mid(i), B, b"m") for i in range(6)))
+    a.send(*(Send(mid(i), B, b"m") for i in range(10, 18)))
     assert _codes(a.received()) == [ErrorCode.MESSAGE_RATE]
     assert a.closing
+    # Within the frame, the SENDs before the one over the rate were routed;
+    # none after it.
+    stored = [mid(i) for i in range(5)] + [mid(i) for i in range(10, 15)]
+    assert _pending(h, B) == stored
 
 
 def test_enrollment_rotation_and_token_reuse() -> None:
