@@ -369,7 +369,8 @@ def _text(raw: bytes) -> str:
 def _slot_builder(cls: type, *names: str) -> Any:
     """Build ``cls`` from already checked values: set its slots, skip the validators.
 
-    Only the decoder uses it, for values whose size the wire format fixed.
+    For the decoder (sizes fixed by the wire format) and the router's hot path
+    (ids taken from messages so decoded); anything else uses the classes.
     """
     setters = [cls.__dict__[name].__set__ for name in names]  # the slot descriptors
     new = object.__new__
@@ -395,12 +396,17 @@ def _slot_builder(cls: type, *names: str) -> Any:
     return build_3
 
 
+checked_deliver = _slot_builder(Deliver, "msg_id", "sender", "blob")
+checked_accepted = _slot_builder(Accepted, "msg_id")
+checked_delivered = _slot_builder(Delivered, "msg_id")
 _BUILD_ID_PEER: dict[int, Any] = {
     Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
-    Kind.DELIVER: _slot_builder(Deliver, "msg_id", "sender", "blob"),
+    Kind.DELIVER: checked_deliver,
 }
 _BUILD_ID_ONLY: dict[int, Any] = {
-    kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()
+    Kind.ACCEPTED: checked_accepted,
+    Kind.RECEIVED: _slot_builder(Received, "msg_id"),
+    Kind.DELIVERED: checked_delivered,
 }
 
 

@@ -165,6 +165,12 @@ def test_short_path_classes_need_nothing_but_their_slots() -> None:
         assert not hasattr(cls, "__attrs_post_init__") and not hasattr(cls, "__attrs_pre_init__")
         assert all(a.converter is None and a.on_setattr is None for a in attrs.fields(cls))
         assert "__dict__" not in dir(cls) and cls.__slots__
+    built = inner.checked_deliver(MSG_ID, 7, b"blob")
+    assert built == inner.Deliver(MSG_ID, 7, b"blob") and type(built) is inner.Deliver
+    assert inner.checked_accepted(MSG_ID) == inner.Accepted(MSG_ID)
+    assert inner.checked_delivered(MSG_ID) == inner.Delivered(MSG_ID)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.sender = 8  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ from enclaves.frames import DEFAULT_MAX_FRAME, ErrorCode
 from enclaves.inner import (
     NO_MSG_ID,
     Accepted,
-    Deliver,
     Delivered,
     Error,
     InnerError,
@@ -40,6 +39,9 @@ from enclaves.inner import (
     Rotate,
     Rotated,
     Send,
+    checked_accepted,
+    checked_deliver,
+    checked_delivered,
     decode_all,
     encode,
     split_directory,
@@ -560,7 +562,7 @@ class Router:
             waiting.append(item)
             return
         state.inflight[item.msg_id] = [item]
-        state.peer.send(Deliver(item.msg_id, item.sender, item.blob))
+        state.peer.send(checked_deliver(item.msg_id, item.sender, item.blob))
 
     def _store(self, item: _Item, recipient: int) -> None:
         self._storing[recipient] = self._storing.get(recipient, 0) + 1
@@ -619,8 +621,9 @@ class Router:
             if item.file_id is None:
                 sender = self._online.get(item.sender)
                 if sender is not None and not sender.closed:
-                    sender.peer.send(Accepted(msg_id))
-                    sender.peer.send(Delivered(msg_id))
+                    # msg_id came from a decoded RECEIVED: 16 bytes.
+                    sender.peer.send(checked_accepted(msg_id))
+                    sender.peer.send(checked_delivered(msg_id))
                 else:  # no ACCEPTED (the outbox resends); DELIVERED kept as a notice
                     self._notify(item.sender, Delivered(msg_id))
             else:
