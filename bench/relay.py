@@ -34,6 +34,7 @@ class RelayProtocol(Protocol):
     factory: RelayFactory
 
     def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)  # as the Enclaves server does
         self.decoder = FrameDecoder(1 << 20)
         self.user_id = 0
         self.session: Session | None = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import signal
@@ -272,6 +273,8 @@ class _Baseline:
                 from enclaves.frames import FrameType, encode_frame
                 from enclaves.session import Session
 
+                self.transport.setTcpNoDelay(True)  # as the Enclaves client does
+
                 outer.transport = self.transport
                 self.transport.write(
                     encode_frame(FrameType.HELLO, struct.pack(">Q", outer.user_id))
@@ -318,15 +321,16 @@ def cmd_worker(
     t_measure = float(start_at) + float(warmup)
     t_end = t_measure + float(seconds)
     win, per_s = int(window), float(rate)
-    state = {"count": 0, "latencies": [], "seq": 0}
+    state = {"count": 0, "latencies": []}
     pad = bytes(BODY - 8)
 
     def blob() -> bytes:
         return struct.pack(">d", time.time()) + pad
 
+    id_prefix, id_counter = struct.pack(">Q", os.getpid()), itertools.count(1)
+
     def new_id() -> bytes:
-        state["seq"] += 1
-        return struct.pack(">QQ", os.getpid(), state["seq"])
+        return id_prefix + next(id_counter).to_bytes(8, "big")
 
     async def setup() -> None:
         conns: list[tuple[Any, Any, int]] = []

@@ -207,3 +207,34 @@ async def test_without_the_twisted_internals_it_relies_on_write_now_just_writes(
     finally:
         client.transport.loseConnection()  # type: ignore[union-attr]
         await port.stopListening()
+
+
+def _nodelay(transport: Any) -> int:
+    return int(transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_and_client_sockets_do_not_wait_for_nagle() -> None:
+    """Both ends coalesce whole frames themselves: the kernel must not hold a
+    frame back waiting for the ACK of the previous one (Nagle)."""
+    from twisted.internet import reactor
+
+    from enclaves.client.connection import ClientConnection
+    from enclaves.crypto import KeyPair
+    from enclaves.server.protocol import ServerFactory
+    from enclaves.server.router import Router
+    from enclaves.storage.memory import MemoryStorage
+
+    storage = MemoryStorage()
+    factory = ServerFactory(Router(storage, reactor), storage, reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    client = await connectProtocol(endpoint, ClientConnection(7, KeyPair.generate()))
+    try:
+        await _wait(lambda: factory.protocols, "the server side")
+        (server,) = factory.protocols
+        assert _nodelay(server.transport) and _nodelay(client.transport)
+    finally:
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        client.ready.addErrback(lambda _: None)
+        await port.stopListening()

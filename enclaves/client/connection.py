@@ -158,6 +158,9 @@ class ClientConnection(Protocol):
     # -- Twisted hooks ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if hasattr(transport, "setTcpNoDelay"):  # we coalesce frames ourselves: no Nagle
+            transport.setTcpNoDelay(True)
         if self._clock is None:
             from twisted.internet import reactor
 

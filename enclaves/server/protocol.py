@@ -95,6 +95,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
         # TimeoutMixin schedules with the injected clock.
         self.callLater = factory.clock.callLater  # type: ignore[method-assign]
         assert self.transport is not None
+        if hasattr(self.transport, "setTcpNoDelay"):  # we coalesce frames ourselves: no Nagle
+            self.transport.setTcpNoDelay(True)
         peer = self.transport.getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
