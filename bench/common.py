@@ -31,10 +31,17 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def machine() -> dict[str, Any]:
     """Where the figures come from: CPUs, CPU model, memory, versions."""
-    import cryptography
+    from importlib.metadata import PackageNotFoundError, version
 
-    import twisted
-
+    versions = {}
+    for name in ("twisted", "cryptography"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            raise SystemExit(
+                f"{sys.executable} has no {name} installed: run the benchmarks with the "
+                "development environment's Python (see docs/performance.rst)"
+            ) from None
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -56,8 +63,8 @@ def machine() -> dict[str, Any]:
         "memory_mib": mem_kib // 1024,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "twisted": twisted.__version__,
-        "cryptography": cryptography.__version__,
+        "twisted": versions["twisted"],
+        "cryptography": versions["cryptography"],
     }
 
 
