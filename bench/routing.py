@@ -19,12 +19,9 @@ three servers.  More workers than (cores - 1) inflate the latencies.
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -251,163 +248,10 @@ def _read_users(path: str) -> list[tuple[int, Any]]:
     ]
 
 
-class _Baseline:
-    """A client of bench/relay.py with the same surface as ClientConnection."""
+def cmd_worker(*argv: str) -> None:
+    from bench.loadgen import main as loadgen
 
-    def __init__(self, mode: str, user_id: int) -> None:
-        from enclaves.frames import FrameDecoder
-
-        self.mode, self.user_id = mode, user_id
-        self.decoder = FrameDecoder(1 << 20)
-        self.session: Any = None
-        self.on_message: Any = None
-
-    def protocol(self) -> Any:
-        from twisted.internet.protocol import Protocol
-
-        outer = self
-
-        class P(Protocol):
-            def connectionMade(self) -> None:
-                from bench.relay import bench_keys
-                from enclaves.frames import FrameType, encode_frame
-                from enclaves.session import Session
-
-                self.transport.setTcpNoDelay(True)  # as the Enclaves client does
-
-                outer.transport = self.transport
-                self.transport.write(
-                    encode_frame(FrameType.HELLO, struct.pack(">Q", outer.user_id))
-                )
-                if outer.mode == "naive":
-                    outer.session = Session(bench_keys(outer.user_id), "client", 1 << 20)
-
-            def dataReceived(self, data: bytes) -> None:
-                from enclaves import inner
-
-                for frame in outer.decoder.feed(data):
-                    if outer.session is None:
-                        messages = inner.decode_all(frame.payload)
-                    else:
-                        messages = outer.session.open(frame.payload)
-                    for message in messages:
-                        outer.on_message(message)
-
-        return P()
-
-    def send(self, message: Any) -> None:
-        from enclaves import inner
-        from enclaves.frames import FrameType, encode_frame
-
-        if self.session is None:
-            self.transport.write(encode_frame(FrameType.SEALED, inner.encode(message)))
-        else:
-            self.transport.write(self.session.seal([message]))
-
-
-def cmd_worker(
-    mode: str, port: str, pairs: str, offset: str, start_at: str, warmup: str,
-    seconds: str, window: str, rate: str, users_path: str,
-) -> None:  # fmt: skip
-    from twisted.internet import reactor
-    from twisted.internet.defer import ensureDeferred
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-    from twisted.internet.task import LoopingCall
-
-    from enclaves import inner
-    from enclaves.client.connection import connect
-
-    n, first = int(pairs), int(offset)
-    t_measure = float(start_at) + float(warmup)
-    t_end = t_measure + float(seconds)
-    win, per_s = int(window), float(rate)
-    state = {"count": 0, "latencies": []}
-    pad = bytes(BODY - 8)
-
-    def blob() -> bytes:
-        return struct.pack(">d", time.time()) + pad
-
-    id_prefix, id_counter = struct.pack(">Q", os.getpid()), itertools.count(1)
-
-    def new_id() -> bytes:
-        return id_prefix + next(id_counter).to_bytes(8, "big")
-
-    async def setup() -> None:
-        conns: list[tuple[Any, Any, int]] = []
-        if mode == "enclaves":
-            users = _read_users(users_path)[2 * first : 2 * (first + n)]
-            for i in range(n):
-                (su, sk), (ru, rk) = users[2 * i], users[2 * i + 1]
-                s = await connect(reactor, f"tcp:127.0.0.1:{port}", su, sk, max_frame=65536)
-                r = await connect(reactor, f"tcp:127.0.0.1:{port}", ru, rk, max_frame=65536)
-                conns.append((s, r, ru))
-        else:
-            for i in range(n):
-                ids = (1 + 2 * (first + i), 2 + 2 * (first + i))
-                pair = []
-                for uid in ids:
-                    client = _Baseline(mode, uid)
-                    ep = TCP4ClientEndpoint(reactor, "127.0.0.1", int(port))
-                    await connectProtocol(ep, client.protocol())
-                    pair.append(client)
-                conns.append((pair[0], pair[1], ids[1]))
-        for sender, receiver, rid in conns:
-
-            def on_message(
-                message: Any, sender: Any = sender, receiver: Any = receiver, rid: int = rid
-            ) -> None:
-                if isinstance(message, inner.Deliver):
-                    now = time.time()
-                    if t_measure <= now < t_end:
-                        state["count"] += 1
-                        (sent,) = struct.unpack_from(">d", message.blob)
-                        state["latencies"].append(now - sent)  # every message in the window
-                    if mode == "enclaves":
-                        receiver.send(inner.Received(message.msg_id))
-                    if not per_s and now < t_end:
-                        sender.send(inner.Send(new_id(), rid, blob()))
-
-            receiver.on_message = on_message
-            sender.on_message = lambda message: None
-        # As the server does (FreezeStartupObjects): the set-up's long-lived
-        # objects leave the collector's sight, so a full collection of them
-        # does not stall the generator for 15-25 ms mid-measurement.
-        gc.collect()
-        gc.freeze()
-        delay = float(start_at) - time.time()
-        if delay > 0:
-            from twisted.internet.task import deferLater
-
-            await deferLater(reactor, delay)
-        if per_s:
-            credit = [0.0]
-
-            def tick() -> None:
-                if time.time() >= t_end:
-                    return
-                credit[0] += per_s * 0.005
-                rounds = int(credit[0] // n)
-                credit[0] -= rounds * n
-                if rounds:
-                    # One send time per tick: nothing leaves before the tick ends.
-                    body = blob()
-                    for _ in range(rounds):
-                        for sender, _r, rid in conns:
-                            sender.send(inner.Send(new_id(), rid, body))
-
-            LoopingCall(tick).start(0.005)
-        else:
-            for sender, _r, rid in conns:
-                for _ in range(win):
-                    sender.send(inner.Send(new_id(), rid, blob()))
-        reactor.callLater(max(0.0, t_end - time.time()) + 0.3, reactor.stop)
-
-    d = ensureDeferred(setup())
-    d.addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
-    reactor.run()
-    # Microseconds, as integers: a few hundred thousand of them stay a small JSON.
-    micros = [round(x * 1e6) for x in state["latencies"]]
-    print(json.dumps({"count": state["count"], "latencies": micros}))
+    loadgen([*argv, str(BODY)])
 
 
 def cmd_idle(port: str, count: str, offset: str, users_path: str) -> None:
