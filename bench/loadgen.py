@@ -17,7 +17,10 @@ It does what the server needs from real clients and nothing more:
 
 Closed loop (``rate`` 0): each sender keeps ``window`` messages in flight and
 sends one more for each one its receiver gets.  Open loop: every 5 ms each
-sender sends its share of ``rate`` messages per second.  Latency runs from
+sender sends its share of ``rate`` messages per second in one frame; with
+``staggered`` arrivals the senders take turns (sender i at i/N of the 5 ms,
+as independent clients would), with ``bursts`` all send at the same instant
+(the worst case for queueing).  Latency runs from
 the send time stamped in the body to the receiver having opened the frame.
 """
 
@@ -121,6 +124,7 @@ def run(
     window: int,
     rate: float,
     body_size: int,
+    staggered: bool,
 ) -> dict[str, Any]:
     """Drive ``len(users) // 2`` pairs; returns the count and latencies (µs) measured."""
     pairs = []
@@ -202,7 +206,11 @@ def run(
         stamp = _STAMP.pack(time.time())
         for sender, _receiver in pairs:
             send(sender, window, stamp)
-    credit = 0.0
+    n = len(pairs)
+    share = rate / n * TICK  # each sender's messages per TICK
+    credits = [0.0] * n
+    turn = 0  # staggered: the sender whose turn it is
+    step = TICK / n if staggered else TICK
     next_tick = time.time()
     stop_at = t_end + 0.3
     while True:
@@ -211,14 +219,15 @@ def run(
             break
         if rate and now >= next_tick:
             if now < t_end:
-                credit += rate * TICK
-                rounds = int(credit // len(pairs))
-                credit -= rounds * len(pairs)
-                if rounds:
-                    stamp = _STAMP.pack(now)  # one send time per burst
-                    for sender, _receiver in pairs:
-                        send(sender, rounds, stamp)
-            next_tick += TICK
+                stamp = _STAMP.pack(now)  # one send time per burst
+                for index in (turn,) if staggered else range(n):
+                    credits[index] += share
+                    rounds = int(credits[index])
+                    credits[index] -= rounds
+                    if rounds:
+                        send(pairs[index][0], rounds, stamp)
+                turn = (turn + 1) % n
+            next_tick += step
         timeout = max(0.0, min(next_tick if rate else stop_at, stop_at) - time.time())
         for fd, events in poller.poll(timeout):
             conn = by_fd[fd]
@@ -248,7 +257,10 @@ def run(
 
 def main(argv: list[str]) -> None:
     """``worker MODE PORT PAIRS OFFSET START WARMUP SECONDS WINDOW RATE USERS BODY``."""
-    mode, port, pairs, offset, start_at, warmup, seconds, window, rate, users_path, body = argv
+    (mode, port, pairs, offset, start_at, warmup, seconds, window, rate, users_path, arrivals,
+     body) = argv  # fmt: skip
+    if arrivals not in ("staggered", "bursts"):
+        raise SystemExit(f"arrivals must be staggered or bursts, not {arrivals!r}")
     n, first = int(pairs), int(offset)
     if mode == "enclaves":
         from bench.routing import _read_users
@@ -267,5 +279,6 @@ def main(argv: list[str]) -> None:
         int(window),
         float(rate),
         int(body),
+        arrivals == "staggered",
     )
     print(json.dumps(result))

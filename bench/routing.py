@@ -3,7 +3,10 @@
 Prints JSON.  N sender->receiver pairs over loopback exchange 200-byte
 bodies; each sender keeps ``--window`` messages in flight (closed loop) to
 find the peak rate, then the full server is run open loop at half of its peak
-for latency.  The load runs in ``--workers`` processes; server CPU is read
+for latency: with the senders taking turns (``enclaves_half_rate``, as
+independent clients) and with all of them sending at the same instant every
+5 ms (``enclaves_half_rate_bursts``, the worst case for queueing).  The
+clients are bench/loadgen.py.  The load runs in ``--workers`` processes; server CPU is read
 from /proc.  Finally, memory per idle authenticated connection is measured
 with ``--idle`` connections.
 
@@ -85,6 +88,7 @@ def load(
     users: Path | None,
     rate: float = 0,
     seconds: float | None = None,
+    arrivals: str = "staggered",
 ) -> dict[str, Any]:
     seconds = seconds or args.seconds
     start_at = time.time() + 2.0
@@ -94,7 +98,7 @@ def load(
         argv = [
             "bench.routing", "worker", mode, str(port), str(per), str(w * per),
             str(start_at), str(args.warmup), str(seconds), str(args.window),
-            str(rate / args.workers), str(users or ""),
+            str(rate / args.workers), str(users or ""), arrivals,
         ]  # fmt: skip
         workers.append(run_py(*argv, stdout=subprocess.PIPE))
     time.sleep(max(0.0, start_at + args.warmup - time.time()))
@@ -156,15 +160,20 @@ def main(args: argparse.Namespace) -> None:
             assert daemon.process is not None
             peak = load("enclaves", daemon.port, daemon.process.pid, args, users)
             results["enclaves"] = peak
-            results["enclaves_half_rate"] = load(
-                "enclaves",
-                daemon.port,
-                daemon.process.pid,
-                args,
-                users,
-                peak["msgs_per_s"] / 2,
-                args.latency_seconds,
-            )
+            for key, arrivals in (
+                ("enclaves_half_rate", "staggered"),
+                ("enclaves_half_rate_bursts", "bursts"),
+            ):
+                results[key] = load(
+                    "enclaves",
+                    daemon.port,
+                    daemon.process.pid,
+                    args,
+                    users,
+                    peak["msgs_per_s"] / 2,
+                    args.latency_seconds,
+                    arrivals,
+                )
         finally:
             daemon.stop()
     naive = results["naive_relay"]["msgs_per_s"]
