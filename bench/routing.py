@@ -105,21 +105,30 @@ def load(
     cpu0 = cpu_seconds(pid)
     time.sleep(seconds)
     cpu1 = cpu_seconds(pid)
-    count, latencies = 0, []
+    count, sent, lag, latencies = 0, 0, 0.0, []
     for proc in workers:
         out, _ = proc.communicate(timeout=60)
         result = json.loads(out.strip().splitlines()[-1])
         count += result["count"]
+        sent += result["sent"]
+        lag = max(lag, result["max_lag_ms"])
         latencies += [us / 1e6 for us in result["latencies"]]
     rate_measured = count / seconds
     server_cpu = (cpu1 - cpu0) / seconds
-    return {
+    out = {
         "msgs_per_s": round(rate_measured),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
         "server_cpu": round(server_cpu, 3),
         "msgs_per_server_cpu_s": round(rate_measured / server_cpu) if server_cpu else None,
+        # Of the messages sent in the window, the share received (by 0.5 s after it).
+        "delivered_of_sent": round(count / sent, 4) if sent else 0.0,
     }
+    if rate:  # open loop: did the generator keep to the asked rate and schedule?
+        out["asked_per_s"] = round(rate)
+        out["sent_per_s"] = round(sent / seconds)
+        out["generator_max_lag_ms"] = lag
+    return out
 
 
 def start_relay(mode: str) -> tuple[subprocess.Popen[str], int]:

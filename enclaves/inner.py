@@ -396,18 +396,42 @@ def _slot_builder(cls: type, *names: str) -> Any:
     return build_3
 
 
-checked_deliver = _slot_builder(Deliver, "msg_id", "sender", "blob")
-checked_accepted = _slot_builder(Accepted, "msg_id")
-checked_delivered = _slot_builder(Delivered, "msg_id")
+_build_deliver = _slot_builder(Deliver, "msg_id", "sender", "blob")
+_build_accepted = _slot_builder(Accepted, "msg_id")
+_build_delivered = _slot_builder(Delivered, "msg_id")
 _BUILD_ID_PEER: dict[int, Any] = {
     Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
-    Kind.DELIVER: checked_deliver,
+    Kind.DELIVER: _build_deliver,
 }
 _BUILD_ID_ONLY: dict[int, Any] = {
-    Kind.ACCEPTED: checked_accepted,
+    Kind.ACCEPTED: _build_accepted,
     Kind.RECEIVED: _slot_builder(Received, "msg_id"),
-    Kind.DELIVERED: checked_delivered,
+    Kind.DELIVERED: _build_delivered,
 }
+
+
+def _msg_id_size(msg_id: bytes) -> None:
+    # struct would pad or cut a wrong-sized msg_id on the wire without a word.
+    if len(msg_id) != MSG_ID_SIZE:
+        raise ValueError("msg_id must be 16 bytes")
+
+
+def checked_deliver(msg_id: bytes, sender: int, blob: bytes) -> Deliver:
+    """A DELIVER for ids taken from decoded or stored messages (a u64 sender)."""
+    _msg_id_size(msg_id)
+    return _build_deliver(msg_id, sender, blob)
+
+
+def checked_accepted(msg_id: bytes) -> Accepted:
+    """ACCEPTED for a msg_id taken from a decoded message."""
+    _msg_id_size(msg_id)
+    return _build_accepted(msg_id)
+
+
+def checked_delivered(msg_id: bytes) -> Delivered:
+    """DELIVERED for a msg_id taken from a decoded message."""
+    _msg_id_size(msg_id)
+    return _build_delivered(msg_id)
 
 
 def decode_all(data: bytes) -> list[InnerMessage]:

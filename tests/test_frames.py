@@ -171,6 +171,23 @@ def test_short_path_classes_need_nothing_but_their_slots() -> None:
     assert inner.checked_delivered(MSG_ID) == inner.Delivered(MSG_ID)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         built.sender = 8  # type: ignore[misc]
+    for build in (inner.checked_accepted, inner.checked_delivered):
+        with pytest.raises(ValueError):
+            build(b"short")  # struct would pad it on the wire
+    with pytest.raises(ValueError):
+        inner.checked_deliver(MSG_ID + b"x", 7, b"blob")
+    # What skipping the validators skips: exactly these checks, which the
+    # wire format (and the checked_* length test) already make.
+    expected = {
+        inner.Send: {"msg_id": inner._msg_id, "recipient": inner._user_id, "blob": None},
+        inner.Deliver: {"msg_id": inner._msg_id, "sender": inner._user_id, "blob": None},
+        inner.Accepted: {"msg_id": inner._msg_id},
+        inner.Received: {"msg_id": inner._msg_id},
+        inner.Delivered: {"msg_id": inner._msg_id},
+    }
+    for cls, validators in expected.items():
+        assert {a.name: a.validator for a in attrs.fields(cls)} == validators
+        assert not getattr(cls, "__attrs_cached_hash__", None) and cls.__hash__ is not None
 
 
 @pytest.mark.parametrize(

@@ -628,3 +628,19 @@ def test_expired_unused_enrollments_are_purged() -> None:
     assert _result(h.router.purge_expired_enrollments()) == [B]
     assert _result(h.storage.list_users()) == [A, C]
     assert a.received() == [Removed(B)]
+
+
+def test_nothing_after_a_closing_message_in_the_same_frame_is_routed() -> None:
+    """A message that ends the session stops the rest of its sealed frame."""
+    h = Harness()
+    ka, _ = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    # DELIVER is server-only: BAD_MESSAGE ends the session; the SEND after it
+    # in the same frame must not be routed (B is offline: it would be stored).
+    a.send(Send(mid(1), B, b"before"), Deliver(mid(9), B, b"x"), Send(mid(2), B, b"after"), Ping(5))
+    out = a.received()
+    assert _codes(out) == [ErrorCode.BAD_MESSAGE]
+    assert Pong(5) not in out and Accepted(mid(2)) not in out
+    assert a.closing
+    assert _pending(h, B) == [mid(1)]
