@@ -425,10 +425,6 @@ class Router:
             else:
                 self._other_message(state, message)
 
-    def message_received(self, peer: Peer, message: InnerMessage) -> None:
-        """One inner message from ``peer``'s live session."""
-        self.messages_received(peer, [message])
-
     def _other_message(self, state: _Online, message: InnerMessage) -> None:
         peer = state.peer
         if isinstance(message, Error):
