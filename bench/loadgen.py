@@ -43,7 +43,7 @@ from typing import Any
 
 from enclaves.frames import FrameDecoder, FrameType, encode_frame
 from enclaves.handshake import ClientHandshake
-from enclaves.inner import Deliver, Ping
+from enclaves.inner import Deliver, Ping, decode_all
 from enclaves.session import Session
 
 TICK = 0.005  # open loop: seconds between bursts
@@ -184,8 +184,6 @@ def run(
             if session is not None:
                 messages = session.open(frame.payload)
             else:
-                from enclaves.inner import decode_all
-
                 messages = decode_all(frame.payload)
             now = time.time()  # the frame is open: its messages reached the application
             for message in messages:

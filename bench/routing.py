@@ -115,7 +115,7 @@ def load(
         latencies += [us / 1e6 for us in result["latencies"]]
     rate_measured = count / seconds
     server_cpu = (cpu1 - cpu0) / seconds
-    out = {
+    figures: dict[str, Any] = {
         "msgs_per_s": round(rate_measured),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
@@ -125,10 +125,10 @@ def load(
         "delivered_of_sent": round(count / sent, 4) if sent else 0.0,
     }
     if rate:  # open loop: did the generator keep to the asked rate and schedule?
-        out["asked_per_s"] = round(rate)
-        out["sent_per_s"] = round(sent / seconds)
-        out["generator_max_lag_ms"] = lag
-    return out
+        figures["asked_per_s"] = round(rate)
+        figures["sent_per_s"] = round(sent / seconds)
+        figures["generator_max_lag_ms"] = lag
+    return figures
 
 
 def start_relay(mode: str) -> tuple[subprocess.Popen[str], int]:

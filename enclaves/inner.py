@@ -396,18 +396,16 @@ def _slot_builder(cls: type, *names: str) -> Any:
     return build_3
 
 
-_build_deliver = _slot_builder(Deliver, "msg_id", "sender", "blob")
-_build_accepted = _slot_builder(Accepted, "msg_id")
-_build_delivered = _slot_builder(Delivered, "msg_id")
 _BUILD_ID_PEER: dict[int, Any] = {
     Kind.SEND: _slot_builder(Send, "msg_id", "recipient", "blob"),
-    Kind.DELIVER: _build_deliver,
+    Kind.DELIVER: _slot_builder(Deliver, "msg_id", "sender", "blob"),
 }
 _BUILD_ID_ONLY: dict[int, Any] = {
-    Kind.ACCEPTED: _build_accepted,
-    Kind.RECEIVED: _slot_builder(Received, "msg_id"),
-    Kind.DELIVERED: _build_delivered,
+    kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()
 }
+_build_deliver = _BUILD_ID_PEER[Kind.DELIVER]
+_build_accepted = _BUILD_ID_ONLY[Kind.ACCEPTED]
+_build_delivered = _BUILD_ID_ONLY[Kind.DELIVERED]
 
 
 def _msg_id_size(msg_id: bytes) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["LINGER_SECONDS", "close_after_output", "write_now"]
+__all__ = ["LINGER_SECONDS", "close_after_output", "no_nagle", "write_now"]
 
 LINGER_SECONDS = 2.0
 
@@ -35,6 +35,13 @@ _FAST = all(hasattr(cls, name) for cls in _PLAIN_TCP for name in (*_INTERNALS, "
 
 def _plain_tcp(transport: Any) -> bool:
     return _FAST and type(transport) in _PLAIN_TCP and not transport.TLS
+
+
+def no_nagle(transport: Any) -> None:
+    """TCP_NODELAY where the transport has it: we coalesce whole frames ourselves,
+    and Nagle could hold a frame back until the previous one is acknowledged."""
+    if hasattr(transport, "setTcpNoDelay"):  # TCP, and TLS over it; not test transports
+        transport.setTcpNoDelay(True)
 
 
 def write_now(transport: Any, data: bytes) -> None:

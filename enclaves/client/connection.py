@@ -52,7 +52,7 @@ from enclaves.inner import (
     Pong,
 )
 from enclaves.session import Session, SessionError, max_blob_size
-from enclaves.transport import write_now
+from enclaves.transport import no_nagle, write_now
 
 __all__ = [
     "ClientConnection",
@@ -158,9 +158,7 @@ class ClientConnection(Protocol):
     # -- Twisted hooks ----------------------------------------------------------
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport
-        if hasattr(transport, "setTcpNoDelay"):  # we coalesce frames ourselves: no Nagle
-            transport.setTcpNoDelay(True)
+        no_nagle(self.transport)
         if self._clock is None:
             from twisted.internet import reactor
 

@@ -34,7 +34,7 @@ from enclaves.server.limits import FailureLimiter
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
-from enclaves.transport import LINGER_SECONDS, close_after_output, write_now
+from enclaves.transport import LINGER_SECONDS, close_after_output, no_nagle, write_now
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -95,8 +95,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         # TimeoutMixin schedules with the injected clock.
         self.callLater = factory.clock.callLater  # type: ignore[method-assign]
         assert self.transport is not None
-        if hasattr(self.transport, "setTcpNoDelay"):  # we coalesce frames ourselves: no Nagle
-            self.transport.setTcpNoDelay(True)
+        no_nagle(self.transport)
         peer = self.transport.getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
