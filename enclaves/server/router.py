@@ -10,6 +10,7 @@ recipient who disconnects is stored, or its sender gets an ERROR.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -119,6 +120,9 @@ class _Online:
     # The login read of stored notices has been asked for: a notice kept from
     # now on is sent live (the read could not have seen it).
     notices_asked: bool = False
+    # Notices sent and not yet acknowledged: the nonce of the PING sent after
+    # them -> their ids.  The matching PONG deletes them.
+    notice_pings: dict[int, list[int]] = field(factory=dict)
     closed: bool = False
     backlog: list[_Item] = field(factory=list)
     # Flow control: at most ``max_inflight`` unacknowledged DELIVERs; beyond
@@ -330,12 +334,11 @@ class Router:
         ensureDeferred(start()).addErrback(failed)
 
     async def _send_notices(self, state: _Online, uid: int) -> None:
-        """Send the notices kept while ``uid`` was offline, then delete them.
+        """Send the notices kept while ``uid`` was offline, then a PING whose
+        PONG deletes them (see ``_ask_receipt``).
 
-        "Sent" means handed to the session (queued for its next sealed write):
-        a connection lost in the instant after that loses them.  A storage
-        failure is logged and the session goes on; the notices stay for the
-        next login.
+        A storage failure is logged and the session goes on; the notices stay
+        for the next login.
         """
         state.notices_asked = True
         try:
@@ -359,7 +362,15 @@ class Router:
                 state.peer.send(message)
             done.append(notice_id)
         self.log.info("sent {count} notices to {user_id}", count=len(done), user_id=uid)
-        self._remove_notices(uid, done)
+        self._ask_receipt(state, done)
+
+    def _ask_receipt(self, state: _Online, notice_ids: list[int]) -> None:
+        """PING after sent notices: the client answers PINGs in order, so its
+        PONG shows it has read them, and only then are they deleted.  A session
+        that ends first leaves them for the next login (a repeat, not a loss)."""
+        nonce = secrets.randbits(64)
+        state.notice_pings[nonce] = notice_ids
+        state.peer.send(Ping(nonce))
 
     def _remove_notices(self, uid: int, ids: list[int]) -> None:
         def failed(failure: Failure) -> None:
@@ -386,7 +397,7 @@ class Router:
                 # The user came back while the notice was written, after the
                 # login read: send it now.
                 now.peer.send(message)
-                self._remove_notices(user_id, [notice_id])
+                self._ask_receipt(now, [notice_id])
 
         def failed(failure: Failure) -> None:
             if failure.check(UnknownUser):
@@ -436,6 +447,9 @@ class Router:
             peer.send(Pong(message.nonce))
             return
         if isinstance(message, Pong):
+            notice_ids = state.notice_pings.pop(message.nonce, None)
+            if notice_ids:
+                self._remove_notices(peer.user_id, notice_ids)
             return
         if isinstance(message, Send | Rotate | Invite) and not state.bucket.take(
             self.clock.seconds()

@@ -102,6 +102,14 @@ class RawClient:
     def received(self) -> list[InnerMessage]:
         return self._open(self.frames())
 
+    def answer_pings(self, messages: list[InnerMessage]) -> list[InnerMessage]:
+        """Answer the server's PINGs among ``messages`` (as a client does) and
+        return the rest."""
+        pings = [m for m in messages if isinstance(m, Ping)]
+        if pings:
+            self.send(*(Pong(p.nonce) for p in pings))
+        return [m for m in messages if not isinstance(m, Ping)]
+
     def send(self, *messages: InnerMessage) -> None:
         assert self.session is not None
         self.write(self.session.seal(messages))
