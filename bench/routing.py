@@ -35,23 +35,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_seconds, rss_kib  # noqa: E402
+from bench.common import percentile as common_percentile  # noqa: E402
+
 BODY = 200
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- helpers run in the orchestrator ------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def free_port() -> int:
@@ -74,10 +64,9 @@ def make_users(data_dir: Path, count: int) -> Path:
 
 
 def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    """``bench.common.percentile``, NaN for no values (a target check then fails)."""
+    value = common_percentile(values, q)
+    return float("nan") if value is None else value
 
 
 def load(
