@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import getpass
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from enclaves.client.core import ClientCore
 from enclaves.client.endpoint import EndpointError, normalise
 from enclaves.client.keystore import Keystore, KeystoreError
 from enclaves.client.state import ClientState
+from enclaves.client.terminal import CharacterMode, TerminalIO
+from enclaves.client.ui import LineUI
 from enclaves.crypto import KeyPair
 from enclaves.token import TokenError, parse_token
 
@@ -68,6 +72,12 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
         + ("token)" if enroll else "keystore)"),
     )
     parser.add_argument("--ca-file", default=None, help="PEM CA certificate for tls: servers")
+    if not enroll:
+        parser.add_argument(
+            "--plain",
+            action="store_true",
+            help="no line editing on a terminal: read plain lines (as from a pipe)",
+        )
     parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.add_argument("--retry-max", type=float, default=30.0, help=argparse.SUPPRESS)
     parser.add_argument("--tick", type=float, default=30.0, help=argparse.SUPPRESS)
@@ -196,8 +206,6 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
 async def chat(reactor: Any, args: argparse.Namespace) -> int:
     from twisted.internet.stdio import StandardIO
 
-    from enclaves.client.ui import LineUI
-
     path = _keystore_path(args)
     if not path.exists():
         raise UserError(f"no keystore at {path}: enroll first with 'enclaves enroll TOKEN'")
@@ -212,7 +220,71 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
             ensureDeferred(app.wait_sent(EOF_GRACE)).addBoth(lambda _: app.stop(0))
 
     ui = LineUI(on_eof=on_eof)
-    StandardIO(ui, reactor=reactor)
+    mode = _editing_terminal(args)
+    if mode is not None:
+        terminal = TerminalIO(ui, ui.prompt, _columns)
+        reactor.addSystemEventTrigger("after", "shutdown", _leave, mode)
+        _redraw_on_continue(reactor, mode, terminal)
+        StandardIO(terminal, reactor=reactor)
+    else:
+        StandardIO(ui, reactor=reactor)
+    try:
+        return await _chat(reactor, args, keystore, state, endpoint, ui, holder)
+    finally:
+        if mode is not None:
+            mode.restore()
+
+
+def _editing_terminal(args: argparse.Namespace) -> CharacterMode | None:
+    """Character mode on standard input if both ends are a terminal (and not
+    ``--plain``); None: plain lines."""
+    if args.plain or os.environ.get("TERM", "dumb") == "dumb":
+        return None
+    if not (os.isatty(0) and os.isatty(1)):
+        return None
+    mode = CharacterMode(0)
+    mode.enter()
+    atexit.register(mode.restore)
+    return mode
+
+
+def _leave(mode: CharacterMode) -> None:
+    """Last thing on the way out (also after ^C, when the UI's own clearing
+    write may not have left): no half-typed line on the screen, the
+    terminal's mode as it was."""
+    try:
+        os.write(1, b"\r\x1b[K")
+    except OSError:
+        pass  # the terminal is gone
+    mode.restore()
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except OSError:
+        return 80
+
+
+def _redraw_on_continue(reactor: Any, mode: CharacterMode, terminal: TerminalIO) -> None:
+    """After ^Z and ``fg`` the shell may have changed the terminal's mode."""
+
+    def resume() -> None:
+        mode.enter()
+        terminal.redraw()
+
+    signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(resume))
+
+
+async def _chat(
+    reactor: Any,
+    args: argparse.Namespace,
+    keystore: Keystore,
+    state: ClientState,
+    endpoint: str,
+    ui: LineUI,
+    holder: list[ClientApp],
+) -> int:
     app = ClientApp(
         reactor,
         keystore,

@@ -1,8 +1,8 @@
 """The line-mode UI: commands in, tagged lines out (docs/client.rst, "Chatting").
 
-Works the same on a terminal and on pipes: input is read line by line
-(``StandardIO`` + ``LineReceiver``), every output line starts with a
-``[tag]``.  A question (send to an unverified contact? does the safety
+Works the same on a terminal and on pipes: input comes line by line (from
+``StandardIO`` + ``LineReceiver``, or on a terminal from the line editor in
+``enclaves.client.terminal``), every output line starts with a ``[tag]``.  A question (send to an unverified contact? does the safety
 number match?) is answered by the very next line: ``yes`` (or ``y``) means
 yes, anything else means no.
 """
@@ -107,6 +107,20 @@ class LineUI(LineReceiver):
         data = f"[{tag}] {printable(text)}\n".encode("utf-8", errors="replace")
         if self.transport is not None:
             self.transport.write(data)
+
+    def prompt(self) -> str:
+        """Shown before the line being typed on a terminal: ``> ``, ``NAME> ``
+        in a conversation, ``yes/no> `` when a question waits."""
+        if self._answer is not None:
+            return "yes/no> "
+        if self._to is not None and self.app is not None:
+            try:
+                name = self.app.core.contact(self._to).name
+            except ContactError:
+                return "> "
+            name = printable(name)
+            return (name if len(name) <= 24 else name[:23] + "~") + "> "
+        return "> "
 
     # -- input ------------------------------------------------------------------
 

@@ -128,3 +128,76 @@ async def test_enroll_and_chat_in_a_real_terminal(tmp_path: Path) -> None:
             bob.kill()
         term.close()
         assert daemon.stop() == 0, daemon.log_text()
+
+
+SANE = "stty -a | grep -q ' icanon' && stty -a | grep -q ' echo ' && echo mode-is-$((6 * 7))"
+
+
+@pytest_twisted.ensureDeferred
+async def test_line_editing_keeps_the_typed_line_when_a_message_arrives(tmp_path: Path) -> None:
+    """A message printed while a line is half typed goes above it; the line is
+    sent whole; Up recalls it; the terminal's mode is back after /quit and ^C."""
+    daemon = Daemon(tmp_path)
+    token_a, token_b = await new_tokens(daemon, 2)
+    daemon.start()
+    term = Terminal(tmp_path)
+    bob = None
+    try:
+        ids = []
+        for token, name in ((token_a, "a"), (token_b, "b")):
+            result = enroll(token, tmp_path / f"{name}.keystore")
+            assert result.process.returncode == 0, result.output()
+            ids.append(result.expect(r"^\[enrolled\] you are user (\d+)").group(1))
+        a_id, bob_id = ids
+        bob = chat(tmp_path / "b.keystore")
+        term.type(f"{sys.executable} -m enclaves --keystore a.keystore --retry-max 1 --tick 1")
+        term.wait_for("Keystore passphrase:")
+        term.type(PASSPHRASE)
+        term.wait_for("[conn] connected as")
+        deadline = time.monotonic() + 20
+        while "keys=epoch-1" not in term.screen():
+            assert time.monotonic() < deadline, term.screen()
+            term.type("/contacts")
+            time.sleep(0.3)
+        term.tmux("send-keys", "-t", "t", "-l", f"/msg {bob_id} half a")
+        term.wait_for(f"> /msg {bob_id} half a")
+        bob.send(f"/msg {a_id} meanwhile from bob")
+        bob.expect(r"Send anyway\? \(yes/no\)$")
+        bob.send("yes")
+        screen = term.wait_for(": meanwhile from bob")
+        rows = [row for row in screen.splitlines() if row.strip()]
+        assert rows[-1] == f"> /msg {bob_id} half a", screen  # still there, at the bottom
+        assert ": meanwhile from bob" in rows[-2], screen
+        term.tmux("send-keys", "-t", "t", "-l", "XX")
+        term.tmux("send-keys", "-t", "t", "BSpace", "BSpace", "Left")
+        term.tmux("send-keys", "-t", "t", "-l", "an ")
+        term.tmux("send-keys", "-t", "t", "End")
+        term.type(" line")
+        term.wait_for("Send anyway? (yes/no)")
+        term.wait_for("yes/no> ")
+        term.type("yes")
+        bob.expect(r"\(unverified\): half an a line$")
+        term.tmux("send-keys", "-t", "t", "Up", "Up", "Enter")  # the /msg again (yes was last)
+        bob.expect(r"\(unverified\): half an a line$")
+        term.type("/quit")
+        term.wait_for("[info] bye")
+        term.type(SANE)
+        term.wait_for("mode-is-42")
+        term.type(f"{sys.executable} -m enclaves --keystore a.keystore")
+        term.wait_for("Keystore passphrase:", count=2)
+        term.type(PASSPHRASE)
+        term.wait_for("[conn] connected as", count=2)
+        term.tmux("send-keys", "-t", "t", "-l", "typed, never sent")
+        term.wait_for("> typed, never sent")
+        prompts = term.screen().count("PROMPT> ")
+        term.tmux("send-keys", "-t", "t", "C-c")
+        term.wait_for("PROMPT> ", count=prompts + 1)  # the shell is back
+        term.type(SANE)
+        screen = term.wait_for("mode-is-42", count=2)
+        assert "typed, never sent" not in screen  # the half-typed line was cleared
+        assert "Traceback" not in screen
+    finally:
+        if bob is not None:
+            bob.kill()
+        term.close()
+        assert daemon.stop() == 0, daemon.log_text()
