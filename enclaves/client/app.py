@@ -264,10 +264,14 @@ class ClientApp:
             endpoint = client_endpoint(self._reactor, self.endpoint)
         except EndpointError as e:
             raise _Fatal(str(e)) from None
-        candidates: list[tuple[str, KeyPair]] = []
+        # The current keys first: new keys are pending while the ROTATE that
+        # sends them has not been answered, and the server learned them only
+        # if the answer was lost (a crash, a broken connection).  Trying them
+        # first would make every enrollment a failed handshake, which the
+        # server counts against this address.
+        candidates: list[tuple[str, KeyPair]] = [("current", self.core.server_keys)]
         if self._pending_keys is not None:
             candidates.append(("new", self._pending_keys))
-        candidates.append(("current", self.core.server_keys))
         last: LoginFailed | None = None
         for which, keys in candidates:
             try:
