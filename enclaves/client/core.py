@@ -842,6 +842,15 @@ class ClientCore:
             self._outbox[msg_id] = evolve(entry, status="failed", reason=reason)
             self._set_status(msg_id, "failed")
 
+    def on_lost(self, msg_id: bytes) -> int | None:
+        """An ERROR for a message the server had accepted (its recipient was
+        revoked before reading it): the history line becomes ``failed``.
+        Returns the recipient the first time only (None for a repeat, or an
+        unknown or delivered message)."""
+        if self._status_of(msg_id) != "accepted":
+            return None
+        return self._set_status(msg_id, "failed")
+
     def retry(self, msg_id: bytes) -> SendBlob:
         """Send a failed message again (same blob and msg_id)."""
         entry = self._outbox.get(msg_id)

@@ -134,6 +134,10 @@ class _Online:
     sent_files: set[int] = field(factory=set)
 
 
+# The ERROR a sender gets for an accepted message deleted unread by a revocation.
+REVOKED_UNREAD = "the recipient was revoked before reading it"
+
+
 def _error(code: ErrorCode, text: str, msg_id: bytes = NO_MSG_ID) -> Error:
     return Error(int(code), msg_id, text)
 
@@ -210,19 +214,26 @@ class Router:
 
     def revoke(self, user_id: int) -> Deferred[int]:
         """Remove ``user_id`` and its pending messages, close its session with
-        REVOKED and tell everyone online REMOVED.  Fires with the number of
-        pending messages deleted; fails with UnknownUser if there is no such user."""
+        REVOKED and tell everyone online REMOVED; the sender of each deleted
+        message gets an ERROR for it (a notice if offline).  Fires with the
+        number of pending messages deleted; fails with UnknownUser if there is
+        no such user."""
 
-        def removed(count: int) -> int:
+        def removed(gone: list[tuple[int, bytes]]) -> int:
             state = self._online.pop(user_id, None)
             if state is not None:
                 self._abandon(state, "the recipient was revoked")
                 state.peer.close(ErrorCode.REVOKED, "the admin revoked this account")
             self._broadcast(Removed(user_id), exclude=user_id)
+            for sender, msg_id in gone:
+                if sender != user_id:
+                    self._notify(
+                        sender, _error(ErrorCode.UNKNOWN_RECIPIENT, REVOKED_UNREAD, msg_id)
+                    )
             self.log.info(
-                "revoked user {user_id}, {count} pending deleted", user_id=user_id, count=count
+                "revoked user {user_id}, {count} pending deleted", user_id=user_id, count=len(gone)
             )
-            return count
+            return len(gone)
 
         return self.storage.remove_user(user_id).addCallback(removed)
 

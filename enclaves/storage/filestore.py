@@ -809,7 +809,7 @@ class FileStorage(Service):
 
         return self._locked(replace)
 
-    def remove_user(self, user_id: int) -> Deferred[int]:
+    def remove_user(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         error = self._check_running("remove the user")
         if error:
             return fail(error)
@@ -823,9 +823,10 @@ class FileStorage(Service):
         # An unknown id with pending messages (its user file was quarantined):
         # remove the orphaned messages.
 
-        async def remove() -> int:
+        async def remove() -> list[tuple[int, bytes]]:
             # Gone from memory first: no new store or handshake for it.
             deleted: list[int] = []
+            gone: list[tuple[int, bytes]] = []
             try:
                 in_flight = [s.done for s in self._stores.get(user_id, [])]
                 if in_flight:
@@ -835,7 +836,7 @@ class FileStorage(Service):
                 for notice_id in notices:
                     self._notices.pop(notice_id, None)
                 await self._in_pool(
-                    "remove the user", self._delete_user_files, user_id, ids, notices, deleted
+                    "remove the user", self._delete_user_files, user_id, ids, notices, deleted, gone
                 )
             except BaseException:
                 if record is not None:
@@ -851,18 +852,30 @@ class FileStorage(Service):
                     await self._write_enrollment(table)
                 except StorageError:
                     pass  # the entry of a missing user is dropped at the next start
-            return len(ids)
+            return gone
 
         return self._locked(remove)
 
     def _delete_user_files(
-        self, user_id: int, ids: list[int], notices: list[int], deleted: list[int]
+        self,
+        user_id: int,
+        ids: list[int],
+        notices: list[int],
+        deleted: list[int],
+        gone: list[tuple[int, bytes]],
     ) -> None:
         """On the pool: messages and notices first, then the user file; ``deleted``
-        records the messages' progress."""
+        records the messages' progress, ``gone`` their senders and ids."""
         for file_id in ids:
-            _unlink_missing_ok(self._pending_dir / msg_file_name(file_id))
+            path = self._pending_dir / msg_file_name(file_id)
+            try:
+                record = decode_msg(self._sealer, file_id, _read_regular(path))
+            except (OSError, FormatError):
+                record = None  # missing or damaged: deleted all the same
+            _unlink_missing_ok(path)
             deleted.append(file_id)
+            if record is not None:
+                gone.append((record.sender, record.msg_id))
         if ids:
             fsync_dir(self._pending_dir)
         for notice_id in notices:

@@ -115,11 +115,12 @@ class IStorage(Interface):
     def replace_user_keys(user_id: int, keys: KeyPair) -> Deferred[None]:
         """Rotate: store ``keys`` durably and end enrollment.  Fires with None."""
 
-    def remove_user(user_id: int) -> Deferred[int]:
-        """Delete the user, its pending messages and its notices.  Fires with the number of
-        messages deleted; UnknownUser if there is no such user and no pending
-        message for that id (messages left by a quarantined user file are
-        deleted too)."""
+    def remove_user(user_id: int) -> Deferred[list[tuple[int, bytes]]]:
+        """Delete the user, its pending messages and its notices.  Fires with
+        ``(sender, msg_id)`` of each message deleted (a message file too damaged
+        to read is deleted unlisted); UnknownUser if there is no such user and
+        no pending message for that id (messages left by a quarantined user
+        file are deleted too)."""
 
     def list_users() -> Deferred[list[int]]:
         """Fires with a sorted list of every user id."""

@@ -93,16 +93,17 @@ class MemoryStorage(Service):
         self._users[user_id] = evolve(record, keys=keys, enrollment_expires_ms=None)
         return succeed(None)
 
-    def remove_user(self, user_id: int) -> Deferred[int]:
+    def remove_user(self, user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         if refused := self._refuse_write():
             return refused
         if self._users.pop(user_id, None) is None:
             return fail(UnknownUser(f"no user {user_id}"))
         doomed = [n for n, m in self._messages.items() if m.recipient == user_id]
+        gone = [(self._messages[n].sender, self._messages[n].msg_id) for n in doomed]
         for file_id in doomed:
             del self._messages[file_id]
         self._notices.pop(user_id, None)
-        return succeed(len(doomed))
+        return succeed(gone)
 
     def list_users(self) -> Deferred[list[int]]:
         return succeed(sorted(self._users))

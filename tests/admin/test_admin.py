@@ -50,7 +50,7 @@ class SmallRouter:
     def revoke(self, user_id: int) -> defer.Deferred[int]:
         self.revoked.append(user_id)
         self.online.discard(user_id)
-        return self.storage.remove_user(user_id)
+        return self.storage.remove_user(user_id).addCallback(len)
 
     def stats(self) -> Stats:
         return Stats()

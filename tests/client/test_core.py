@@ -238,6 +238,24 @@ def test_messages_before_keys_are_held_then_opened() -> None:
     assert events[2].text == "early"
 
 
+def test_an_accepted_message_deleted_unread_becomes_failed_once() -> None:
+    a, b = make_core(A), make_core(B)
+    relay = Relay(a, b)
+    relay.post(A, a.start_kex(B, 0.0))
+    relay.flush(1.0)
+    lost = a.encrypt_message(B, "lost", 2.0, confirmed=True)
+    read = a.encrypt_message(B, "read", 2.0, confirmed=True)
+    assert a.on_lost(lost.msg_id) is None  # not accepted yet: an ordinary refusal's job
+    for out in (lost, read):
+        a.on_accepted(out.msg_id)
+    a.on_delivered(read.msg_id)
+    assert a.on_lost(lost.msg_id) == B
+    assert [line.status for line in a.history(B)[-2:]] == ["failed", "delivered"]
+    assert a.on_lost(lost.msg_id) is None  # a repeated notice
+    assert a.on_lost(read.msg_id) is None  # delivered stays delivered
+    assert a.history(B)[-1].status == "delivered"
+
+
 def test_outbox_receipts_and_failures() -> None:
     a, b = make_core(A), make_core(B)
     relay = Relay(a, b)

@@ -23,6 +23,7 @@ from enclaves.inner import (
     Received,
     Send,
 )
+from enclaves.server.router import REVOKED_UNREAD
 from enclaves.storage.interface import QuotaExceeded, StorageFailed
 from tests.server.harness import Harness, RawClient
 
@@ -184,6 +185,21 @@ def test_error_for_a_revoked_recipient_reaches_the_sender_that_left(h: Harness) 
         Directory((A,)),
         Error(ErrorCode.UNKNOWN_RECIPIENT, mid(1), "the recipient was revoked"),
     ]
+
+
+def test_an_offline_sender_hears_of_its_accepted_message_deleted_by_a_revocation(
+    h: Harness,
+) -> None:
+    ka, _ = h.add_user(A), h.add_user(C)
+    a = h.raw(A, ka)
+    login(a)
+    a.send(Send(mid(1), C, b"stored"))
+    assert a.received() == [Accepted(mid(1))]
+    a.lose()
+    assert _result(h.router.revoke(C)) == 1
+    error = Error(ErrorCode.UNKNOWN_RECIPIENT, mid(1), REVOKED_UNREAD)
+    assert login(h.raw(A, ka)) == [Directory((A,)), error]
+    assert login(h.raw(A, ka)) == [Directory((A,))]
 
 
 def test_notices_come_after_the_directory_and_before_pending_messages(h: Harness) -> None:

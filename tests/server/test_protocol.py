@@ -30,6 +30,7 @@ from enclaves.inner import (
     Rotated,
     Send,
 )
+from enclaves.server.router import REVOKED_UNREAD
 from enclaves.session import max_blob_size
 from enclaves.storage.interface import UnknownUser
 from enclaves.token import parse_token
@@ -393,7 +394,8 @@ def test_revoke(h: Harness) -> None:
     assert a.received() == [Accepted(mid(1))]
     b.received()
     assert _result(h.router.revoke(C)) == 1
-    assert a.received() == [Removed(C)]
+    # The accepted message was deleted unread: its sender is told.
+    assert a.received() == [Removed(C), Error(ErrorCode.UNKNOWN_RECIPIENT, mid(1), REVOKED_UNREAD)]
     assert b.received() == [Removed(C)]
     assert _pending(h, C) == []
     gone = h.raw(C, kc)

@@ -209,7 +209,8 @@ async def test_remove_user_deletes_everything(data_dir: Path, keys: KeyPair) -> 
             await storage.store_message(A, B, msg_id(i), b"a")
         kept = await storage.store_message(B, A, msg_id(9), b"b")
         in_flight = storage.store_message(A, B, msg_id(10), b"late")
-        assert await storage.remove_user(A) == 5
+        gone = await storage.remove_user(A)
+        assert sorted(gone) == [(B, msg_id(i)) for i in (0, 1, 2, 3, 10)]
         await in_flight
         with pytest.raises(UnknownUser):
             await storage.remove_user(A)
@@ -227,6 +228,25 @@ async def test_remove_user_deletes_everything(data_dir: Path, keys: KeyPair) -> 
         assert again._enrollment == {}
     finally:
         await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_user_deletes_a_damaged_message_unlisted(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        await storage.add_user(B, KeyPair.generate(), None)
+        ids = [await storage.store_message(A, B, msg_id(i), b"m") for i in range(2)]
+        path = data_dir / PENDING_DIR / f"{ids[0]}.msg"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+        assert await storage.remove_user(A) == [(B, msg_id(1))]
+        assert os.listdir(data_dir / PENDING_DIR) == []
+    finally:
+        await storage.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -56,7 +56,7 @@ def test_contract() -> None:
     with pytest.raises(StorageFailed):
         _result(store.store_message(5, 9, b"c" * 16, b""))
     store.fail_writes = False
-    assert _result(store.remove_user(5)) == 1
+    assert _result(store.remove_user(5)) == [(9, b"b" * 16)]
     with pytest.raises(UnknownUser):
         _result(store.remove_user(5))
     assert _result(store.list_users()) == []

@@ -38,7 +38,7 @@ def test_issue_in_the_shell_enroll_chat_then_revoke(tmp_path: Path) -> None:
         shell = PtyShell(ssh_argv(ssh_port, key, known_hosts, "-tt"))
         shell.expect(r"enclaves> ")
         ids = {}
-        for name in "ab":
+        for name in "abc":
             shell.line(f'issue("127.0.0.1:{daemon.port}")')
             token = shell.expect(r"(enclaves1:\S+)").group(1)
             shell.expect(r"enclaves> ")
@@ -63,6 +63,20 @@ def test_issue_in_the_shell_enroll_chat_then_revoke(tmp_path: Path) -> None:
         again = Client(["--keystore", str(tmp_path / "b.keystore")], "correct horse battery staple")
         again.expect(r"^\[fatal\] The server does not accept this keystore's keys")
         assert again.wait() == 1
+        # c is offline; a's message to it is stored (accepted). Revoking c
+        # deletes it unread, and a is told that message will never arrive.
+        a.send(f"/msg {ids['c']} never read")
+        a.expect(r"^\[confirm\] ")
+        a.send("yes")
+        lost = a.expect(rf"^\[accepted\] id=([0-9a-f]{{8}}) to {ids['c']}$").group(1)
+        shell.line(f"revoke({ids['c']})")
+        shell.expect(rf"revoked user {ids['c']}: key deleted, 3 pending message")  # + 2 KEX
+        a.expect(
+            rf"^\[failed\] id={lost} message to {ids['c']} was accepted but will never be "
+            "delivered: the recipient was removed from the server before reading it$"
+        )
+        a.send(f"/history {ids['c']}")
+        a.expect(r"^\[history\] .*failed.*never read$")
         assert a.quit() == 0
         shell.send("\x04")
         assert shell.wait() == 0
