@@ -219,12 +219,13 @@ class Router:
         number of pending messages deleted; fails with UnknownUser if there is
         no such user."""
 
-        def removed(gone: list[tuple[int, bytes]]) -> int:
+        def removed(gone: list[tuple[int, bytes]], announced: bool) -> int:
             state = self._online.pop(user_id, None)
             if state is not None:
                 self._abandon(state, "the recipient was revoked")
                 state.peer.close(ErrorCode.REVOKED, "the admin revoked this account")
-            self._broadcast(Removed(user_id), exclude=user_id)
+            if announced:  # a user that never finished enrolling was never listed
+                self._broadcast(Removed(user_id), exclude=user_id)
             for sender, msg_id in gone:
                 if sender != user_id:
                     self._notify(
@@ -235,7 +236,11 @@ class Router:
             )
             return len(gone)
 
-        return self.storage.remove_user(user_id).addCallback(removed)
+        async def revoke() -> int:
+            announced = user_id not in await self.storage.enrollments()
+            return removed(await self.storage.remove_user(user_id), announced)
+
+        return ensureDeferred(revoke())
 
     def notify_joined(self, user_id: int) -> None:
         """Tell every other enrolled online user that ``user_id`` completed enrollment."""
@@ -301,6 +306,13 @@ class Router:
             if item.file_id is None:
                 self._notify(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
 
+    async def _directory_users(self) -> list[int]:
+        """Every enrolled user: one still enrolling (a token not yet used) is
+        not listed; others learn of it by JOINED once it has rotated."""
+        users = await self.storage.list_users()
+        enrolling = await self.storage.enrollments()
+        return [u for u in users if u not in enrolling] if enrolling else users
+
     def _send_directory(self, state: _Online, users: Iterable[int]) -> None:
         """DIRECTORY, in as many parts as the frame limit needs."""
         for part in split_directory(tuple(users), max_inner_size(self.max_frame)):
@@ -311,7 +323,7 @@ class Router:
         order, then live ones."""
 
         async def start() -> None:
-            users = await self.storage.list_users()
+            users = await self._directory_users()
             if state.closed:
                 return
             self._send_directory(state, users)
@@ -691,7 +703,7 @@ class Router:
                 self._start(state, uid)
                 self.notify_joined(uid)
             else:
-                self.storage.list_users().addCallback(
+                ensureDeferred(self._directory_users()).addCallback(
                     lambda users: None if state.closed else self._send_directory(state, users)
                 ).addErrback(lambda f: self.log.failure("directory after rotation", f))
 
