@@ -98,17 +98,17 @@ def parse_user_id(value: object) -> int:
 
 
 def parse_host(value: object) -> str | None:
-    """``host:port`` for a token's ``@`` suffix, or None."""
+    """``host:port`` or ``tls:host:port`` for a token's ``@`` suffix, or None."""
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise AdminError('host must be a string "host:port", e.g. "chat.example:7500"')
     host = value.strip()
-    match = _HOST_PORT.match(host)
+    match = _HOST_PORT.match(host.removeprefix("tls:"))
     if match is None or not 1 <= int(match.group(1)) <= 65535:
         raise AdminError(
-            f'host must be "host:port" with a port from 1 to 65535, e.g. "chat.example:7500"; '
-            f"not {host!r}"
+            f'host must be "host:port" (or "tls:host:port" for a TLS listener) with a port '
+            f'from 1 to 65535, e.g. "chat.example:7500"; not {host!r}'
         )
     return host
 

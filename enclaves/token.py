@@ -1,4 +1,5 @@
-"""Enrollment tokens (DESIGN.md §6): ``enclaves1:`` + base64url(id || K_u) [+ ``@host:port``]."""
+"""Enrollment tokens (DESIGN.md §6): ``enclaves1:`` + base64url(id || K_u)
+[+ ``@host:port`` or ``@tls:host:port``]."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def parse_token(text: str) -> EnrollmentToken:
         keys = KeyPair.from_bytes(raw[8:])
     except ValueError:
         raise TokenError("the enrollment token holds an invalid key pair") from None
-    if address and (":" not in address or not address.rpartition(":")[2].isdigit()):
-        raise TokenError("the address after @ must be host:port")
+    where = address.removeprefix("tls:")
+    if address and (":" not in where or not where.rpartition(":")[2].isdigit()):
+        raise TokenError("the address after @ must be host:port or tls:host:port")
     return EnrollmentToken(user_id, keys, address or None)

@@ -20,6 +20,7 @@ def test_round_trip_and_layout() -> None:
     )
     assert parse_token(text) == token
     assert parse_token(text + "@chat.example:7500").address == "chat.example:7500"
+    assert parse_token(text + "@tls:chat.example:7500").address == "tls:chat.example:7500"
     assert "AAAA" not in repr(token)
 
 
@@ -32,6 +33,8 @@ def test_round_trip_and_layout() -> None:
         "enclaves1:" + "A" * 96,  # user id 0
         "enclaves1:" + "!" * 96,
         "enclaves1:" + "A" * 10 + "B" + "A" * 85 + "@nohost",
+        "enclaves1:" + "A" * 10 + "B" + "A" * 85 + "@tls:nohost",
+        "enclaves1:" + "A" * 10 + "B" + "A" * 85 + "@tls:7500",
     ],
 )
 def test_bad_tokens(text: str) -> None:

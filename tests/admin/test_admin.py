@@ -129,6 +129,8 @@ def test_issue_without_host_and_with_hours() -> None:
         (("chat.example:99999",), {}, "port from 1 to 65535"),
         ((7500,), {}, "host must be a string"),
         (("a b:7500",), {}, "host must be"),
+        (("tls:chat.example",), {}, "host must be"),
+        (("ssl:chat.example:7500",), {}, "host must be"),
         ((), {"hours": 0}, "hours must be above 0"),
         ((), {"hours": "2"}, "hours must be a number"),
         (("x:1", 2, 3), {}, "usage: issue(host"),
@@ -143,10 +145,11 @@ def test_issue_argument_errors(args: tuple[Any, ...], kwargs: dict[str, Any], me
     assert result(storage.list_users()) == []
 
 
-def test_issue_ipv6_host_accepted() -> None:
+@pytest.mark.parametrize("host", ["[::1]:7500", "tls:chat.example:7500", "tls:[::1]:7500"])
+def test_issue_ipv6_and_tls_hosts_accepted(host: str) -> None:
     ns, _, _ = setup()
-    out = result(ns["issue"]("[::1]:7500"))
-    assert parse_token(re.search(r"enclaves1:\S+", out).group(0)).address == "[::1]:7500"
+    out = result(ns["issue"](host))
+    assert parse_token(re.search(r"enclaves1:\S+", out).group(0)).address == host
 
 
 def test_users_states_and_online() -> None:
