@@ -2,9 +2,10 @@
 
 Works the same on a terminal and on pipes: input comes line by line (from
 ``StandardIO`` + ``LineReceiver``, or on a terminal from the line editor in
-``enclaves.client.terminal``), every output line starts with a ``[tag]``.  A question (send to an unverified contact? does the safety
-number match?) is answered by the very next line: ``yes`` (or ``y``) means
-yes, anything else means no.
+``enclaves.client.terminal``), every output line starts with a ``[tag]``.  A
+question (send to an unverified contact? does the safety number match?) is
+answered by the very next line: ``yes`` (or ``y``) means yes, anything else
+means no.
 """
 
 from __future__ import annotations
