@@ -41,7 +41,7 @@ from enclaves.client.core import (
     Refused,
     SendBlob,
 )
-from enclaves.client.endpoint import EndpointError, client_endpoint
+from enclaves.client.endpoint import EndpointError, client_endpoint, host_port, is_tls, shown
 from enclaves.client.keystore import Keystore
 from enclaves.client.state import ClientState
 from enclaves.crypto import KeyPair
@@ -217,11 +217,12 @@ class ClientApp:
                 if self._stopping:
                     return
                 if not self._reconnect:
-                    self.stop(1, f"could not connect to the server: {_reason(e)}")
+                    self.stop(1, f"could not connect to the server: {self._failure_text(e)}")
                     return
                 wait = self._jitter(delay)
                 self.out(
-                    "conn", f"cannot reach the server ({_reason(e)}); retrying in {wait:.1f} s"
+                    "conn",
+                    f"cannot reach the server ({self._failure_text(e)}); retrying in {wait:.1f} s",
                 )
                 delay = min(delay * 2, self._retry_max)
                 await self._pause(wait)
@@ -246,6 +247,21 @@ class ClientApp:
                 "conn", f"disconnected ({reason.name}: {reason.text}); reconnecting in {wait:.1f} s"
             )
             await self._pause(wait)
+
+    def _failure_text(self, error: BaseException) -> str:
+        """Why a login failed, with a hint when the server may want TLS."""
+        text = _reason(error)
+        address = host_port(self.endpoint)
+        if (
+            isinstance(error, LoginFailed)
+            and error.code == 0
+            and error.text.startswith("connection closed")
+            and address is not None
+            and not is_tls(self.endpoint)
+        ):
+            # What a TLS server does with a plain login: it closes at once.
+            text += f" (if the server uses TLS, its address is tls:{address})"
+        return text
 
     def _jitter(self, delay: float) -> float:
         return float(delay * (0.8 + 0.4 * self._rng()))
@@ -290,6 +306,12 @@ class ClientApp:
                 if e.code == ErrorCode.TOKEN_EXPIRED:
                     self.token_refused = True
                     raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None
+                if e.code == 0 and is_tls(self.endpoint) and _not_tls(e.text):
+                    address = host_port(self.endpoint) or shown(self.endpoint)
+                    raise _Fatal(
+                        f"the server at {address} does not speak TLS: give its address "
+                        f"as {address}, without tls: (or check the port)"
+                    ) from None
                 if e.code == 0 and _tls_refused(e.text):
                     raise _Fatal(
                         "the server's TLS certificate could not be verified "
@@ -710,6 +732,14 @@ def _tls_refused(text: str) -> bool:
     """Does a connection failure's text say the certificate check failed?"""
     lowered = text.lower()
     return any(w in lowered for w in ("certificate", "verificationerror", "mismatch"))
+
+
+def _not_tls(text: str) -> bool:
+    """Does a TLS connection failure's text say the server answered in plain bytes?"""
+    lowered = text.lower()
+    return any(
+        w in lowered for w in ("wrong version number", "unknown protocol", "packet length too long")
+    )
 
 
 def _one_line(digits: str) -> str:
