@@ -161,6 +161,10 @@ class ClientApp:
         if self._enrolled:
             self.enrolled.callback(None)
         self.connected_once = False
+        # For the end of a piped session (:meth:`settle`).
+        self.directory_handled = False
+        self.last_failure: str | None = None
+        self._last_heard = 0.0
 
     # -- life cycle -----------------------------------------------------------
 
@@ -216,13 +220,14 @@ class ClientApp:
             except Exception as e:
                 if self._stopping:
                     return
+                self.last_failure = self._failure_text(e)
                 if not self._reconnect:
-                    self.stop(1, f"could not connect to the server: {self._failure_text(e)}")
+                    self.stop(1, f"could not connect to the server: {self.last_failure}")
                     return
                 wait = self._jitter(delay)
                 self.out(
                     "conn",
-                    f"cannot reach the server ({self._failure_text(e)}); retrying in {wait:.1f} s",
+                    f"cannot reach the server ({self.last_failure}); retrying in {wait:.1f} s",
                 )
                 delay = min(delay * 2, self._retry_max)
                 await self._pause(wait)
@@ -432,6 +437,7 @@ class ClientApp:
 
     def _on_message_for(self, conn: ClientConnection | None) -> Callable[[InnerMessage], None]:
         def on_message(message: InnerMessage) -> None:
+            self._last_heard = self.now()
             self._incoming.append((conn or self.conn, message))  # type: ignore[arg-type]
             if self._drain_call is None or not self._drain_call.active():
                 self._drain_call = self._reactor.callLater(0, self._drain)
@@ -484,6 +490,7 @@ class ClientApp:
         elif isinstance(message, Rotated):
             self._rotation_confirmed()
         elif isinstance(message, Directory):
+            self.directory_handled = True
             return self._on_directory(message, now)
         elif isinstance(message, Joined):
             if message.user_id != self.core.user_id:
@@ -670,6 +677,21 @@ class ClientApp:
         while self.pending_count() and self.now() < deadline and not self._stopping:
             await deferLater(self._reactor, 0.05, lambda: None)
         return self.pending_count() == 0
+
+    async def settle(self, timeout: float, quiet: float = 0.5) -> None:
+        """Wait, at most ``timeout`` seconds, until this run has logged in and
+        handled the server's DIRECTORY (the first thing of every session),
+        nothing in the outbox waits for ACCEPTED, and nothing came from the
+        server for ``quiet`` seconds (polls; for the end of a piped session)."""
+        deadline = self.now() + timeout
+        while self.now() < deadline and not self._stopping:
+            if (
+                self.directory_handled
+                and self.pending_count() == 0
+                and self.now() - self._last_heard >= quiet
+            ):
+                return
+            await deferLater(self._reactor, 0.05, lambda: None)
 
     # -- helpers --------------------------------------------------------------
 

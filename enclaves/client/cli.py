@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
-from enclaves.client.endpoint import EndpointError, normalise
+from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore, KeystoreError
 from enclaves.client.state import ClientState
 from enclaves.client.terminal import CharacterMode, TerminalIO
@@ -81,6 +81,8 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.add_argument("--retry-max", type=float, default=30.0, help=argparse.SUPPRESS)
     parser.add_argument("--tick", type=float, default=30.0, help=argparse.SUPPRESS)
+    if not enroll:
+        parser.add_argument("--eof-grace", type=float, default=EOF_GRACE, help=argparse.SUPPRESS)
     return parser
 
 
@@ -212,12 +214,12 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []
+    failed_before = {e.msg_id for e in state.outbox if e.status == "failed"}
 
     def on_eof() -> None:
         if holder:
-            app = holder[0]
             ui.line("info", "end of input: sending what is queued, then quitting")
-            ensureDeferred(app.wait_sent(EOF_GRACE)).addBoth(lambda _: app.stop(0))
+            ensureDeferred(_finish(holder[0], ui, args.eof_grace, failed_before))
 
     ui = LineUI(on_eof=on_eof)
     mode = _editing_terminal(args)
@@ -305,6 +307,43 @@ async def _chat(
         ui.line("fatal" if code else "info", text)
     await ui.close()
     return code
+
+
+async def _finish(app: ClientApp, ui: LineUI, grace: float, failed_before: set[bytes]) -> None:
+    """End of input: stay (at most ``grace`` seconds) until logged in, the
+    user list handled and the outbox accepted; then quit, with status 1 and
+    an ``[error]`` line if that did not happen or the server refused
+    something during this run (docs/client.rst, "Scripts")."""
+    await app.settle(grace)
+    if app.outcome is not None:
+        return  # stopped already: /quit, or a fatal error said why
+    pending = app.pending_count()
+    kept = f"{pending} message(s) kept in the outbox and sent next time"
+    problems = []
+    if not app.connected_once:
+        why = f" ({app.last_failure})" if app.last_failure else ""
+        problems.append(
+            f"could not connect to the server at {shown(app.endpoint)} in {grace:g} s{why}"
+            + (f"; {kept}" if pending else "")
+        )
+    elif pending:
+        problems.append(
+            f"{pending} message(s) not accepted by the server yet; kept in the outbox "
+            "and sent next time"
+        )
+    elif not app.directory_handled:
+        problems.append(f"the server at {shown(app.endpoint)} did not finish the login in time")
+    refused = [
+        e for e in app.core.outbox() if e.status == "failed" and e.msg_id not in failed_before
+    ]
+    if refused:
+        problems.append(
+            f"{len(refused)} message(s) refused by the server (see the [failed] lines; "
+            "/retry ID sends one again)"
+        )
+    for problem in problems:
+        ui.line("error", problem)
+    app.stop(1 if problems else 0)
 
 
 def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:

@@ -1,0 +1,63 @@
+"""The real client (``python -m enclaves``) where no server is needed: its
+usage text, refusals before connecting, and a piped session that can not
+reach its server (docs/client.rst, "Scripts")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from enclaves.client.keystore import Keystore
+from tests.client.helpers import Relay, make_core
+from tests.daemon import free_port
+from tests.system.clients import PASSPHRASE, Client
+
+pytestmark = pytest.mark.system
+
+
+def nowhere() -> str:
+    """A loopback address nothing listens on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def keystore_keyed_with_2002(path: Path) -> Path:
+    """An enrolled keystore of user 1001 with pair keys for contact 2002."""
+    a, b = make_core(1001), make_core(2002)
+    relay = Relay(a, b)
+    relay.post(1001, a.start_kex(2002, 0.0))
+    relay.flush(1.0)
+    Keystore.create(path, PASSPHRASE, a.state())
+    return path
+
+
+def test_a_piped_session_that_never_connects_says_so_and_fails(tmp_path: Path) -> None:
+    path = keystore_keyed_with_2002(tmp_path / "ks")
+    address = nowhere()
+    script = Client(
+        ["--keystore", str(path), "--server", address, "--eof-grace", "2", "--retry-max", "1"],
+        f"{PASSPHRASE}\n/msg 2002 hi\nyes",
+    )
+    assert script.process.stdin is not None
+    script.process.stdin.close()
+    assert script.wait(30) == 1, script.output()
+    script.expect(r"^\[sent\] id=")
+    line = script.expect(r"^\[error\] could not connect").string
+    assert f"the server at {address} in 2 s" in line
+    assert "1 message(s) kept in the outbox and sent next time" in line
+    _, state = Keystore.unlock(path, PASSPHRASE)
+    assert [e.status for e in state.outbox] == ["pending"]
+
+
+def test_a_piped_session_with_nothing_queued_still_reports_a_bad_address(
+    tmp_path: Path,
+) -> None:
+    path = keystore_keyed_with_2002(tmp_path / "ks")
+    script = Client(
+        ["--keystore", str(path), "--server", "nosuch.invalid:7500", "--eof-grace", "2"],
+        PASSPHRASE,
+    )
+    assert script.process.stdin is not None
+    script.process.stdin.close()
+    assert script.wait(30) == 1, script.output()
+    script.expect(r"^\[error\] could not connect to the server at nosuch\.invalid:7500 in 2 s")
