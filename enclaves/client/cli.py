@@ -8,6 +8,7 @@ import getpass
 import os
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ INPUT_NOTE = (
     "(or the first line of the file named by ENCLAVES_PASSPHRASE_FILE)."
 )
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
+MIN_PASSPHRASE = 10  # characters, for a new keystore
+PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
 
 
 class UserError(Exception):
@@ -86,8 +89,13 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def read_passphrase(prompt: str, confirm: bool = False) -> str:
-    """From ENCLAVES_PASSPHRASE_FILE, the terminal (getpass), or stdin's first line."""
+def read_passphrase(prompt: str, new: bool = False) -> str:
+    """From ENCLAVES_PASSPHRASE_FILE, the terminal (getpass), or stdin's first line.
+
+    ``new``: for a new keystore; at least :data:`MIN_PASSPHRASE` characters,
+    and on a terminal typed twice (asked again, a few times, if the two
+    differ or it is too short).
+    """
     path = os.environ.get("ENCLAVES_PASSPHRASE_FILE")
     if path:
         try:
@@ -95,15 +103,39 @@ def read_passphrase(prompt: str, confirm: bool = False) -> str:
         except OSError as e:
             raise UserError(f"cannot read ENCLAVES_PASSPHRASE_FILE: {e.strerror}") from None
         passphrase = text[0] if text else ""
+    elif os.isatty(0) and new:
+        return _new_passphrase_from_terminal(prompt)
     elif os.isatty(0):
         passphrase = getpass.getpass(prompt)
-        if confirm and getpass.getpass("Same passphrase again: ") != passphrase:
-            raise UserError("the two passphrases differ; nothing was created")
     else:
         passphrase = _read_stdin_line()
     if not passphrase:
         raise UserError("the passphrase must not be empty")
+    if new and _too_short(passphrase):
+        raise UserError(_TOO_SHORT + "; nothing was created")
     return passphrase
+
+
+_TOO_SHORT = (
+    f"a new keystore needs a passphrase of at least {MIN_PASSPHRASE} characters (anyone "
+    "with a copy of the file can try passphrases at leisure)"
+)
+
+
+def _too_short(passphrase: str) -> bool:
+    return len(unicodedata.normalize("NFC", passphrase)) < MIN_PASSPHRASE
+
+
+def _new_passphrase_from_terminal(prompt: str) -> str:
+    for _ in range(PASSPHRASE_TRIES):
+        passphrase = getpass.getpass(prompt)
+        if _too_short(passphrase):
+            sys.stderr.write(f"enclaves: {_TOO_SHORT}; try again\n")
+        elif getpass.getpass("Same passphrase again: ") != passphrase:
+            sys.stderr.write("enclaves: the two passphrases differ; try again\n")
+        else:
+            return passphrase
+    raise UserError(f"no passphrase after {PASSPHRASE_TRIES} tries; nothing was created")
 
 
 def _read_stdin_line() -> str:
@@ -152,7 +184,7 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
             raise UserError(f"{path} already holds an account; it was left untouched")
         _print("info", "resuming the interrupted enrollment")
     else:
-        passphrase = read_passphrase("New keystore passphrase: ", confirm=True)
+        passphrase = read_passphrase("New keystore passphrase: ", new=True)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         core = ClientCore.new(token.user_id, token.keys, endpoint)
         state = evolve(core.state(), pending_server_keys=KeyPair.generate(), enrolled=False)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from enclaves.client.keystore import Keystore
+from enclaves.crypto import KeyPair
+from enclaves.token import EnrollmentToken
 from tests.client.helpers import Relay, make_core
 from tests.daemon import free_port
-from tests.system.clients import PASSPHRASE, Client
+from tests.system.clients import PASSPHRASE, Client, enroll
 
 pytestmark = pytest.mark.system
 
@@ -29,6 +31,19 @@ def keystore_keyed_with_2002(path: Path) -> Path:
     relay.flush(1.0)
     Keystore.create(path, PASSPHRASE, a.state())
     return path
+
+
+def test_a_new_keystore_needs_a_passphrase_of_ten_characters(tmp_path: Path) -> None:
+    token = str(EnrollmentToken(4242, KeyPair.generate(), nowhere()))
+    short = enroll(token, tmp_path / "ks", passphrase="123456789")
+    assert short.process.returncode == 1
+    assert "at least 10 characters" in "\n".join(short.err), short.output()
+    assert not (tmp_path / "ks").exists()
+    # Ten characters pass that check (then the server is not there).
+    ten = enroll(token, tmp_path / "ks", passphrase="1234567890")
+    assert ten.process.returncode == 1
+    assert "could not connect" in "\n".join(ten.err), ten.output()
+    assert "at least" not in ten.output()
 
 
 def test_a_piped_session_that_never_connects_says_so_and_fails(tmp_path: Path) -> None:
