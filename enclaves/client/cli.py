@@ -181,7 +181,10 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
     if path.exists():
         keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
         if state.user_id != token.user_id or state.enrolled:
-            raise UserError(f"{path} already holds an account; it was left untouched")
+            raise UserError(
+                f"{path} already holds an account; it was left untouched. To enroll "
+                "another account, move that file aside or give --keystore NEW_PATH"
+            )
         _print("info", "resuming the interrupted enrollment")
     else:
         passphrase = read_passphrase("New keystore passphrase: ", new=True)

@@ -46,6 +46,18 @@ def test_a_new_keystore_needs_a_passphrase_of_ten_characters(tmp_path: Path) -> 
     assert "at least" not in ten.output()
 
 
+def test_enrolling_over_a_keystore_says_what_to_do(tmp_path: Path) -> None:
+    path = keystore_keyed_with_2002(tmp_path / "ks")
+    before = path.read_bytes()
+    token = str(EnrollmentToken(4242, KeyPair.generate(), nowhere()))
+    over = enroll(token, path)
+    assert over.process.returncode == 1
+    error = "\n".join(over.err)
+    assert "already holds an account" in error
+    assert "move that file aside or give --keystore NEW_PATH" in error
+    assert path.read_bytes() == before
+
+
 def test_a_piped_session_that_never_connects_says_so_and_fails(tmp_path: Path) -> None:
     path = keystore_keyed_with_2002(tmp_path / "ks")
     address = nowhere()
