@@ -43,6 +43,10 @@ INPUT_NOTE = (
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
 MIN_PASSPHRASE = 10  # characters, for a new keystore
 PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
+CHAT_USAGE = """\
+enclaves [--keystore PATH] [--server ADDRESS] [--ca-file FILE] [--plain]
+       enclaves enroll TOKEN [--keystore PATH] [--server ADDRESS] [--ca-file FILE]
+       (enclaves enroll --help: joining a server)"""
 
 
 class UserError(Exception):
@@ -64,7 +68,11 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     else:
         parser = argparse.ArgumentParser(
             prog="enclaves",
-            description="Chat (after 'enclaves enroll TOKEN'). Type /help once running.",
+            usage=CHAT_USAGE,
+            description=(
+                "Chat. Join a server first with 'enclaves enroll TOKEN' (the token "
+                "comes from your admin). Type /help once running."
+            ),
             epilog=INPUT_NOTE,
         )
     parser.add_argument("--keystore", type=Path, default=None, help="default ~/.enclaves/keystore")

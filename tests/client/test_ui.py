@@ -127,6 +127,12 @@ def test_addresses_are_shown_as_typed(address: str, expected: str) -> None:
     assert shown(normalise(address)) == expected
 
 
+def test_help_says_message_ids_are_hex(ui) -> None:
+    lines, _app, transport = ui
+    (retry,) = [line for line in typed(lines, transport, "/help") if "/retry" in line]
+    assert "8 hex digits" in retry
+
+
 @pytest.mark.parametrize(
     ("address", "ca"),
     [("", None), ("nohost", None), ("tls:h", None), ("tls:h:1:bogus=2", None), ("h:1", "/ca")],

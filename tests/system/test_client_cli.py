@@ -4,6 +4,8 @@ reach its server (docs/client.rst, "Scripts")."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ from enclaves.client.keystore import Keystore
 from enclaves.crypto import KeyPair
 from enclaves.token import EnrollmentToken
 from tests.client.helpers import Relay, make_core
-from tests.daemon import free_port
-from tests.system.clients import PASSPHRASE, Client, enroll
+from tests.daemon import ROOT, free_port
+from tests.system.clients import PASSPHRASE, Client, client_env, enroll
 
 pytestmark = pytest.mark.system
 
@@ -31,6 +33,19 @@ def keystore_keyed_with_2002(path: Path) -> Path:
     relay.flush(1.0)
     Keystore.create(path, PASSPHRASE, a.state())
     return path
+
+
+def test_usage_names_the_enroll_subcommand() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "enclaves", "--help"],
+        capture_output=True,
+        text=True,
+        env=client_env(),
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert "enclaves enroll TOKEN" in result.stdout.split("\n\n")[0]  # in the usage lines
 
 
 def test_a_new_keystore_needs_a_passphrase_of_ten_characters(tmp_path: Path) -> None:
