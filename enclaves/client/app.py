@@ -41,7 +41,7 @@ from enclaves.client.core import (
     Refused,
     SendBlob,
 )
-from enclaves.client.endpoint import EndpointError, client_endpoint
+from enclaves.client.endpoint import EndpointError, client_endpoint, host_port, is_tls, shown
 from enclaves.client.keystore import Keystore
 from enclaves.client.state import ClientState
 from enclaves.crypto import KeyPair
@@ -161,6 +161,10 @@ class ClientApp:
         if self._enrolled:
             self.enrolled.callback(None)
         self.connected_once = False
+        # For the end of a piped session (:meth:`settle`).
+        self.directory_handled = False
+        self.last_failure: str | None = None
+        self._last_heard = 0.0
 
     # -- life cycle -----------------------------------------------------------
 
@@ -216,12 +220,14 @@ class ClientApp:
             except Exception as e:
                 if self._stopping:
                     return
+                self.last_failure = self._failure_text(e)
                 if not self._reconnect:
-                    self.stop(1, f"could not connect to the server: {_reason(e)}")
+                    self.stop(1, f"could not connect to the server: {self.last_failure}")
                     return
                 wait = self._jitter(delay)
                 self.out(
-                    "conn", f"cannot reach the server ({_reason(e)}); retrying in {wait:.1f} s"
+                    "conn",
+                    f"cannot reach the server ({self.last_failure}); retrying in {wait:.1f} s",
                 )
                 delay = min(delay * 2, self._retry_max)
                 await self._pause(wait)
@@ -246,6 +252,21 @@ class ClientApp:
                 "conn", f"disconnected ({reason.name}: {reason.text}); reconnecting in {wait:.1f} s"
             )
             await self._pause(wait)
+
+    def _failure_text(self, error: BaseException) -> str:
+        """Why a login failed, with a hint when the server may want TLS."""
+        text = _reason(error)
+        address = host_port(self.endpoint)
+        if (
+            isinstance(error, LoginFailed)
+            and error.code == 0
+            and error.text.startswith("connection closed")
+            and address is not None
+            and not is_tls(self.endpoint)
+        ):
+            # What a TLS server does with a plain login: it closes at once.
+            text += f" (if the server uses TLS, its address is tls:{address})"
+        return text
 
     def _jitter(self, delay: float) -> float:
         return float(delay * (0.8 + 0.4 * self._rng()))
@@ -290,6 +311,12 @@ class ClientApp:
                 if e.code == ErrorCode.TOKEN_EXPIRED:
                     self.token_refused = True
                     raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None
+                if e.code == 0 and is_tls(self.endpoint) and _not_tls(e.text):
+                    address = host_port(self.endpoint) or shown(self.endpoint)
+                    raise _Fatal(
+                        f"the server at {address} does not speak TLS: give its address "
+                        f"as {address}, without tls: (or check the port)"
+                    ) from None
                 if e.code == 0 and _tls_refused(e.text):
                     raise _Fatal(
                         "the server's TLS certificate could not be verified "
@@ -410,6 +437,7 @@ class ClientApp:
 
     def _on_message_for(self, conn: ClientConnection | None) -> Callable[[InnerMessage], None]:
         def on_message(message: InnerMessage) -> None:
+            self._last_heard = self.now()
             self._incoming.append((conn or self.conn, message))  # type: ignore[arg-type]
             if self._drain_call is None or not self._drain_call.active():
                 self._drain_call = self._reactor.callLater(0, self._drain)
@@ -462,6 +490,7 @@ class ClientApp:
         elif isinstance(message, Rotated):
             self._rotation_confirmed()
         elif isinstance(message, Directory):
+            self.directory_handled = True
             return self._on_directory(message, now)
         elif isinstance(message, Joined):
             if message.user_id != self.core.user_id:
@@ -662,6 +691,21 @@ class ClientApp:
             await deferLater(self._reactor, 0.05, lambda: None)
         return self.pending_count() == 0
 
+    async def settle(self, timeout: float, quiet: float = 0.5) -> None:
+        """Wait, at most ``timeout`` seconds, until this run has logged in and
+        handled the server's DIRECTORY (the first thing of every session),
+        nothing in the outbox waits for ACCEPTED, and nothing came from the
+        server for ``quiet`` seconds (polls; for the end of a piped session)."""
+        deadline = self.now() + timeout
+        while self.now() < deadline and not self._stopping:
+            if (
+                self.directory_handled
+                and self.pending_count() == 0
+                and self.now() - self._last_heard >= quiet
+            ):
+                return
+            await deferLater(self._reactor, 0.05, lambda: None)
+
     # -- helpers --------------------------------------------------------------
 
     def _outbox_entry(self, msg_id: bytes) -> Any:
@@ -723,6 +767,14 @@ def _tls_refused(text: str) -> bool:
     """Does a connection failure's text say the certificate check failed?"""
     lowered = text.lower()
     return any(w in lowered for w in ("certificate", "verificationerror", "mismatch"))
+
+
+def _not_tls(text: str) -> bool:
+    """Does a TLS connection failure's text say the server answered in plain bytes?"""
+    lowered = text.lower()
+    return any(
+        w in lowered for w in ("wrong version number", "unknown protocol", "packet length too long")
+    )
 
 
 def _one_line(digits: str) -> str:

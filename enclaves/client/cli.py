@@ -8,6 +8,7 @@ import getpass
 import os
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
-from enclaves.client.endpoint import EndpointError, normalise
+from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore, KeystoreError
 from enclaves.client.state import ClientState
 from enclaves.client.terminal import CharacterMode, TerminalIO
@@ -40,6 +41,12 @@ INPUT_NOTE = (
     "(or the first line of the file named by ENCLAVES_PASSPHRASE_FILE)."
 )
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
+MIN_PASSPHRASE = 10  # characters, for a new keystore
+PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
+CHAT_USAGE = """\
+enclaves [--keystore PATH] [--server ADDRESS] [--ca-file FILE] [--plain]
+       enclaves enroll TOKEN [--keystore PATH] [--server ADDRESS] [--ca-file FILE]
+       (enclaves enroll --help: joining a server)"""
 
 
 class UserError(Exception):
@@ -61,7 +68,11 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     else:
         parser = argparse.ArgumentParser(
             prog="enclaves",
-            description="Chat (after 'enclaves enroll TOKEN'). Type /help once running.",
+            usage=CHAT_USAGE,
+            description=(
+                "Chat. Join a server first with 'enclaves enroll TOKEN' (the token "
+                "comes from your admin). Type /help once running."
+            ),
             epilog=INPUT_NOTE,
         )
     parser.add_argument("--keystore", type=Path, default=None, help="default ~/.enclaves/keystore")
@@ -81,11 +92,18 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.add_argument("--retry-max", type=float, default=30.0, help=argparse.SUPPRESS)
     parser.add_argument("--tick", type=float, default=30.0, help=argparse.SUPPRESS)
+    if not enroll:
+        parser.add_argument("--eof-grace", type=float, default=EOF_GRACE, help=argparse.SUPPRESS)
     return parser
 
 
-def read_passphrase(prompt: str, confirm: bool = False) -> str:
-    """From ENCLAVES_PASSPHRASE_FILE, the terminal (getpass), or stdin's first line."""
+def read_passphrase(prompt: str, new: bool = False) -> str:
+    """From ENCLAVES_PASSPHRASE_FILE, the terminal (getpass), or stdin's first line.
+
+    ``new``: for a new keystore; at least :data:`MIN_PASSPHRASE` characters,
+    and on a terminal typed twice (asked again, a few times, if the two
+    differ or it is too short).
+    """
     path = os.environ.get("ENCLAVES_PASSPHRASE_FILE")
     if path:
         try:
@@ -93,15 +111,39 @@ def read_passphrase(prompt: str, confirm: bool = False) -> str:
         except OSError as e:
             raise UserError(f"cannot read ENCLAVES_PASSPHRASE_FILE: {e.strerror}") from None
         passphrase = text[0] if text else ""
+    elif os.isatty(0) and new:
+        return _new_passphrase_from_terminal(prompt)
     elif os.isatty(0):
         passphrase = getpass.getpass(prompt)
-        if confirm and getpass.getpass("Same passphrase again: ") != passphrase:
-            raise UserError("the two passphrases differ; nothing was created")
     else:
         passphrase = _read_stdin_line()
     if not passphrase:
         raise UserError("the passphrase must not be empty")
+    if new and _too_short(passphrase):
+        raise UserError(_TOO_SHORT + "; nothing was created")
     return passphrase
+
+
+_TOO_SHORT = (
+    f"a new keystore needs a passphrase of at least {MIN_PASSPHRASE} characters (anyone "
+    "with a copy of the file can try passphrases at leisure)"
+)
+
+
+def _too_short(passphrase: str) -> bool:
+    return len(unicodedata.normalize("NFC", passphrase)) < MIN_PASSPHRASE
+
+
+def _new_passphrase_from_terminal(prompt: str) -> str:
+    for _ in range(PASSPHRASE_TRIES):
+        passphrase = getpass.getpass(prompt)
+        if _too_short(passphrase):
+            sys.stderr.write(f"enclaves: {_TOO_SHORT}; try again\n")
+        elif getpass.getpass("Same passphrase again: ") != passphrase:
+            sys.stderr.write("enclaves: the two passphrases differ; try again\n")
+        else:
+            return passphrase
+    raise UserError(f"no passphrase after {PASSPHRASE_TRIES} tries; nothing was created")
 
 
 def _read_stdin_line() -> str:
@@ -147,10 +189,13 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
     if path.exists():
         keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
         if state.user_id != token.user_id or state.enrolled:
-            raise UserError(f"{path} already holds an account; it was left untouched")
+            raise UserError(
+                f"{path} already holds an account; it was left untouched. To enroll "
+                "another account, move that file aside or give --keystore NEW_PATH"
+            )
         _print("info", "resuming the interrupted enrollment")
     else:
-        passphrase = read_passphrase("New keystore passphrase: ", confirm=True)
+        passphrase = read_passphrase("New keystore passphrase: ", new=True)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         core = ClientCore.new(token.user_id, token.keys, endpoint)
         state = evolve(core.state(), pending_server_keys=KeyPair.generate(), enrolled=False)
@@ -212,12 +257,12 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []
+    failed_before = {e.msg_id for e in state.outbox if e.status == "failed"}
 
     def on_eof() -> None:
         if holder:
-            app = holder[0]
             ui.line("info", "end of input: sending what is queued, then quitting")
-            ensureDeferred(app.wait_sent(EOF_GRACE)).addBoth(lambda _: app.stop(0))
+            ensureDeferred(_finish(holder[0], ui, args.eof_grace, failed_before))
 
     ui = LineUI(on_eof=on_eof)
     mode = _editing_terminal(args)
@@ -305,6 +350,43 @@ async def _chat(
         ui.line("fatal" if code else "info", text)
     await ui.close()
     return code
+
+
+async def _finish(app: ClientApp, ui: LineUI, grace: float, failed_before: set[bytes]) -> None:
+    """End of input: stay (at most ``grace`` seconds) until logged in, the
+    user list handled and the outbox accepted; then quit, with status 1 and
+    an ``[error]`` line if that did not happen or the server refused
+    something during this run (docs/client.rst, "Scripts")."""
+    await app.settle(grace)
+    if app.outcome is not None:
+        return  # stopped already: /quit, or a fatal error said why
+    pending = app.pending_count()
+    kept = f"{pending} message(s) kept in the outbox and sent next time"
+    problems = []
+    if not app.connected_once:
+        why = f" ({app.last_failure})" if app.last_failure else ""
+        problems.append(
+            f"could not connect to the server at {shown(app.endpoint)} in {grace:g} s{why}"
+            + (f"; {kept}" if pending else "")
+        )
+    elif pending:
+        problems.append(
+            f"{pending} message(s) not accepted by the server yet; kept in the outbox "
+            "and sent next time"
+        )
+    elif not app.directory_handled:
+        problems.append(f"the server at {shown(app.endpoint)} did not finish the login in time")
+    refused = [
+        e for e in app.core.outbox() if e.status == "failed" and e.msg_id not in failed_before
+    ]
+    if refused:
+        problems.append(
+            f"{len(refused)} message(s) refused by the server (see the [failed] lines; "
+            "/retry ID sends one again)"
+        )
+    for problem in problems:
+        ui.line("error", problem)
+    app.stop(1 if problems else 0)
 
 
 def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:

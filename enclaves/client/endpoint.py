@@ -19,7 +19,7 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapC
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 
-__all__ = ["EndpointError", "normalise", "client_endpoint"]
+__all__ = ["EndpointError", "normalise", "client_endpoint", "host_port", "is_tls", "shown"]
 
 
 class EndpointError(ValueError):
@@ -48,6 +48,32 @@ def normalise(address: str, ca_file: str | None = None) -> str:
     if host and port.isdigit():
         return f"tcp:host={host}:port={port}"
     raise EndpointError(f"not a server address: {address!r} (use host:port or tls:host:port)")
+
+
+def is_tls(description: str) -> bool:
+    """Is a :func:`normalise`-d description a TLS one?"""
+    return description.startswith("tls:")
+
+
+def host_port(description: str) -> str | None:
+    """``HOST:PORT`` of a :func:`normalise`-d TCP or TLS description (None for others)."""
+    scheme, _, rest = description.partition(":")
+    if scheme not in ("tls", "tcp"):
+        return None
+    try:
+        fields = _tls_fields(rest)
+    except EndpointError:
+        return None
+    return f"{fields['host']}:{fields['port']}"
+
+
+def shown(description: str) -> str:
+    """A :func:`normalise`-d description as users type it: ``HOST:PORT`` or
+    ``tls:HOST:PORT`` (anything else as it is)."""
+    address = host_port(description)
+    if address is None:
+        return description
+    return f"tls:{address}" if is_tls(description) else address
 
 
 def _tls_fields(rest: str) -> dict[str, str]:

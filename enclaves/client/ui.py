@@ -38,7 +38,7 @@ HELP = """\
 /rekey WHO         run a fresh key exchange with WHO
 /history WHO       your conversation with WHO
 /outbox            messages not yet accepted by the server, and failed ones
-/retry ID          send a failed message again (ID: the 8 digits shown)
+/retry ID          send a failed message again (ID: the 8 hex digits shown)
 /invite            ask the server for a token for a newcomer
 /rotate            replace your keys for this server with fresh ones
 /help              this list

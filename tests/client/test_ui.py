@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from enclaves.client.app import ClientApp
-from enclaves.client.endpoint import EndpointError, normalise
+from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore
 from enclaves.client.state import decode_state, encode_state
 from enclaves.client.ui import LineUI, printable
@@ -111,6 +111,26 @@ def test_state_round_trips_the_rotation_fields() -> None:
 )
 def test_server_addresses(address: str, ca: str | None, expected: str) -> None:
     assert normalise(address, ca) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("chat.example.org:7500", "chat.example.org:7500"),
+        ("tcp:127.0.0.1:7500", "127.0.0.1:7500"),
+        ("tls:chat.example.org:7500", "tls:chat.example.org:7500"),
+        ("ssl:host=h:port=1:ca=/ca.pem", "tls:h:1"),
+        ("unix:/run/enclaves.sock", "unix:/run/enclaves.sock"),
+    ],
+)
+def test_addresses_are_shown_as_typed(address: str, expected: str) -> None:
+    assert shown(normalise(address)) == expected
+
+
+def test_help_says_message_ids_are_hex(ui) -> None:
+    lines, _app, transport = ui
+    (retry,) = [line for line in typed(lines, transport, "/help") if "/retry" in line]
+    assert "8 hex digits" in retry
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ Every client is a separate process driven through its stdin/stdout pipes.
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -352,6 +353,17 @@ async def test_rotation_survives_a_crash_at_either_side_and_invites(tmp_path: Pa
         assert daemon.stop() == 0, daemon.log_text()
 
 
+def piped(keystore: Path, commands: str = "", keep_open: bool = False) -> Client:
+    """``enclaves`` reading a script from a pipe (closed at once unless ``keep_open``)."""
+    script = Client(
+        ["--keystore", str(keystore), "--eof-grace", "3"], f"{PASSPHRASE}\n{commands}".strip()
+    )
+    if not keep_open:
+        assert script.process.stdin is not None
+        script.process.stdin.close()
+    return script
+
+
 @pytest_twisted.ensureDeferred
 async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, "--message-rate", "5")
@@ -367,14 +379,37 @@ async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) ->
             b.expect(rf": burst {n}$")
         assert not a.seen(r"^\[conn\] disconnected"), a.output()
         assert a.quit() == 0
+        assert b.quit() == 0
         # A one-shot script: commands piped in, end of input; what was queued is
-        # sent before the client exits.
-        script = Client(["--keystore", str(ks["a"])], f"{PASSPHRASE}\n/msg {ids['b']} one-shot")
-        assert script.process.stdin is not None
-        script.process.stdin.close()
+        # sent (here: stored for b, who is offline) before the client exits.
+        script = piped(ks["a"], f"/msg {ids['b']} one-shot")
         assert script.wait() == 0, script.output()
         script.expect(r"^\[accepted\] ")
-        b.expect(r": one-shot$")
+        # The server stops answering: what was not accepted in the grace is
+        # reported, kept, and the exit status says so.
+        stalled = piped(ks["a"], keep_open=True)
+        stalled.expect(r"^\[conn\] connected as ")
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGSTOP)
+        try:
+            stalled.send(f"/msg {ids['b']} late")
+            assert stalled.process.stdin is not None
+            stalled.process.stdin.close()
+            assert stalled.wait() == 1, stalled.output()
+        finally:
+            daemon.process.send_signal(signal.SIGCONT)
+        stalled.expect(
+            r"^\[error\] 1 message\(s\) not accepted by the server yet; kept in the outbox"
+        )
+        # Nothing queued: a piped session still logs in and picks up what waits.
+        reader = piped(ks["b"])
+        assert reader.wait() == 0, reader.output()
+        reader.expect(r": one-shot$")
+        # The kept message goes out with the next run.
+        again = piped(ks["a"])
+        assert again.wait() == 0, again.output()
+        again.expect(r"^\[info\] sending 1 queued item\(s\) from the outbox")
+        assert Keystore.unlock(ks["a"], PASSPHRASE)[1].outbox == ()
         for client in running:
             assert client.quit() == 0, client.output()
     finally:
@@ -395,12 +430,17 @@ async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Pa
         a.send(f"/msg {ids['b']} ready")
         b.expect(r": ready$")
         assert b.quit() == 0
-        for n in range(3):
-            a.send(f"/msg {ids['b']} note {n}")
-        failed = a.expect(
+        assert a.quit() == 0
+        # A script sends three: one is refused, and its exit status says so.
+        script = piped(ks["a"], "\n".join(f"/msg {ids['b']} note {n}" for n in range(3)))
+        assert script.wait() == 1, script.output()
+        failed = script.expect(
             rf"^\[failed\] id=([0-9a-f]{{8}}) message to {ids['b']} refused: the recipient's "
             r"mailbox on the server is full; /retry ([0-9a-f]{8}) sends it again$"
         )
+        script.expect(r"^\[error\] 1 message\(s\) refused by the server ")
+        a = chat(ks["a"])
+        running.append(a)
         a.send("/outbox")
         a.expect(rf"^\[outbox\] id={failed.group(1)} message to \d+ failed: .*mailbox.*full$")
         b = chat(ks["b"])

@@ -75,9 +75,18 @@ async def test_enroll_and_chat_in_a_real_terminal(tmp_path: Path) -> None:
         bob = chat(tmp_path / "b.keystore")
         python = sys.executable
         term.type(f"{python} -m enclaves enroll {token_a} --keystore a.keystore")
+        # Too short, then a mistyped confirmation: asked again each time.
         term.wait_for("New keystore passphrase:")
+        term.type("short")
+        term.wait_for("at least 10 characters")
+        term.wait_for("New keystore passphrase:", count=2)
         term.type(PASSPHRASE)
         term.wait_for("Same passphrase again:")
+        term.type(PASSPHRASE + "x")
+        term.wait_for("the two passphrases differ; try again")
+        term.wait_for("New keystore passphrase:", count=3)
+        term.type(PASSPHRASE)
+        term.wait_for("Same passphrase again:", count=2)
         term.type(PASSPHRASE)
         term.wait_for("[enrolled] you are user")
         term.wait_for("[help] Next: verify your contacts")

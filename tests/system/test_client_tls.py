@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from enclaves.token import EnrollmentToken, parse_token
 from tests.daemon import Daemon
-from tests.system.clients import chat, enroll, new_tokens
+from tests.system.clients import PASSPHRASE, Client, chat, enroll, new_tokens
 
 pytestmark = pytest.mark.system
 
@@ -93,6 +94,13 @@ async def test_tls_checks_ca_and_host_name(tmp_path: Path) -> None:
     keystore = tmp_path / "a.keystore"
     running = []
     try:
+        # Plain TCP to a TLS server: the error says what the address should be.
+        plain = enroll(token, keystore, "--server", f"localhost:{daemon.port}")
+        assert plain.process.returncode == 1, plain.output()
+        assert f"if the server uses TLS, its address is tls:localhost:{daemon.port}" in "\n".join(
+            plain.err
+        )
+        assert not keystore.exists()
         # A CA that did not sign the server's certificate: refused, nothing left behind.
         bad_ca = enroll(
             token,
@@ -134,4 +142,28 @@ async def test_tls_checks_ca_and_host_name(tmp_path: Path) -> None:
     finally:
         for c in running:
             c.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_to_a_plain_server_stops_with_plain_words(tmp_path: Path) -> None:
+    """TLS to a server that does not speak it: one attempt, then a [fatal] line
+    saying to drop tls: (not a retry loop quoting OpenSSL)."""
+    daemon = Daemon(tmp_path)
+    token_a, token_b = await new_tokens(daemon, 2)
+    daemon.start()
+    wrong = f"tls:127.0.0.1:{daemon.port}"
+    words = f"does not speak TLS: give its address as 127.0.0.1:{daemon.port}, without tls:"
+    try:
+        first = enroll(token_a, tmp_path / "a.keystore", "--server", wrong)
+        assert first.process.returncode == 1, first.output()
+        assert words in "\n".join(first.err)
+        assert "SSL routines" not in first.output()
+        good = enroll(token_b, tmp_path / "b.keystore")
+        assert good.process.returncode == 0, good.output()
+        client = Client(["--keystore", str(tmp_path / "b.keystore"), "--server", wrong], PASSPHRASE)
+        assert client.wait(20) == 1, client.output()
+        client.expect(r"^\[fatal\] the server at .* " + re.escape(words))
+        assert not client.seen(r"^\[conn\] cannot reach")
+    finally:
         assert daemon.stop() == 0, daemon.log_text()
