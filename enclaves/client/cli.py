@@ -40,6 +40,10 @@ INPUT_NOTE = (
     "When standard input is not a terminal, the passphrase is its first line "
     "(or the first line of the file named by ENCLAVES_PASSPHRASE_FILE)."
 )
+ENROLL_INPUT_NOTE = (
+    INPUT_NOTE + " Without TOKEN, the token is asked for on a terminal; otherwise it is "
+    "the first line of standard input and the passphrase the second."
+)
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
 MIN_PASSPHRASE = 10  # characters, for a new keystore
 PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
@@ -62,9 +66,14 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(
             prog="enclaves enroll",
             description="Join a server with the enrollment token your admin gave you.",
-            epilog=INPUT_NOTE,
+            epilog=ENROLL_INPUT_NOTE,
         )
-        parser.add_argument("token", help="the enrollment token (enclaves1:...)")
+        parser.add_argument(
+            "token",
+            nargs="?",
+            help="the enrollment token (enclaves1:...); leave it out to be asked for it, "
+            "which keeps it out of ps and your shell history",
+        )
     else:
         parser = argparse.ArgumentParser(
             prog="enclaves",
@@ -172,9 +181,17 @@ def _keystore_path(args: argparse.Namespace) -> Path:
 # -- enroll ---------------------------------------------------------------------
 
 
+def read_token() -> str:
+    """The token when not given as an argument: asked for on a terminal
+    (hidden, like a passphrase), else the first line of standard input."""
+    if os.isatty(0):
+        return getpass.getpass("Enrollment token: ")
+    return _read_stdin_line()
+
+
 async def enroll(reactor: Any, args: argparse.Namespace) -> int:
     try:
-        token = parse_token(args.token)
+        token = parse_token(args.token if args.token is not None else read_token())
     except TokenError as e:
         raise UserError(str(e)) from None
     address = args.server or token.address

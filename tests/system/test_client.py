@@ -500,6 +500,25 @@ async def test_recipient_killed_mid_stream_loses_and_repeats_nothing(tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
+async def test_enroll_reads_the_token_from_standard_input(tmp_path: Path) -> None:
+    """Without TOKEN on the command line (where ps shows it to every local
+    user until it is used), the first line of a pipe is the token."""
+    daemon = Daemon(tmp_path)
+    (token,) = await new_tokens(daemon, 1)
+    daemon.start()
+    try:
+        keystore = tmp_path / "a.keystore"
+        client = Client(["enroll", "--keystore", str(keystore)], f"{token}\n{PASSPHRASE}")
+        assert client.wait(60) == 0, client.output()
+        assert enrolled_id(client) == parse_token(token).user_id
+        bad = Client(["enroll", "--keystore", str(tmp_path / "b.keystore")], "not a token\nx")
+        assert bad.wait(60) == 1
+        assert "an enrollment token starts with" in "\n".join(bad.err)
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
 async def test_enrollment_interrupted_after_rotate_resumes(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     (token_text,) = await new_tokens(daemon, 1)

@@ -74,7 +74,9 @@ async def test_enroll_and_chat_in_a_real_terminal(tmp_path: Path) -> None:
         bob_id = result.expect(r"^\[enrolled\] you are user (\d+)").group(1)
         bob = chat(tmp_path / "b.keystore")
         python = sys.executable
-        term.type(f"{python} -m enclaves enroll {token_a} --keystore a.keystore")
+        term.type(f"{python} -m enclaves enroll --keystore a.keystore")
+        term.wait_for("Enrollment token:")  # asked for: not in ps, not in the history
+        term.type(token_a)
         # Too short, then a mistyped confirmation: asked again each time.
         term.wait_for("New keystore passphrase:")
         term.type("short")
@@ -129,8 +131,8 @@ async def test_enroll_and_chat_in_a_real_terminal(tmp_path: Path) -> None:
         term.wait_for("PROMPT> ", count=prompts + 1)  # the shell is back
         term.type("echo after-interrupt-$((40 + 2))")
         screen = term.wait_for("after-interrupt-42")
-        # The passphrase never appeared on the screen; no traceback either.
-        assert PASSPHRASE not in screen
+        # The passphrase and the token never appeared on the screen; no traceback either.
+        assert PASSPHRASE not in screen and token_a not in screen
         assert "Traceback" not in screen
     finally:
         if bob is not None:
