@@ -787,6 +787,11 @@ class FileStorage(Service):
             path = self._users_dir / user_file_name(user_id)
             old = self._users[user_id]
             await self._in_pool("store the new keys", write_atomic, path, data, 0o600)
+            if user_id not in self._users:
+                # Revoked while the file was written (remove_user takes the
+                # user out of memory at once and deletes the file after us):
+                # the user stays gone.
+                raise UnknownUser(f"no user {user_id}")
             self._users[user_id] = UserRecord(user_id, keys, old.enrollment_expires_ms)
             if user_id in self._enrollment:
                 table = dict(self._enrollment)
@@ -801,10 +806,13 @@ class FileStorage(Service):
                         await self._in_pool(
                             "restore the old keys", write_atomic, path, previous, 0o600
                         )
-                        self._users[user_id] = old
+                        if user_id in self._users:
+                            self._users[user_id] = old
                     except StorageError:
                         pass
                     raise
+            if user_id not in self._users:
+                raise UnknownUser(f"no user {user_id}")  # revoked meanwhile, as above
             self._users[user_id] = UserRecord(user_id, keys, None)
 
         return self._locked(replace)

@@ -397,3 +397,27 @@ async def test_group_commit_batches_concurrent_stores_one_batch_at_a_time(
     assert sum(sizes) == 400
     assert running[1] == 1, "two group commits ran at once"
     assert len(sizes) <= 20, f"stores were not grouped: {sizes}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_revoked_while_rotating_stays_revoked(data_dir: Path, keys: KeyPair) -> None:
+    """remove_user takes the user out of memory at once; a key rotation whose
+    file write was in flight must not bring it back."""
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), 5_000)
+        rotation = storage.replace_user_keys(A, KeyPair.generate())
+        removal = storage.remove_user(A)
+        with pytest.raises(UnknownUser):
+            await rotation
+        await removal
+        assert await storage.load_user(A) is None
+        assert await storage.list_users() == []
+        assert await storage.enrollments() == {}
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.list_users() == []
+    finally:
+        await again.stopService()
