@@ -540,19 +540,19 @@ class ClientApp:
             return []
         entry = self._outbox_entry(message.msg_id)
         if entry is None:
-            recipient = self.core.on_lost(message.msg_id)
-            if recipient is not None:  # accepted, then deleted unread
-                self._save_soon()
-                why = (
-                    "the recipient was removed from the server before reading it"
-                    if code is ErrorCode.UNKNOWN_RECIPIENT
-                    else f"{name}: {message.text}"
-                )
-                self.out(
-                    "failed",
-                    f"id={short_id(message.msg_id)} message to {self._name(recipient)} was "
-                    f"accepted but will never be delivered: {why}",
-                )
+            # Not in the outbox: accepted already.  The one ERROR that can
+            # follow ACCEPTED is UNKNOWN_RECIPIENT (revoked before reading it);
+            # any other is a repeated notice about an attempt since retried.
+            if code is ErrorCode.UNKNOWN_RECIPIENT:
+                recipient = self.core.on_lost(message.msg_id)
+                if recipient is not None:
+                    self._save_soon()
+                    self.out(
+                        "failed",
+                        f"id={short_id(message.msg_id)} message to {self._name(recipient)} "
+                        "was accepted but will never be delivered: the recipient was removed "
+                        "from the server before reading it",
+                    )
             return []
         reason = REFUSAL_TEXT.get(code, f"{name}: {message.text}") if code else name
         self.core.on_refused(message.msg_id, reason)

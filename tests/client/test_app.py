@@ -150,3 +150,31 @@ def test_an_error_kept_for_later_marks_the_outbox_message_failed(tmp_path: Path)
     assert [tag for tag, _text in out] == ["failed"]
     assert "/retry" in out[0][1]
     app.stop()
+
+
+def test_a_repeated_refusal_never_fails_a_message_accepted_since(tmp_path: Path) -> None:
+    """A kept ERROR may come again (its PONG was lost); the message was retried
+    and accepted meanwhile: it stays accepted. Only UNKNOWN_RECIPIENT (the
+    recipient revoked before reading it) fails an accepted message."""
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
+    app, _reactor, out = start(tmp_path, core)
+    refusal = Error(int(ErrorCode.STORAGE_FAILED), sent.msg_id, "the disk is full")
+    app._handle(refusal, 3.0)
+    app.core.retry(sent.msg_id)
+    app.core.on_accepted(sent.msg_id)
+    out.clear()
+    app._handle(refusal, 4.0)
+    assert app.core.history(2002)[-1].status == "accepted" and out == []
+    lost = Error(int(ErrorCode.UNKNOWN_RECIPIENT), sent.msg_id, "server text, not shown")
+    app._handle(lost, 5.0)
+    app._handle(lost, 6.0)  # once only
+    assert app.core.history(2002)[-1].status == "failed"
+    assert out == [
+        (
+            "failed",
+            f"id={sent.msg_id.hex()[:8]} message to 2002 was accepted but will never be "
+            "delivered: the recipient was removed from the server before reading it",
+        )
+    ]
+    app.stop()
