@@ -286,13 +286,15 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     if mode is not None:
         terminal = TerminalIO(ui, ui.prompt, _columns)
         reactor.addSystemEventTrigger("after", "shutdown", _leave, mode)
-        _redraw_on_continue(reactor, mode, terminal)
+        _job_control(reactor, mode, terminal)
         StandardIO(terminal, reactor=reactor)
+        LOG_SINK.terminal = terminal  # warnings go above the typed line too
     else:
         StandardIO(ui, reactor=reactor)
     try:
         return await _chat(reactor, args, keystore, state, endpoint, ui, holder)
     finally:
+        LOG_SINK.terminal = None
         if mode is not None:
             mode.restore()
 
@@ -328,14 +330,41 @@ def _columns() -> int:
         return 80
 
 
-def _redraw_on_continue(reactor: Any, mode: CharacterMode, terminal: TerminalIO) -> None:
-    """After ^Z and ``fg`` the shell may have changed the terminal's mode."""
+def _job_control(reactor: Any, mode: CharacterMode, terminal: TerminalIO) -> None:
+    """^Z hands the shell a terminal as it was; ``fg`` takes it back (the
+    shell may have changed its mode meanwhile) and redraws the typed line."""
 
     def resume() -> None:
         mode.enter()
         terminal.redraw()
 
+    def suspend(signum: int, frame: Any) -> None:
+        _leave(mode)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops here until SIGCONT
+        signal.signal(signal.SIGTSTP, suspend)
+
+    signal.signal(signal.SIGTSTP, suspend)
     signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(resume))
+
+
+class _LogSink:
+    """Where the client's warnings are written: standard error, or above the
+    typed line while the line editor owns the terminal."""
+
+    terminal: TerminalIO | None = None
+
+    def write(self, text: str) -> None:
+        if self.terminal is not None and not self.terminal.finished:
+            self.terminal.show(text.encode("utf-8", errors="replace"))
+        else:
+            sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+LOG_SINK = _LogSink()
 
 
 async def _chat(
@@ -430,7 +459,7 @@ def _log_warnings_to_stderr() -> None:
     )
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    observer = FilteringLogObserver(textFileLogObserver(LOG_SINK), [predicate])  # type: ignore[arg-type]
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 

@@ -121,8 +121,13 @@ class LineEditor:
         room = max(width - _width(prompt) - 1, 8)
         if self.cursor < self._scroll:
             self._scroll = self.cursor
-        while _width(self.buffer[self._scroll : self.cursor]) > room - 1:
-            self._scroll += 1
+        # The first character that still lets the cursor's column fit: walk
+        # back from the cursor (bounded by the screen's width, not the line's).
+        start, used = self.cursor, 0
+        while start > self._scroll and used + cell_width(self.buffer[start - 1]) <= room - 1:
+            start -= 1
+            used += cell_width(self.buffer[start])
+        self._scroll = start
         visible: list[str] = []
         used = 0
         for ch in self.buffer[self._scroll :]:
@@ -220,6 +225,20 @@ def _escape_end(text: str, i: int) -> int | None:
     return None
 
 
+def _fit(prompt: str, width: int) -> str:
+    """``prompt`` cut to a third of the screen (a long name on a narrow
+    terminal would wrap, and each redraw would leave debris)."""
+    most = max(width // 3, 3)
+    if _width(prompt) <= most:
+        return prompt
+    cut: list[str] = []
+    for ch in prompt:
+        if _width(cut) + cell_width(ch) > most - 2:
+            break
+        cut.append(shown(ch))
+    return "".join(cut) + "> "
+
+
 def _width(chars: Any) -> int:
     return sum(cell_width(ch) for ch in chars)
 
@@ -286,7 +305,8 @@ class TerminalIO(Protocol):
 
     def redraw(self) -> None:
         if self.transport is not None and not self.finished:
-            self._write(self.editor.render(self._prompt(), self._width()))
+            width = self._width()
+            self._write(self.editor.render(_fit(self._prompt(), width), width))
 
     def finish(self) -> None:
         """The UI closes: clear the input line, then close standard output."""
@@ -306,7 +326,8 @@ class TerminalIO(Protocol):
         self.ui.connectionLost(reason)
 
     def _line_shown(self, line: str) -> str:
-        return "\r\x1b[K" + self._prompt() + "".join(shown(ch) for ch in line)
+        prompt = _fit(self._prompt(), self._width())
+        return "\r\x1b[K" + prompt + "".join(shown(ch) for ch in line)
 
     def _write(self, text: str) -> None:
         assert self.transport is not None
@@ -334,6 +355,8 @@ class CharacterMode:
     def restore(self) -> None:
         if self._saved is not None:
             try:
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+                # TCSANOW: output is not held back by this change, and waiting
+                # for it to drain could hang the exit after a ^S.
+                termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
             except termios.error:
                 pass  # the terminal is gone

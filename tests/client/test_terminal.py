@@ -272,3 +272,44 @@ def test_character_mode_turns_off_echo_and_lines_and_restores_them() -> None:
     finally:
         os.close(controller)
         os.close(tty)
+
+
+def test_a_redraw_looks_at_a_screenful_not_the_whole_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pasted 64 KiB line must not make each redraw walk the line (it was
+    quadratic: minutes for one redraw, the reactor blocked meanwhile)."""
+    import enclaves.client.terminal as terminal
+
+    editor = typed("x" * MAX_LINE)
+    calls = 0
+    real = terminal.cell_width
+
+    def counting(ch: str) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 10 * 80:  # fail at once rather than after minutes
+            raise AssertionError(f"{calls} characters measured for one redraw")
+        return real(ch)
+
+    monkeypatch.setattr(terminal, "cell_width", counting)
+    for keys in ("", HOME, END, LEFT * 3, UP):
+        editor.feed(keys)
+        calls = 0
+        editor.render("> ", 80)
+
+
+def test_prompt_and_echoed_line_never_carry_control_characters(term) -> None:
+    terminal, ui, transport = term
+    ui.app.core.set_petname(B, "b\x1b[2Jx")  # a name typed through a pipe
+    terminal.dataReceived(f"/to {B}\r".encode())
+    out = screen(transport)
+    assert "\x1b[2J" not in out and "b\\x1b[2Jx> " in out
+    terminal.dataReceived("a\u202eb\r".encode())
+    assert "\u202e" not in screen(transport)
+
+
+def test_a_long_prompt_is_cut_to_fit_a_narrow_terminal() -> None:
+    terminal = TerminalIO(LineUI(), lambda: "a-very-long-petname-indeed> ", lambda: 24)
+    transport = StringTransport()
+    terminal.makeConnection(transport)
+    drawn = transport.value().decode()
+    assert drawn == "\ra-very> \x1b[K\r\x1b[8C"

@@ -198,14 +198,25 @@ async def test_line_editing_keeps_the_typed_line_when_a_message_arrives(tmp_path
         term.wait_for("Keystore passphrase:", count=2)
         term.type(PASSPHRASE)
         term.wait_for("[conn] connected as", count=2)
-        term.tmux("send-keys", "-t", "t", "-l", "typed, never sent")
+        # ^Z: the shell gets a sane terminal; fg: the typed line is back.
+        term.tmux("send-keys", "-t", "t", "-l", "typed")
+        term.wait_for("> typed")
+        prompts = term.screen().count("PROMPT> ")
+        term.tmux("send-keys", "-t", "t", "C-z")
+        term.wait_for("PROMPT> ", count=prompts + 1)
+        term.type(SANE)
+        term.wait_for("mode-is-42", count=2)
+        term.type("fg")
+        term.tmux("send-keys", "-t", "t", "-l", ", never sent")
         term.wait_for("> typed, never sent")
         prompts = term.screen().count("PROMPT> ")
         term.tmux("send-keys", "-t", "t", "C-c")
         term.wait_for("PROMPT> ", count=prompts + 1)  # the shell is back
         term.type(SANE)
-        screen = term.wait_for("mode-is-42", count=2)
-        assert "typed, never sent" not in screen  # the half-typed line was cleared
+        screen = term.wait_for("mode-is-42", count=3)
+        rows = [row for row in screen.splitlines() if row.strip()]
+        assert rows[-3:-1] == [f"PROMPT> {SANE}", "mode-is-42"], screen
+        assert "> typed, never sent" not in rows[-4], screen  # cleared on the way out
         assert "Traceback" not in screen
     finally:
         if bob is not None:
