@@ -199,6 +199,50 @@ def test_piped_input_without_pty_survives_eof(shell_server: Setup) -> None:
                 stream.close()
 
 
+def _script(setup: Setup, stdin: bytes, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    """ssh with ``stdin`` as its input; bounded: a session that never ends fails the test."""
+    return subprocess.run([*setup.argv("-T"), *extra], input=stdin, capture_output=True, timeout=30)
+
+
+def test_piped_commands_without_pty_run_in_order_and_end_at_eof(shell_server: Setup) -> None:
+    """``printf 'users()\\n...' | ssh -T``: every answer, in order, then the session ends."""
+    result = _script(shell_server, b'users()\nissue("127.0.0.1:7500")\nstats()\n')
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    users = out.index(" online")
+    token = re.search(r"enclaves1:[A-Za-z0-9_-]{96}@127\.0\.0\.1:7500", out)
+    stats = out.index("uptime")
+    assert token is not None and users < token.start() < stats, out
+    assert b"\x1b" not in result.stdout and b"\r" not in result.stdout, result.stdout
+    assert "enclaves> " not in out and "Type help()" not in out
+
+
+def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
+    """End of input right behind ``issue()`` must not lose the token it made."""
+    result = _script(shell_server, b'issue("127.0.0.1:7500")\n\x04')
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    match = re.search(r"new user (\d+)[\s\S]*(enclaves1:\S+)", out)
+    assert match is not None, out
+    assert parse_token(match.group(2)).user_id == int(match.group(1))
+    assert b"\x1b" not in result.stdout
+
+
+def test_command_given_to_ssh_runs_then_ends_with_its_status(shell_server: Setup) -> None:
+    ok = _script(shell_server, b"", "help()\npending()")
+    assert ok.returncode == 0, ok
+    assert b"Commands (each prints plain text):" in ok.stdout
+    assert b"no pending messages" in ok.stdout or b"pending message(s)" in ok.stdout
+    failed = _script(shell_server, b"ignored()\n", "revoke(1)")
+    assert failed.returncode == 1
+    assert failed.stdout == b"error: no user 1 (users() lists them)\n"
+    masked = _script(shell_server, b"", 'x = "enclaves1:' + "B" * 96 + '"')
+    assert masked.returncode == 0 and masked.stdout == b""
+    log = shell_server.daemon.log_text()
+    assert "typed: revoke(1)" in log and "ignored()" not in log
+    assert "B" * 20 not in log
+
+
 def _read_some(stream: IO[bytes], timeout: float) -> bytes:
     fd = stream.fileno()
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -381,8 +425,8 @@ def test_weak_ssh_algorithms_refused(shell_server: Setup, options: tuple[str, st
 
 
 def test_default_ssh_negotiates_strong_algorithms(shell_server: Setup) -> None:
-    # A remote command: the shell refuses exec, so ssh ends right after logging in.
-    argv = [*shell_server.argv("-T", "-vv"), "true"]
+    # A remote command: the line shell runs it (a NameError) and the session ends.
+    argv = [*shell_server.argv("-T", "-vv"), "pending()"]
     result = subprocess.run(argv, input=b"", capture_output=True, timeout=30)
     log = result.stderr.decode("utf-8", "replace")
     assert "Authenticated to 127.0.0.1" in log, log
