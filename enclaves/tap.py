@@ -264,17 +264,23 @@ def _admin_shell(
     from enclaves.manhole import HOST_KEY_FILE, manhole_service
 
     data_dir = options["data-dir"]
+    admin_keys = Path(options["admin-keys"])
+    files = [
+        (Path(key_path), "server key"),
+        (admin_keys, "admin keys of the admin shell (SSH public keys)"),
+        (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
+        (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
+    ]
+    if admin_keys != data_dir / ADMIN_KEYS_FILE:
+        # Listed if it is there: an admin keys file this server does not read.
+        files.append((data_dir / ADMIN_KEYS_FILE, "admin keys, not read (--admin-keys is another)"))
     admin = Admin(
         storage,
         router,
         reactor,
         data_dir=data_dir,
         token_lifetime=options["token-lifetime"],
-        files=[
-            (Path(key_path), "server key"),
-            (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
-            (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
-        ],
+        files=files,
     )
     try:
         return manhole_service(

@@ -243,6 +243,55 @@ def test_command_given_to_ssh_runs_then_ends_with_its_status(shell_server: Setup
     assert "B" * 20 not in log
 
 
+def test_inventory_knows_the_admin_keys_file_in_the_data_dir(
+    shell_server: Setup, tmp_path: Path
+) -> None:
+    """DATA-DIR/admin_keys, as the docs say to put it, is not an "unexpected file"."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "admin_keys").write_text(shell_server.key.with_suffix(".pub").read_text())
+    (data_dir / "admin_keys").chmod(0o600)
+    port = free_port()
+    daemon = Daemon(tmp_path, f"--manhole=tcp:{port}:interface=127.0.0.1")
+    daemon.start()
+    try:
+        wait_port(port)
+        known_hosts = tmp_path / "known_hosts"
+        host_pub = (data_dir / "ssh_host_ed25519_key.pub").read_text()
+        known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub}")
+        (data_dir / ".enrollment.state.1.ab12.tmp").write_bytes(b"x")  # a write in progress
+        (data_dir / "notes.txt").write_text("left by someone")
+        result = subprocess.run(
+            ssh_argv(port, shell_server.key, known_hosts, "-T"),
+            input=b"inventory()\n",
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    assert re.search(r"\nadmin_keys +\d+ +admin keys of the admin shell", out), out
+    assert re.search(r"\.enrollment\.state\.1\.ab12\.tmp +1 +temporary file of a write", out)
+    unexpected = [line for line in out.splitlines() if "unexpected file" in line]
+    assert [line.split()[0] for line in unexpected] == ["notes.txt"], out
+
+
+def test_inventory_with_admin_keys_elsewhere(shell_server: Setup) -> None:
+    """--admin-keys FILE is listed by its path; a DATA-DIR/admin_keys beside it is not read."""
+    unused = shell_server.daemon.data_dir / "admin_keys"
+    unused.write_text("# old\n")
+    try:
+        result = _script(shell_server, b"inventory()\n")
+    finally:
+        unused.unlink()
+    out = result.stdout.decode()
+    admin_keys = shell_server.daemon.workdir / "admin_keys"
+    assert re.search(rf"\n{re.escape(str(admin_keys))} +\d+ +admin keys of the admin shell", out)
+    assert re.search(r"\nadmin_keys +6 +admin keys, not read \(--admin-keys is another\)", out)
+    assert "unexpected file" not in out
+
+
 def _read_some(stream: IO[bytes], timeout: float) -> bytes:
     fd = stream.fileno()
     ready, _, _ = select.select([fd], [], [], timeout)
