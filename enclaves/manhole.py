@@ -15,7 +15,6 @@ from typing import Any
 from attrs import frozen
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
@@ -34,6 +33,7 @@ from zope.interface import implementer
 
 from enclaves.adminshell import AdminLineShell, AdminManhole
 from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.server.listening import listening_service
 from enclaves.serverkey import StartupError
 
 __all__ = [
@@ -466,7 +466,8 @@ def manhole_service(
 ) -> IService | None:
     """The admin shell's listening service, or None (and a log line) without usable keys.
 
-    Raises :class:`StartupError` for an unreadable key file or host key.
+    Raises :class:`StartupError` for an unreadable key file or host key, or
+    an endpoint that does not parse.
     """
     admin_keys = read_admin_keys(admin_keys_path)
     if not admin_keys.public_keys:
@@ -489,4 +490,4 @@ def manhole_service(
     )
     portal = Portal(AdminRealm(make_namespace, reactor), [AdminKeyChecker(admin_keys)])
     factory = AdminShellFactory(portal, host_key)
-    return strports.service(endpoint, factory, reactor=reactor)
+    return listening_service("--manhole", endpoint, factory, reactor)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -20,6 +19,7 @@ from enclaves.server.lifecycle import (
     DisconnectOnStop,
     FreezeStartupObjects,
 )
+from enclaves.server.listening import listening_service
 from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -234,7 +234,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Stopped before storage (services stop in reverse order): clients hear
     # SHUTTING_DOWN and in-flight messages reach storage first.
     DisconnectOnStop(factory).setServiceParent(top)
-    listener = strports.service(options["listen"], factory, reactor=reactor)
+    try:
+        listener = listening_service("--listen", options["listen"], factory, reactor)
+    except StartupError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
     listener.setServiceParent(top)
     shell = _admin_shell(options, storage, router, key_path, reactor)
     if shell is not None:
