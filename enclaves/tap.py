@@ -80,7 +80,8 @@ class Options(usage.Options):
             "manhole",
             None,
             "tcp:7522:interface=127.0.0.1",
-            "SSH admin shell endpoint (on only with --admin-keys).",
+            "SSH admin shell endpoint (on only when there are admin keys: "
+            "--admin-keys FILE, or DATA-DIR/admin_keys).",
         ],
         [
             "admin-keys",
