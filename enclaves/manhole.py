@@ -21,7 +21,7 @@ from twisted.conch import interfaces as iconch
 from twisted.conch import manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
-from twisted.conch.ssh import common, keys, session
+from twisted.conch.ssh import common, keys, session, transport
 from twisted.cred import error as cred_error
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
@@ -437,9 +437,36 @@ _WEAK_KEX = {b"diffie-hellman-group-exchange-sha1", b"diffie-hellman-group14-sha
              b"diffie-hellman-group1-sha1"}  # fmt: skip
 
 
+class AdminServerTransport(transport.SSHServerTransport):
+    """Conch's server transport; a client's normal disconnect is not logged as an error.
+
+    OpenSSH ends every session with DISCONNECT "disconnected by user"
+    (``DISCONNECT_BY_APPLICATION``), which Conch logs at error level;
+    every other reason still is.
+    """
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if reasonCode != transport.DISCONNECT_BY_APPLICATION:
+            super().receiveError(reasonCode, description)
+            return
+        log.info(
+            "admin shell: SSH client {peer} disconnected ({reason})",
+            peer=_peer(self),
+            reason=description.decode("utf-8", "replace")[:200],
+        )
+
+
+def _peer(protocol: Any) -> str:
+    address = protocol.transport.getPeer()
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(address)
+
+
 class AdminShellFactory(manhole_ssh.ConchFactory):
     """The SSH factory with this server's own host key (never the class-level dicts)
     and only strong algorithms."""
+
+    protocol = AdminServerTransport
 
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)

@@ -215,6 +215,9 @@ def test_piped_commands_without_pty_run_in_order_and_end_at_eof(shell_server: Se
     assert token is not None and users < token.start() < stats, out
     assert b"\x1b" not in result.stdout and b"\r" not in result.stdout, result.stdout
     assert "enclaves> " not in out and "Type help()" not in out
+    # OpenSSH's normal goodbye (DISCONNECT "disconnected by user") is no error.
+    log = shell_server.daemon.log_text()
+    assert "SSH client 127.0.0.1:" in log and "Got remote error" not in log
 
 
 def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
