@@ -448,7 +448,8 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
         """List everything this server holds, file by file, with users and pending messages.
 
         For an admin or auditor to check that nothing else is kept: user key
-        files, pending message files, the server key and the SSH host key.
+        files, pending message files, the server key, the admin keys file
+        and the SSH host key.
         A file in the data directory that Enclaves did not write shows up as
         "unexpected file".
         """

@@ -5,34 +5,35 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 import stat
 import struct
-import sys
 from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from attrs import frozen
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
-from twisted.conch import manhole, manhole_ssh
+from twisted.conch import manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import common, keys, session, transport
 from twisted.cred import error as cred_error
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from enclaves.adminshell import AdminLineShell, AdminManhole
 from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.server.listening import listening_service
 from enclaves.serverkey import StartupError
 
 __all__ = [
@@ -50,9 +51,6 @@ __all__ = [
 HOST_KEY_FILE = "ssh_host_ed25519_key"
 
 log = Logger()
-
-#: Anything shaped like an enrollment token is masked before an input line is logged.
-_TOKEN_PATTERN = re.compile(r"enclaves1:[A-Za-z0-9_-]+")
 
 
 def openssh_fingerprint(key: keys.Key) -> str:
@@ -248,119 +246,7 @@ class AdminKeyChecker(SSHPublicKeyChecker):
         return result.addCallbacks(accepted, refused)
 
 
-# The shell -------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    name = type(error).__name__
-    if getattr(error, "admin_message", False):
-        return f"error: {text}"
-    return f"error: {name}: {text}" if text else f"error: {name}"
-
-
-class AdminInterpreter(manhole.ManholeInterpreter):
-    """The manhole interpreter, for admins: one-line errors, command text not reprs.
-
-    A command returns a Deferred; its text is printed when it fires, while
-    the reactor goes on serving users.
-    """
-
-    def __init__(self, handler: AdminManhole, namespace: dict[str, Any] | None) -> None:
-        super().__init__(handler, namespace)
-        self._synchronous = False
-
-    def showtraceback(self) -> None:
-        error = sys.exc_info()[1]
-        if error is not None:
-            self.handler.log_error(error)
-            self.write(_one_line(error) + "\n")
-
-    def showsyntaxerror(self, filename: str | None = None, **kwargs: Any) -> None:
-        error = sys.exc_info()[1]
-        message = getattr(error, "msg", None) or str(error)
-        self.write(f"error: {message} (type help() for the commands)\n")
-
-    def excepthook(self, excType: Any, excValue: BaseException, excTraceback: Any) -> None:
-        self.write(_one_line(excValue) + "\n")
-
-    def displayhook(self, obj: object) -> None:
-        if obj is None:
-            return
-        self.locals["_"] = obj
-        if isinstance(obj, defer.Deferred):
-            self._synchronous = True
-            try:
-                obj.addCallbacks(self._show_result, self._show_failure)
-            finally:
-                self._synchronous = False
-        elif isinstance(obj, str):
-            self._show_text(obj)
-        else:
-            self.write(repr(obj) + "\n")
-
-    def _show_text(self, text: str) -> None:
-        self.write(text if text.endswith("\n") else text + "\n", not self._synchronous)
-
-    def _show_result(self, result: object) -> object:
-        if isinstance(result, str):
-            self._show_text(result)
-        elif result is not None:
-            self._show_text(repr(result))
-        return result
-
-    def _show_failure(self, failure: Failure) -> None:
-        self.handler.log_error(failure.value, failure)
-        self._show_text(_one_line(cast(BaseException, failure.value)))
-
-    def write(self, data: Any, isAsync: bool | None = None) -> None:
-        if self.handler.terminal is not None:
-            super().write(data, isAsync)
-
-
-class AdminManhole(manhole.Manhole):
-    """A manhole session for one admin; every input line is logged (tokens masked)."""
-
-    ps = (b"enclaves> ", b"... ")
-
-    def __init__(self, namespace: dict[str, Any], identity: AdminIdentity) -> None:
-        super().__init__(namespace)
-        self.identity = identity
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.interpreter = AdminInterpreter(self, self.namespace)
-        self.terminal.write(
-            b"Enclaves admin shell. Type help() for the commands, Ctrl-D to leave.\n"
-        )
-        self.terminal.write(self.ps[self.pn])
-
-    def initializeScreen(self) -> None:
-        # No terminal reset (it would clear the admin's screen) and no prompt
-        # yet: connectionMade writes the banner first.
-        self.setInsertMode()
-
-    def lineReceived(self, line: bytes) -> None:
-        text = _TOKEN_PATTERN.sub("enclaves1:<masked>", line.decode("utf-8", "replace"))
-        if text.strip():
-            log.info("admin {admin} typed: {line}", admin=str(self.identity), line=text)
-        super().lineReceived(line)
-
-    def log_error(self, error: BaseException, failure: Failure | None = None) -> None:
-        """Log an unexpected error in full for the server log; the admin sees one line."""
-        if getattr(error, "admin_message", False) or isinstance(
-            error, (NameError, TypeError, ValueError, AttributeError, SyntaxError)
-        ):
-            return
-        log.failure(
-            "admin {admin}: unexpected error in a command",
-            failure or Failure(),
-            admin=str(self.identity),
-        )
-
-    def connectionLost(self, reason: Failure) -> None:
-        log.info("admin {admin} left the admin shell", admin=str(self.identity))
-        super().connectionLost(reason)
+# The SSH session --------------------------------------------------------------
 
 
 class AdminSessionTransport(manhole_ssh.TerminalSessionTransport):
@@ -377,57 +263,169 @@ class AdminSessionTransport(manhole_ssh.TerminalSessionTransport):
         proto.transport.loseConnection = close
 
 
+def _end_session(channel: Any, status: int) -> None:
+    """Send the exit status; close the channel once its buffered output has gone out."""
+    channel.conn.sendRequest(channel, b"exit-status", struct.pack(">L", status))
+    channel.loseConnection()
+
+
+class _LineShellInput:
+    """Where Conch writes what the client sends (the session's client transport).
+
+    For a command given to ssh the command is the whole input: what the
+    client sends is dropped (``to_shell`` false).
+    """
+
+    def __init__(self, shell: AdminLineShell, to_shell: bool) -> None:
+        self._shell = shell
+        self._to_shell = to_shell
+
+    def write(self, data: bytes) -> None:
+        if self._to_shell:
+            self._shell.dataReceived(data)
+
+    def loseConnection(self) -> None:
+        self._shell.connectionLost(connectionDone)
+
+
 @implementer(iconch.ISession)
 class AdminTerminalSession(manhole_ssh.TerminalSession):
-    """The stock terminal session, minus its crashes: window changes and EOF are ignored.
+    """One SSH session: the terminal shell with a pty, the line shell without one.
 
-    (The stock ``eofReceived`` raises and kills the session of a client that
-    sends EOF, as OpenSSH does when its input is a pipe.)  A client that asks
-    for no pty gets an 80x24 terminal.
+    With a pty (``ssh``, ``ssh -t``) it is the stock terminal session minus
+    its crashes: window changes and EOF are ignored (the stock
+    ``eofReceived`` raises).  Without one (``ssh -T``, or input from a
+    pipe) the shell is :class:`AdminLineShell`, which ends the session after
+    the output of the last command once the input ends.  A command given to
+    ssh (exec) runs in the line shell too, as if it were the whole input.
     """
 
     width = 80
     height = 24
     transportFactory = AdminSessionTransport
 
+    def __init__(
+        self,
+        original: Any,
+        line_shell: Callable[[Callable[[int], None], bytes], AdminLineShell],
+        reactor: Any,
+    ) -> None:
+        super().__init__(original)
+        self._make_line_shell = line_shell
+        self._reactor = reactor
+        self._pty = False
+        self._line_shell: AdminLineShell | None = None
+
+    def getPty(self, term: bytes, windowSize: Any, attrs: Any) -> None:
+        super().getPty(term, windowSize, attrs)
+        self._pty = True
+
+    def openShell(self, proto: Any) -> None:
+        if self._pty:
+            super().openShell(proto)
+        else:
+            self._line_shell = self._open_line_shell(proto, from_client=True)
+
+    def execCommand(self, proto: Any, cmd: bytes) -> None:
+        shell = self._open_line_shell(proto, from_client=False)
+        # On the next turn: the channel is not set up until this returns.
+        self._reactor.callLater(0, _run_script, shell, cmd)
+
+    def _open_line_shell(self, proto: Any, *, from_client: bool) -> AdminLineShell:
+        channel = proto.session
+        newline = b"\r\n" if self._pty else b"\n"  # a pty would not return the carriage
+        shell = self._make_line_shell(lambda status: _end_session(channel, status), newline)
+        shell.makeConnection(proto)
+        proto.makeConnection(_LineShellInput(shell, from_client))
+        return shell
+
     def windowChanged(self, newWindowSize: Any) -> None:
         pass
 
     def eofReceived(self) -> None:
-        pass
+        if self._line_shell is not None:
+            self._line_shell.end_of_input()
+
+
+def _run_script(shell: AdminLineShell, script: bytes) -> None:
+    shell.dataReceived(script + b"\n")
+    shell.end_of_input()
+
+
+class AdminSessionChannel(session.SSHSession):
+    """An SSH session channel with a session object of its own.
+
+    (Conch's looks one up per login, so two channels of one connection
+    would share their pty and shell state.)  Its ``exec`` request does not
+    log the command verbatim as Conch's does: the line shell logs each line
+    with tokens masked.
+    """
+
+    @cached_property
+    def _session(self) -> Any:
+        made = self.session = self.avatar.make_session()  # type: ignore[union-attr]
+        return made
+
+    def request_exec(self, data: bytes) -> int:
+        if self.client is not None:
+            return 0
+        command = common.getNS(data)[0]
+        client = session.SSHSessionProcessProtocol(self)
+        try:
+            self._session.execCommand(client, command)
+        except Exception:
+            log.failure("admin shell: could not run a command")
+            return 0
+        self.client = client
+        return 1
 
 
 class AdminUser(manhole_ssh.TerminalUser):
-    """The SSH avatar of one admin."""
+    """The SSH avatar of one admin; each session channel gets ``make_session()``."""
 
-    def __init__(self, original: Any, identity: AdminIdentity) -> None:
+    def __init__(
+        self, original: Any, identity: AdminIdentity, make_session: Callable[[], Any]
+    ) -> None:
         super().__init__(original, identity)
         self.identity = identity
+        self.make_session = make_session
+        self.channelLookup[b"session"] = AdminSessionChannel
 
 
 @implementer(IRealm)
 class AdminRealm:
-    """Gives each admin a terminal session running :class:`AdminManhole`."""
+    """Gives each admin SSH sessions running :class:`AdminManhole` on a terminal,
+    :class:`AdminLineShell` without one."""
 
-    def __init__(self, make_namespace: Callable[[AdminIdentity], dict[str, Any]]) -> None:
+    def __init__(
+        self, make_namespace: Callable[[AdminIdentity], dict[str, Any]], reactor: Any
+    ) -> None:
         self._make_namespace = make_namespace
+        self._reactor = reactor
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         if iconch.IConchUser not in interfaces:
             raise NotImplementedError("only SSH shells")
         identity: AdminIdentity = avatarId
         component = components.Componentized()
-        user = AdminUser(component, identity)
-        session = AdminTerminalSession(component)
         namespace_factory = self._make_namespace
 
         def shell() -> insults.ServerProtocol:
             log.info("admin {admin} opened the admin shell", admin=str(identity))
             return insults.ServerProtocol(AdminManhole, namespace_factory(identity), identity)
 
-        session.chainedProtocolFactory = shell  # type: ignore[assignment]
+        def line_shell(finish: Callable[[int], None], newline: bytes) -> AdminLineShell:
+            log.info("admin {admin} opened the admin shell without a terminal", admin=str(identity))
+            return AdminLineShell(namespace_factory(identity), identity, finish, newline=newline)
+
+        def make_session() -> AdminTerminalSession:
+            made = AdminTerminalSession(component, line_shell, self._reactor)
+            made.chainedProtocolFactory = shell  # type: ignore[assignment]
+            return made
+
+        user = AdminUser(component, identity, make_session)
         component.setComponent(iconch.IConchUser, user)
-        component.setComponent(iconch.ISession, session)
+        component.setComponent(iconch.ISession, make_session())
         return iconch.IConchUser, user, lambda: None
 
 
@@ -439,9 +437,36 @@ _WEAK_KEX = {b"diffie-hellman-group-exchange-sha1", b"diffie-hellman-group14-sha
              b"diffie-hellman-group1-sha1"}  # fmt: skip
 
 
+class AdminServerTransport(transport.SSHServerTransport):
+    """Conch's server transport; a client's normal disconnect is not logged as an error.
+
+    OpenSSH ends every session with DISCONNECT "disconnected by user"
+    (``DISCONNECT_BY_APPLICATION``), which Conch logs at error level;
+    every other reason still is.
+    """
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if reasonCode != transport.DISCONNECT_BY_APPLICATION:
+            super().receiveError(reasonCode, description)
+            return
+        log.info(
+            "admin shell: SSH client {peer} disconnected ({reason})",
+            peer=_peer(self),
+            reason=description.decode("utf-8", "replace")[:200],
+        )
+
+
+def _peer(protocol: Any) -> str:
+    address = protocol.transport.getPeer()
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(address)
+
+
 class AdminShellFactory(manhole_ssh.ConchFactory):
     """The SSH factory with this server's own host key (never the class-level dicts)
     and only strong algorithms."""
+
+    protocol = AdminServerTransport
 
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)
@@ -468,7 +493,8 @@ def manhole_service(
 ) -> IService | None:
     """The admin shell's listening service, or None (and a log line) without usable keys.
 
-    Raises :class:`StartupError` for an unreadable key file or host key.
+    Raises :class:`StartupError` for an unreadable key file or host key, or
+    an endpoint that does not parse.
     """
     admin_keys = read_admin_keys(admin_keys_path)
     if not admin_keys.public_keys:
@@ -489,6 +515,6 @@ def manhole_service(
         state="created now" if created else "existing",
         fingerprint=fingerprint,
     )
-    portal = Portal(AdminRealm(make_namespace), [AdminKeyChecker(admin_keys)])
+    portal = Portal(AdminRealm(make_namespace, reactor), [AdminKeyChecker(admin_keys)])
     factory = AdminShellFactory(portal, host_key)
-    return strports.service(endpoint, factory, reactor=reactor)
+    return listening_service("--manhole", endpoint, factory, reactor)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -20,6 +19,7 @@ from enclaves.server.lifecycle import (
     DisconnectOnStop,
     FreezeStartupObjects,
 )
+from enclaves.server.listening import listening_service
 from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -80,7 +80,8 @@ class Options(usage.Options):
             "manhole",
             None,
             "tcp:7522:interface=127.0.0.1",
-            "SSH admin shell endpoint (on only with --admin-keys).",
+            "SSH admin shell endpoint (on only when there are admin keys: "
+            "--admin-keys FILE, or DATA-DIR/admin_keys).",
         ],
         [
             "admin-keys",
@@ -234,7 +235,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # Stopped before storage (services stop in reverse order): clients hear
     # SHUTTING_DOWN and in-flight messages reach storage first.
     DisconnectOnStop(factory).setServiceParent(top)
-    listener = strports.service(options["listen"], factory, reactor=reactor)
+    try:
+        listener = listening_service("--listen", options["listen"], factory, reactor)
+    except StartupError as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        raise SystemExit(1) from None
     listener.setServiceParent(top)
     shell = _admin_shell(options, storage, router, key_path, reactor)
     if shell is not None:
@@ -264,17 +269,23 @@ def _admin_shell(
     from enclaves.manhole import HOST_KEY_FILE, manhole_service
 
     data_dir = options["data-dir"]
+    admin_keys = Path(options["admin-keys"])
+    files = [
+        (Path(key_path), "server key"),
+        (admin_keys, "admin keys of the admin shell (SSH public keys)"),
+        (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
+        (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
+    ]
+    if admin_keys != data_dir / ADMIN_KEYS_FILE:
+        # Listed if it is there: an admin keys file this server does not read.
+        files.append((data_dir / ADMIN_KEYS_FILE, "admin keys, not read (--admin-keys is another)"))
     admin = Admin(
         storage,
         router,
         reactor,
         data_dir=data_dir,
         token_lifetime=options["token-lifetime"],
-        files=[
-            (Path(key_path), "server key"),
-            (data_dir / HOST_KEY_FILE, "SSH host key of the admin shell (private)"),
-            (data_dir / f"{HOST_KEY_FILE}.pub", "SSH host key of the admin shell (public)"),
-        ],
+        files=files,
     )
     try:
         return manhole_service(

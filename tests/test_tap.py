@@ -20,6 +20,16 @@ def test_admin_keys_default_is_used_only_when_present(tmp_path: Path) -> None:
     assert options["admin-keys"] == tmp_path / "admin_keys"
 
 
+def test_manhole_help_and_docs_name_both_ways_to_turn_it_on() -> None:
+    """DATA-DIR/admin_keys turns the shell on as well as --admin-keys: both texts say so."""
+    (manhole,) = [p for p in Options.optParameters if p[0] == "manhole"]
+    assert "--admin-keys FILE, or DATA-DIR/admin_keys" in manhole[3]
+    docs = (Path(__file__).parent.parent / "docs" / "admin.rst").read_text()
+    (row,) = [i for i, line in enumerate(docs.splitlines()) if line.startswith("``--manhole``")]
+    cells = " ".join(line[51:] for line in docs.splitlines()[row : row + 3])
+    assert "``--admin-keys`` or ``DATA-DIR/admin_keys``" in " ".join(cells.split())
+
+
 def test_missing_explicit_admin_keys_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="no such file"):
         Options().parseOptions([f"--admin-keys={tmp_path / 'nope'}"])

@@ -1088,18 +1088,20 @@ class FileStorage(Service):
                 size = path.stat().st_size
             except FileNotFoundError:
                 return
+            if description == _UNEXPECTED and _is_temp(path.name):
+                description = "temporary file of a write in progress"
             entries.append(InventoryEntry(str(path.relative_to(self.data_dir)), size, description))
 
         for name in sorted(os.listdir(self.data_dir)):
             path = self.data_dir / name
             if path.is_dir():
                 continue
-            add(path, _TOP_LEVEL.get(name, "unexpected file"))
+            add(path, _TOP_LEVEL.get(name, _UNEXPECTED))
         for name in sorted(os.listdir(self._users_dir)):
             user_id = parse_user_name(name)
             record = users.get(user_id) if user_id is not None else None
             if record is None:
-                add(self._users_dir / name, "unexpected file")
+                add(self._users_dir / name, _UNEXPECTED)
             else:
                 state = "enrolling" if record.enrolling else "enrolled"
                 add(self._users_dir / name, f"user {user_id} ({state})")
@@ -1107,7 +1109,7 @@ class FileStorage(Service):
             file_id = parse_msg_name(name)
             pending = files.get(file_id) if file_id is not None else None
             if pending is None:
-                add(self._pending_dir / name, "unexpected file")
+                add(self._pending_dir / name, _UNEXPECTED)
             else:
                 add(
                     self._pending_dir / name,
@@ -1117,7 +1119,7 @@ class FileStorage(Service):
             notice_id = parse_notice_name(name)
             notice = notices.get(notice_id) if notice_id is not None else None
             if notice is None:
-                add(self._notices_dir / name, "unexpected file")
+                add(self._notices_dir / name, _UNEXPECTED)
             else:
                 add(self._notices_dir / name, f"notice for {notice.user_id}")
         for name in sorted(os.listdir(self._quarantine_dir)):
@@ -1268,6 +1270,7 @@ class FileStorage(Service):
         return d.addCallback(removed)
 
 
+_UNEXPECTED = "unexpected file"
 _TOP_LEVEL = {
     "server.key": "server key",
     "server.check": "server key check",

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.conch.ssh import keys
@@ -153,3 +154,39 @@ def test_admin_shell_offers_no_weak_ssh_algorithms(tmp_path: Path) -> None:
     assert transport.supportedMACs == [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
     assert b"curve25519-sha256" in transport.supportedKeyExchanges
     assert not any(b"sha1" in k for k in transport.supportedKeyExchanges)
+
+
+def _disconnect_logged(tmp_path: Path, code: int, reason: bytes) -> list[Any]:
+    import struct
+
+    from twisted.conch.ssh.common import NS
+    from twisted.cred.portal import Portal
+    from twisted.internet.testing import StringTransport
+    from twisted.logger import LogEvent, globalLogPublisher
+
+    from enclaves.manhole import AdminShellFactory
+
+    host_key, _ = load_or_create_host_key(tmp_path)
+    factory = AdminShellFactory(Portal(None), host_key)  # type: ignore[arg-type]
+    factory.startFactory()
+    transport = factory.buildProtocol(None)
+    transport.makeConnection(StringTransport())
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport.ssh_DISCONNECT(struct.pack(">L", code) + NS(reason))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return events
+
+
+def test_normal_ssh_disconnect_is_info_other_reasons_stay_errors(tmp_path: Path) -> None:
+    from twisted.logger import LogLevel, formatEvent
+
+    normal = _disconnect_logged(tmp_path, 11, b"disconnected by user")  # BY_APPLICATION
+    assert not [e for e in normal if e["log_level"] >= LogLevel.warn], normal
+    text = [formatEvent(e) for e in normal if e["log_level"] == LogLevel.info]
+    assert any("disconnected (disconnected by user)" in line for line in text), text
+    broken = _disconnect_logged(tmp_path, 2, b"packet corrupt")  # PROTOCOL_ERROR
+    errors = [formatEvent(e) for e in broken if e["log_level"] == LogLevel.error]
+    assert any("Got remote error, code 2" in line for line in errors), broken

@@ -199,6 +199,102 @@ def test_piped_input_without_pty_survives_eof(shell_server: Setup) -> None:
                 stream.close()
 
 
+def _script(setup: Setup, stdin: bytes, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    """ssh with ``stdin`` as its input; bounded: a session that never ends fails the test."""
+    return subprocess.run([*setup.argv("-T"), *extra], input=stdin, capture_output=True, timeout=30)
+
+
+def test_piped_commands_without_pty_run_in_order_and_end_at_eof(shell_server: Setup) -> None:
+    """``printf 'users()\\n...' | ssh -T``: every answer, in order, then the session ends."""
+    result = _script(shell_server, b'users()\nissue("127.0.0.1:7500")\nstats()\n')
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    users = out.index(" online")
+    token = re.search(r"enclaves1:[A-Za-z0-9_-]{96}@127\.0\.0\.1:7500", out)
+    stats = out.index("uptime")
+    assert token is not None and users < token.start() < stats, out
+    assert b"\x1b" not in result.stdout and b"\r" not in result.stdout, result.stdout
+    assert "enclaves> " not in out and "Type help()" not in out
+    # OpenSSH's normal goodbye (DISCONNECT "disconnected by user") is no error.
+    log = shell_server.daemon.log_text()
+    assert "SSH client 127.0.0.1:" in log and "Got remote error" not in log
+
+
+def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
+    """End of input right behind ``issue()`` must not lose the token it made."""
+    result = _script(shell_server, b'issue("127.0.0.1:7500")\n\x04')
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    match = re.search(r"new user (\d+)[\s\S]*(enclaves1:\S+)", out)
+    assert match is not None, out
+    assert parse_token(match.group(2)).user_id == int(match.group(1))
+    assert b"\x1b" not in result.stdout
+
+
+def test_command_given_to_ssh_runs_then_ends_with_its_status(shell_server: Setup) -> None:
+    ok = _script(shell_server, b"", "help()\npending()")
+    assert ok.returncode == 0, ok
+    assert b"Commands (each prints plain text):" in ok.stdout
+    assert b"no pending messages" in ok.stdout or b"pending message(s)" in ok.stdout
+    failed = _script(shell_server, b"ignored()\n", "revoke(1)")
+    assert failed.returncode == 1
+    assert failed.stdout == b"error: no user 1 (users() lists them)\n"
+    masked = _script(shell_server, b"", 'x = "enclaves1:' + "B" * 96 + '"')
+    assert masked.returncode == 0 and masked.stdout == b""
+    log = shell_server.daemon.log_text()
+    assert "typed: revoke(1)" in log and "ignored()" not in log
+    assert "B" * 20 not in log
+
+
+def test_inventory_knows_the_admin_keys_file_in_the_data_dir(
+    shell_server: Setup, tmp_path: Path
+) -> None:
+    """DATA-DIR/admin_keys, as the docs say to put it, is not an "unexpected file"."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "admin_keys").write_text(shell_server.key.with_suffix(".pub").read_text())
+    (data_dir / "admin_keys").chmod(0o600)
+    port = free_port()
+    daemon = Daemon(tmp_path, f"--manhole=tcp:{port}:interface=127.0.0.1")
+    daemon.start()
+    try:
+        wait_port(port)
+        known_hosts = tmp_path / "known_hosts"
+        host_pub = (data_dir / "ssh_host_ed25519_key.pub").read_text()
+        known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub}")
+        (data_dir / ".enrollment.state.1.ab12.tmp").write_bytes(b"x")  # a write in progress
+        (data_dir / "notes.txt").write_text("left by someone")
+        result = subprocess.run(
+            ssh_argv(port, shell_server.key, known_hosts, "-T"),
+            input=b"inventory()\n",
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    assert re.search(r"\nadmin_keys +\d+ +admin keys of the admin shell", out), out
+    assert re.search(r"\.enrollment\.state\.1\.ab12\.tmp +1 +temporary file of a write", out)
+    unexpected = [line for line in out.splitlines() if "unexpected file" in line]
+    assert [line.split()[0] for line in unexpected] == ["notes.txt"], out
+
+
+def test_inventory_with_admin_keys_elsewhere(shell_server: Setup) -> None:
+    """--admin-keys FILE is listed by its path; a DATA-DIR/admin_keys beside it is not read."""
+    unused = shell_server.daemon.data_dir / "admin_keys"
+    unused.write_text("# old\n")
+    try:
+        result = _script(shell_server, b"inventory()\n")
+    finally:
+        unused.unlink()
+    out = result.stdout.decode()
+    admin_keys = shell_server.daemon.workdir / "admin_keys"
+    assert re.search(rf"\n{re.escape(str(admin_keys))} +\d+ +admin keys of the admin shell", out)
+    assert re.search(r"\nadmin_keys +6 +admin keys, not read \(--admin-keys is another\)", out)
+    assert "unexpected file" not in out
+
+
 def _read_some(stream: IO[bytes], timeout: float) -> bytes:
     fd = stream.fileno()
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -381,8 +477,8 @@ def test_weak_ssh_algorithms_refused(shell_server: Setup, options: tuple[str, st
 
 
 def test_default_ssh_negotiates_strong_algorithms(shell_server: Setup) -> None:
-    # A remote command: the shell refuses exec, so ssh ends right after logging in.
-    argv = [*shell_server.argv("-T", "-vv"), "true"]
+    # A remote command: the line shell runs it (a NameError) and the session ends.
+    argv = [*shell_server.argv("-T", "-vv"), "pending()"]
     result = subprocess.run(argv, input=b"", capture_output=True, timeout=30)
     log = result.stderr.decode("utf-8", "replace")
     assert "Authenticated to 127.0.0.1" in log, log

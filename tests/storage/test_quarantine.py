@@ -172,7 +172,7 @@ def test_twistd_wiring_refuses_tampered_enrollment(tmp_path: Path) -> None:
     options.parseOptions(["--data-dir", str(data_dir), "--max-pending", "5"])
     top = makeService(options)
     names = [type(s).__name__ for s in top]
-    assert names.index("FileStorage") < names.index("StreamServerEndpointService")
+    assert names.index("FileStorage") < names.index("ListeningService")
     storage = next(s for s in top if isinstance(s, FileStorage))
     assert storage.max_pending_count == 5
     assert storage.max_pending_bytes == 64 * 1024 * 1024

@@ -136,3 +136,87 @@ def test_daemonizes_with_pidfile(tmp_path: Path) -> None:
         while pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def _held_port() -> socket.socket:
+    """A loopback port held by a listening test socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def _start_refused(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """twistd -n with its default pid file (in tmp_path) and log file: must refuse to start."""
+    daemon = Daemon(tmp_path)
+    result = subprocess.run(
+        [*twistd_command(), "-n", "--logfile=twistd.log", "enclaves", *args],
+        cwd=tmp_path,
+        env=daemon.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = (tmp_path / "twistd.log").read_text() if (tmp_path / "twistd.log").exists() else ""
+    assert result.returncode != 0, (result, log)
+    assert "Traceback" not in result.stderr + result.stdout + log, (result, log)
+    assert not (tmp_path / "twistd.pid").exists()  # nothing left behind
+    return result
+
+
+def test_listen_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with _held_port() as held:
+        port = held.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        result = _start_refused(tmp_path, f"--listen={endpoint}", f"--data-dir={tmp_path / 'd'}")
+    assert result.stderr.splitlines() == [
+        f"enclaves: error: --listen {endpoint}: cannot listen: Address already in use"
+    ]
+    assert f"start-up refused: --listen {endpoint}" in (tmp_path / "twistd.log").read_text()
+
+
+def test_manhole_port_in_use_is_a_one_line_error_and_nothing_keeps_running(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "d"
+    data_dir.mkdir(mode=0o700)
+    (data_dir / "admin_keys").write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHR0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVz t@t\n"
+    )
+    (data_dir / "admin_keys").chmod(0o600)
+    listen = Daemon(tmp_path).port
+    with _held_port() as held:
+        port = held.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        result = _start_refused(
+            tmp_path,
+            f"--listen=tcp:{listen}:interface=127.0.0.1",
+            f"--manhole={endpoint}",
+            f"--data-dir={data_dir}",
+        )
+    assert result.stderr.splitlines() == [
+        f"enclaves: error: --manhole {endpoint}: cannot listen: Address already in use"
+    ]
+    # The client listener it had opened went with the process.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", listen), timeout=5).close()
+
+
+@pytest.mark.parametrize("option", ["--listen", "--manhole"])
+def test_endpoint_that_does_not_parse_is_a_one_line_error(tmp_path: Path, option: str) -> None:
+    data_dir = tmp_path / "d"
+    data_dir.mkdir(mode=0o700)
+    admin_keys = tmp_path / "admin_keys"
+    admin_keys.write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHR0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVz t@t\n"
+    )
+    result = _start_refused(
+        tmp_path,
+        f"{option}=nonsense:7500",
+        "--listen=tcp:0:interface=127.0.0.1" if option == "--manhole" else "--manhole=tcp:0",
+        f"--admin-keys={admin_keys}",
+        f"--data-dir={data_dir}",
+    )
+    assert result.stderr.splitlines() == [
+        f"enclaves: error: {option} nonsense:7500: Unknown endpoint type: 'nonsense'"
+    ]

@@ -1,0 +1,125 @@
+"""The admin shell without a terminal, over an in-memory transport: order, end of input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from enclaves.admin import AdminError, Text
+from enclaves.adminshell import AdminLineShell
+from enclaves.manhole import AdminIdentity
+
+WHO = AdminIdentity("admin", "SHA256:x", "alice@laptop")
+
+
+def line_shell(namespace: dict[str, Any], newline: bytes = b"\n") -> tuple[Any, list[int]]:
+    finished: list[int] = []
+    shell = AdminLineShell(namespace, WHO, finished.append, newline=newline)
+    transport = StringTransport()
+    shell.makeConnection(transport)
+    return shell, finished
+
+
+def output(shell: AdminLineShell) -> str:
+    return shell.transport.value().decode()  # type: ignore[union-attr]
+
+
+def test_end_of_input_waits_for_the_answer_of_a_pending_command() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    shell, finished = line_shell({"slow": lambda: pending})
+    shell.dataReceived(b"slow()\n")
+    shell.end_of_input()
+    assert output(shell) == "" and finished == []
+    pending.callback(Text("enclaves1:token"))
+    assert output(shell) == "enclaves1:token\n"
+    assert finished == [0]
+
+
+def test_ctrl_d_byte_ends_input_and_what_follows_is_ignored() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    shell, finished = line_shell({"slow": lambda: pending, "boom": lambda: 1 / 0})
+    shell.dataReceived(b"slow()\n\x04boom()\n")
+    assert finished == []
+    pending.callback(Text("done"))
+    assert output(shell) == "done\n" and finished == [0]
+    shell.dataReceived(b"boom()\n")  # after the end: not run
+    assert output(shell) == "done\n"
+
+
+def test_each_line_waits_for_the_output_of_the_one_before() -> None:
+    first: defer.Deferred[Text] = defer.Deferred()
+    shell, finished = line_shell({"first": lambda: first, "second": lambda: Text("second")})
+    shell.dataReceived(b"first()\nsecond()\n")
+    assert output(shell) == ""
+    first.callback(Text("first"))
+    assert output(shell) == "first\nsecond\n"
+    shell.end_of_input()
+    assert finished == [0]
+
+
+def test_plain_text_no_prompt_no_escapes_crlf_and_lone_last_line() -> None:
+    shell, finished = line_shell({"two": lambda: Text("a\nb")})
+    shell.dataReceived(b"two()\r\n1 + 1\r\nprint('x')")
+    assert output(shell) == "a\nb\n2\n"
+    shell.end_of_input()  # the last line, without its newline, still runs
+    assert output(shell) == "a\nb\n2\nx\n" and finished == [0]
+    assert "\x1b" not in output(shell)
+
+
+def test_errors_are_one_line_and_give_exit_status_1() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    namespace = {
+        "slow": lambda: pending,
+        "bad": lambda: (_ for _ in ()).throw(AdminError("no user 5 (users() lists them)")),
+    }
+    shell, finished = line_shell(namespace)
+    shell.dataReceived(b"bad()\nslow()\nno_such_name\n")
+    pending.errback(AdminError("the disk refused the write"))
+    shell.end_of_input()
+    assert output(shell) == (
+        "error: no user 5 (users() lists them)\n"
+        "error: the disk refused the write\n"
+        "error: NameError: name 'no_such_name' is not defined\n"
+    )
+    assert finished == [1]
+
+
+def test_block_and_unfinished_statement_at_the_end() -> None:
+    shell, finished = line_shell({})
+    shell.dataReceived(b"def f():\n    return 41 + 1\n\nf()\nfor i in (1, 2):\n    print(i)\n")
+    shell.end_of_input()  # the open block is completed, as by an empty line
+    assert output(shell) == "42\n1\n2\n" and finished == [0]
+
+    shell, finished = line_shell({})
+    shell.dataReceived(b"users(\n")
+    shell.end_of_input()
+    assert output(shell) == "error: the input ended inside a statement\n"
+    assert finished == [1]
+
+
+def test_newline_for_a_pty_and_nothing_written_after_the_connection_is_lost() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    shell, finished = line_shell({"two": lambda: Text("a\nb"), "slow": lambda: pending}, b"\r\n")
+    shell.dataReceived(b"two()\nslow()\n")
+    assert output(shell) == "a\r\nb\r\n"
+    shell.connectionLost()
+    pending.callback(Text("late"))
+    shell.end_of_input()
+    assert output(shell) == "a\r\nb\r\n" and finished == []
+
+
+def test_lines_logged_with_tokens_masked() -> None:
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        shell, _ = line_shell({})
+        shell.dataReceived(b'x = "enclaves1:' + b"A" * 96 + b'@h:1"\n\xff\n')
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    log = "\n".join(formatEvent(event) for event in events)
+    assert 'admin admin key SHA256:x (alice@laptop) typed: x = "enclaves1:<masked>@h:1"' in log
+    assert "A" * 20 not in log
