@@ -204,6 +204,12 @@ class Admin:
     def revoke(self, who: object, user_id: object) -> defer.Deferred[Text]:
         user = parse_user_id(user_id)
         was_online = self._router.is_online(user)
+        announced = True  # a user still enrolling was never listed to the others
+
+        def revoke(enrolling: dict[int, int]) -> defer.Deferred[int]:
+            nonlocal announced
+            announced = user not in enrolling
+            return defer.maybeDeferred(self._router.revoke, user)
 
         def revoked(deleted: int) -> Text:
             log.info(
@@ -215,9 +221,14 @@ class Admin:
                 online=", session closed" if was_online else "",
             )
             session = "its session was closed" if was_online else "it was offline"
+            others = (
+                "the others are told it was removed"
+                if announced
+                else "its token was never used, so nobody else knew of it"
+            )
             return Text(
                 f"revoked user {user}: key deleted, {deleted} pending message(s) "
-                f"deleted, {session}; the others are told it was removed"
+                f"deleted, {session}; {others}"
             )
 
         def failed(failure: Any) -> Any:
@@ -230,7 +241,8 @@ class Admin:
                 raise AdminError(f"no user {user} (users() lists them)")
             return _as_admin_error(failure)
 
-        return defer.maybeDeferred(self._router.revoke, user).addCallbacks(revoked, failed)
+        d: defer.Deferred[dict[int, int]] = defer.maybeDeferred(self._storage.enrollments)
+        return d.addCallback(revoke).addCallbacks(revoked, failed)
 
     def pending(self, who: object) -> defer.Deferred[Text]:
         log.info("admin {admin} listed pending messages", admin=str(who))
@@ -430,8 +442,10 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
     def revoke(user_id: int) -> Any:
         """Remove a user: delete its key and pending messages, close its session.
 
-        The other users' clients are told it was removed.  A revoked user
-        can only come back with a new token from issue().
+        The other users' clients are told it was removed (if it had
+        enrolled), and senders of its deleted messages that they will never
+        be delivered.  A revoked user can only come back with a new token
+        from issue().
         Example: revoke(1234567890)
         """
         return admin.revoke(who, user_id)

@@ -176,12 +176,19 @@ def test_revoke(logged: list[LogEvent]) -> None:
     router.online.add(11)
     out = result(ns["revoke"]("11"))
     assert out.startswith("revoked user 11: key deleted, 1 pending message(s) deleted")
-    assert "its session was closed" in out
+    assert out.endswith("its session was closed; the others are told it was removed")
     assert router.revoked == [11]
     assert result(storage.list_users()) == [22]
     assert "admin alice key SHA256:abc revoked user 11" in text_of(logged)
     with pytest.raises(AdminError, match=r"no user 11 \(users\(\) lists them\)"):
         result(ns["revoke"](11))
+
+
+def test_revoking_an_unused_token_says_nobody_else_knew_of_it() -> None:
+    ns, storage, _ = setup()
+    result(storage.add_user(11, KeyPair.generate(), 10**13))  # enrolling
+    out = result(ns["revoke"](11))
+    assert out.endswith("it was offline; its token was never used, so nobody else knew of it")
 
 
 @pytest.mark.parametrize(
