@@ -56,6 +56,8 @@ from enclaves.inner import (
     Invite,
     InviteToken,
     Joined,
+    Ping,
+    Pong,
     Received,
     Removed,
     Rotate,
@@ -303,6 +305,7 @@ class ClientApp:
                     keys,
                     on_message=self._on_message_for(None),
                     timeout=self._connect_timeout,
+                    hand_over_pings=True,
                 )
             except LoginFailed as e:
                 last = e
@@ -448,6 +451,7 @@ class ClientApp:
         """Handle one batch; DELIVERs are acknowledged after a single save."""
         batch, self._incoming = self._incoming, []
         receipts: list[tuple[ClientConnection, bytes]] = []
+        pongs: list[tuple[ClientConnection, int]] = []
         events: list[Event] = []
         now = self.now()
         for conn, message in batch:
@@ -456,6 +460,9 @@ class ClientApp:
             if isinstance(message, Deliver):
                 events += self.core.handle_blob(message.sender, message.msg_id, message.blob, now)
                 receipts.append((conn, message.msg_id))
+                continue
+            if isinstance(message, Ping):
+                pongs.append((conn, message.nonce))
                 continue
             events += self._handle(message, now)
         if (receipts or any(isinstance(e, SendBlob) for e in events)) and not self._save():
@@ -466,9 +473,18 @@ class ClientApp:
                 if not isinstance(event, SendBlob):
                     self._show(event)
             return
+        # A PONG tells the server that what came before its PING is safe here
+        # (it then deletes kept receipts): save first.  Unsaved, it stays
+        # unanswered, and the server keeps them and sends them again.
+        unsaved = self._save_call is not None and self._save_call.active()
+        if pongs and unsaved and not self._save():
+            pongs = []
         for conn, msg_id in receipts:
             if conn is not None and conn.established:
                 conn.send(Received(msg_id))
+        for conn, nonce in pongs:
+            if conn is not None and conn.established:
+                conn.send(Pong(nonce))
         self._send_events(events)
 
     def _handle(self, message: InnerMessage, now: float) -> list[Event]:

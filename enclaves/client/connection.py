@@ -124,8 +124,12 @@ class ClientConnection(Protocol):
         max_frame: int = DEFAULT_MAX_FRAME,
         on_message: Callable[[InnerMessage], None] | None = None,
         handshake: ClientHandshake | None = None,
+        hand_over_pings: bool = False,
     ) -> None:
         self.user_id = user_id
+        # True: the server's PINGs go to the application, which answers once
+        # it has handled (and saved) what came before them; else answered here.
+        self.hand_over_pings = hand_over_pings
         self._handshake = handshake or ClientHandshake(user_id, keys)
         self._clock = clock
         self.max_frame = max_frame
@@ -240,7 +244,7 @@ class ClientConnection(Protocol):
         if type(message) in _PLAIN_KINDS:  # nearly all traffic: straight through
             self._hand_over(message)
             return
-        if isinstance(message, Ping):
+        if isinstance(message, Ping) and not self.hand_over_pings:
             self.send(Pong(message.nonce))
             return
         if isinstance(message, Pong) and message.nonce == self._login_nonce:
@@ -334,6 +338,7 @@ def connect(
     max_frame: int = DEFAULT_MAX_FRAME,
     on_message: Callable[[InnerMessage], None] | None = None,
     timeout: float = 30.0,
+    hand_over_pings: bool = False,
 ) -> Deferred[ClientConnection]:
     """Connect to ``endpoint`` (a ``clientFromString`` description, or an
     endpoint object such as a TLS-wrapped one) and log in.
@@ -345,7 +350,12 @@ def connect(
 
     async def run() -> ClientConnection:
         protocol = ClientConnection(
-            user_id, keys, clock=reactor, max_frame=max_frame, on_message=on_message
+            user_id,
+            keys,
+            clock=reactor,
+            max_frame=max_frame,
+            on_message=on_message,
+            hand_over_pings=hand_over_pings,
         )
         target = clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
         await connectProtocol(target, protocol)

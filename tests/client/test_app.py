@@ -13,7 +13,7 @@ from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
-from enclaves.inner import Delivered, Directory, Error, Joined, Removed
+from enclaves.inner import Delivered, Directory, Error, Joined, Ping, Pong, Removed
 from tests.client.helpers import Relay, make_core
 
 
@@ -177,4 +177,39 @@ def test_a_repeated_refusal_never_fails_a_message_accepted_since(tmp_path: Path)
             "delivered: the recipient was removed from the server before reading it",
         )
     ]
+    app.stop()
+
+
+class _Conn:
+    """What the app sends on a connection, with the keystore's saved status of
+    ``watch`` at that moment."""
+
+    established = True
+
+    def __init__(self, keystore: Path, watch: bytes) -> None:
+        self.keystore, self.watch = keystore, watch
+        self.sent: list[tuple[object, str | None]] = []
+
+    def send(self, message: object) -> None:
+        _, state = Keystore.unlock(self.keystore, "pass phrase")
+        status = next(
+            (line.status for lines in state.history.values() for line in lines
+             if line.msg_id == self.watch), None
+        )  # fmt: skip
+        self.sent.append((message, status))
+
+
+def test_a_server_ping_is_answered_after_what_came_before_it_is_saved(tmp_path: Path) -> None:
+    """The server deletes kept receipts when the PONG comes back: by then the
+    receipt's effect must be on disk, not only in memory."""
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
+    core.on_accepted(sent.msg_id)
+    app, reactor, _out = start(tmp_path, core)
+    conn = _Conn(tmp_path / "ks", sent.msg_id)
+    deliver = app._on_message_for(conn)  # type: ignore[arg-type]
+    deliver(Delivered(sent.msg_id))
+    deliver(Ping(77))
+    reactor.advance(0)
+    assert conn.sent == [(Pong(77), "delivered")]
     app.stop()
