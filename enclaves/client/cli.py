@@ -274,14 +274,13 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []
-    failed_before = {e.msg_id for e in state.outbox if e.status == "failed"}
 
     def on_eof() -> None:
         if holder:
             ui.line("info", "end of input: sending what is queued, then quitting")
-            ensureDeferred(_finish(holder[0], ui, args.eof_grace, failed_before))
+            ensureDeferred(_finish(holder[0], ui, args.eof_grace))
 
-    ui = LineUI(on_eof=on_eof)
+    ui = LineUI(on_eof=on_eof, quit_waits=not os.isatty(0))
     mode = _editing_terminal(args)
     if mode is not None:
         terminal = TerminalIO(ui, ui.prompt, _columns)
@@ -398,11 +397,12 @@ async def _chat(
     return code
 
 
-async def _finish(app: ClientApp, ui: LineUI, grace: float, failed_before: set[bytes]) -> None:
+async def _finish(app: ClientApp, ui: LineUI, grace: float) -> None:
     """End of input: stay (at most ``grace`` seconds) until logged in, the
     user list handled and the outbox accepted; then quit, with status 1 and
-    an ``[error]`` line if that did not happen or the server refused
-    something during this run (docs/client.rst, "Scripts")."""
+    an ``[error]`` line if that did not happen, or if anything during this run
+    was not done (an ``[error]``, ``[refused]`` or ``[failed]`` line, or a
+    question left unanswered) (docs/client.rst, "Scripts")."""
     await app.settle(grace)
     if app.outcome is not None:
         return  # stopped already: /quit, or a fatal error said why
@@ -422,14 +422,16 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, failed_before: set[b
         )
     elif not app.directory_handled:
         problems.append(f"the server at {shown(app.endpoint)} did not finish the login in time")
-    refused = [
-        e for e in app.core.outbox() if e.status == "failed" and e.msg_id not in failed_before
-    ]
-    if refused:
+    if ui.troubles["failed"]:
         problems.append(
-            f"{len(refused)} message(s) refused by the server (see the [failed] lines; "
-            "/retry ID sends one again)"
+            f"{ui.troubles['failed']} message(s) refused by the server or lost (see the "
+            "[failed] lines; /retry ID sends a refused one again)"
         )
+    undone = ui.troubles["error"] + ui.troubles["refused"]
+    if undone:
+        problems.append(f"{undone} command(s) not done (see the [error] and [refused] lines)")
+    if ui.question_open:
+        problems.append("the input ended before the answer to a question; nothing was done for it")
     for problem in problems:
         ui.line("error", problem)
     app.stop(1 if problems else 0)

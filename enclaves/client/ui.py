@@ -11,6 +11,7 @@ else means no.
 from __future__ import annotations
 
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ HELP = """\
 /quit              save and leave"""
 
 YES = {"yes", "y"}
+TROUBLE_TAGS = frozenset({"error", "refused", "failed"})
 
 
 def printable(text: str) -> str:
@@ -93,18 +95,29 @@ class LineUI(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
 
-    def __init__(self, on_eof: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_eof: Callable[[], None] | None = None, quit_waits: bool = False) -> None:
         self.app: ClientApp | None = None
         self._to: int | None = None
         self._answer: Callable[[str], None] | None = None
         self._on_eof = on_eof
+        self._quit_waits = quit_waits  # a script's /quit ends like the end of its input
         self._early: list[str] = []
+        self._quitting = False
         self.lost: Deferred[None] = Deferred()
+        # Lines that say something was not done, by tag, for a script's exit status.
+        self.troubles: Counter[str] = Counter()
+
+    @property
+    def question_open(self) -> bool:
+        """A question waits for its answer (nothing was done for it yet)."""
+        return self._answer is not None
 
     # -- output -----------------------------------------------------------------
 
     def line(self, tag: str, text: str) -> None:
         """One output line; never raises."""
+        if tag in TROUBLE_TAGS:
+            self.troubles[tag] += 1
         data = f"[{tag}] {printable(text)}\n".encode("utf-8", errors="replace")
         if self.transport is not None:
             self.transport.write(data)
@@ -160,6 +173,8 @@ class LineUI(LineReceiver):
             self.handle(line)
 
     def handle(self, line: str) -> None:
+        if self._quitting:
+            return  # after a script's /quit
         text = line.strip()
         try:
             if self._answer is not None:
@@ -265,6 +280,11 @@ class LineUI(LineReceiver):
             for help_line in HELP.splitlines():
                 self.line("help", help_line)
         elif name == "/quit":
+            if self._quit_waits and self._on_eof is not None:
+                on_eof, self._on_eof = self._on_eof, None
+                self._quitting = True  # a script: like the end of its input
+                on_eof()
+                return
             self.line("info", "bye")
             app.stop(0)
         else:

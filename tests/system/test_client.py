@@ -419,6 +419,33 @@ async def test_sending_is_paced_below_the_server_message_rate(tmp_path: Path) ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_script_exits_1_when_a_command_was_not_done(tmp_path: Path) -> None:
+    """Not only what the server refused: a command the client could not do, or
+    a question left without its answer, also makes a script's status 1; a
+    script's /quit waits for the outbox like the end of input."""
+    daemon = Daemon(tmp_path)
+    running: list[Client] = []
+    try:
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
+        assert a.quit() == 0 and b.quit() == 0
+        unknown = piped(ks["a"], "/msg nobody hello")
+        assert unknown.wait() == 1, unknown.output()
+        unknown.expect(r"^\[error\] 1 command\(s\) not done \(see the \[error\] and ")
+        unanswered = piped(ks["a"], f"/msg {ids['b']} hello")  # unverified: asks
+        assert unanswered.wait() == 1, unanswered.output()
+        unanswered.expect(r"^\[error\] the input ended before the answer to a question")
+        quits = piped(ks["a"], f"/msg {ids['b']} sent\nyes\n/quit\n/msg {ids['b']} after")
+        assert quits.wait() == 0, quits.output()
+        quits.expect(r"^\[accepted\] ")
+        assert not quits.seen(r"after"), quits.output()
+        assert Keystore.unlock(ks["a"], PASSPHRASE)[1].outbox == ()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, "--max-pending", "2")
     running: list[Client] = []
