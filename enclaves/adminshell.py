@@ -28,6 +28,10 @@ _TOKEN_PATTERN = re.compile(r"enclaves1:[A-Za-z0-9_-]+")
 #: Ends the input of a session without a terminal, like Ctrl-D on one.
 END_OF_INPUT = b"\x04"
 
+#: Input waiting to run (typed ahead of a slow answer) in a session without a
+#: terminal; more ends the input with an error rather than grow without bound.
+MAX_PENDING_INPUT = 1 << 20
+
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
@@ -39,21 +43,28 @@ def _one_line(error: BaseException) -> str:
 
 def log_typed_line(identity: object, line: bytes) -> None:
     """Log one input line of an admin, tokens masked."""
-    text = _TOKEN_PATTERN.sub("enclaves1:<masked>", line.decode("utf-8", "replace"))
+    text = mask_tokens(line.decode("utf-8", "replace"))
     if text.strip():
         log.info("admin {admin} typed: {line}", admin=str(identity), line=text)
 
 
+def mask_tokens(text: str) -> str:
+    return _TOKEN_PATTERN.sub("enclaves1:<masked>", text)
+
+
 def log_unexpected(identity: object, error: BaseException, failure: Failure | None) -> None:
-    """Log an unexpected error in full for the server log; the admin sees one line."""
+    """Log an unexpected error for the server log (tokens masked, like typed
+    lines: an error's text may quote one); the admin sees one line."""
     if getattr(error, "admin_message", False) or isinstance(
         error, (NameError, TypeError, ValueError, AttributeError, SyntaxError)
     ):
         return
-    log.failure(
-        "admin {admin}: unexpected error in a command",
-        failure or Failure(),
+    failure = failure or Failure()
+    log.error(
+        "admin {admin}: unexpected error in a command: {error}",
         admin=str(identity),
+        error=mask_tokens(f"{type(error).__name__}: {error}"),
+        traceback=mask_tokens(failure.getTraceback()),
     )
 
 
@@ -85,6 +96,13 @@ class AdminInterpreter(manhole.ManholeInterpreter):
         waiter: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(waiter)
         return waiter
+
+    def runcode(self, *a: Any, **kw: Any) -> None:
+        try:
+            super().runcode(*a, **kw)
+        except SystemExit:
+            # exit() or quit(): the admin leaves the shell (the server goes on).
+            self.handler.leave()
 
     def showtraceback(self) -> None:
         error = sys.exc_info()[1]
@@ -178,6 +196,18 @@ class AdminManhole(manhole.Manhole):
     def log_error(self, error: BaseException, failure: Failure | None = None) -> None:
         log_unexpected(self.identity, error, failure)
 
+    def handle_QUIT(self) -> None:
+        """Ctrl-D (on an empty line): leave once every pending answer is shown
+        (an ``issue()`` just typed still prints its token)."""
+        self.leave()
+
+    def leave(self) -> None:
+        def close(_: object) -> None:
+            if self.terminal is not None:
+                self.terminal.loseConnection()
+
+        cast(AdminInterpreter, self.interpreter).when_shown().addCallback(close)
+
     def connectionLost(self, reason: Failure) -> None:
         log.info("admin {admin} left the admin shell", admin=str(self.identity))
         super().connectionLost(reason)
@@ -216,11 +246,26 @@ class AdminLineShell(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._input_ended:
             return
-        data, end, _ = data.partition(END_OF_INPUT)
+        data, marker, _ = data.partition(END_OF_INPUT)
+        end = bool(marker)
         self._buffer += data
+        if len(self._buffer) > MAX_PENDING_INPUT:
+            # Commands typed ahead of a slow answer are fine; megabytes are not.
+            self._buffer = b""
+            self.interpreter.failed = True
+            self.addOutput(
+                f"error: more than {MAX_PENDING_INPUT} bytes of input waiting; "
+                "the rest of the input is ignored\n"
+            )
+            end = True
         if end:
             self._input_ended = True
         self._run()
+
+    def leave(self) -> None:
+        """``exit()``: no more input is read; the session ends as at end of input."""
+        self._input_ended = True
+        self._buffer = b""
 
     def end_of_input(self) -> None:
         """The client will send no more (SSH EOF)."""

@@ -21,6 +21,7 @@ from twisted.conch import interfaces as iconch
 from twisted.conch import manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
+from twisted.conch.ssh import channel as ssh_channel
 from twisted.conch.ssh import common, keys, session, transport
 from twisted.cred import error as cred_error
 from twisted.cred.portal import IRealm, Portal
@@ -257,8 +258,12 @@ class AdminSessionTransport(manhole_ssh.TerminalSessionTransport):
         channel = proto.session
 
         def close() -> None:
+            if channel.closing:
+                return
             avatar.conn.sendRequest(channel, b"exit-status", struct.pack(">L", 0))
-            avatar.conn.sendClose(channel)
+            # The channel's own close (not the session's, which would come back
+            # here): sent once the output still buffered for the client is out.
+            ssh_channel.SSHChannel.loseConnection(channel)
 
         proto.transport.loseConnection = close
 

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
 from enclaves.admin import AdminError, Text
-from enclaves.adminshell import AdminLineShell
+from enclaves.adminshell import MAX_PENDING_INPUT, AdminLineShell
 from enclaves.manhole import AdminIdentity
 
 WHO = AdminIdentity("admin", "SHA256:x", "alice@laptop")
@@ -123,3 +123,42 @@ def test_lines_logged_with_tokens_masked() -> None:
     log = "\n".join(formatEvent(event) for event in events)
     assert 'admin admin key SHA256:x (alice@laptop) typed: x = "enclaves1:<masked>@h:1"' in log
     assert "A" * 20 not in log
+
+
+def test_exit_leaves_like_end_of_input_after_pending_answers() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    ran: list[str] = []
+    shell, finished = line_shell({"slow": lambda: pending, "later": lambda: ran.append("x")})
+    shell.dataReceived(b"slow(); exit()\nlater()\n")
+    assert finished == []
+    pending.callback(Text("token"))
+    assert output(shell) == "token\n" and finished == [0]
+    assert ran == []  # nothing after exit() runs
+    shell2, finished2 = line_shell({})
+    shell2.dataReceived(b"quit()\n")
+    assert finished2 == [0]
+
+
+def test_input_waiting_beyond_the_bound_ends_the_input_with_an_error() -> None:
+    pending: defer.Deferred[Text] = defer.Deferred()
+    shell, finished = line_shell({"slow": lambda: pending})
+    shell.dataReceived(b"slow()\n")
+    shell.dataReceived(b"1\n" * (MAX_PENDING_INPUT // 2 + 1))
+    assert "bytes of input waiting; the rest of the input is ignored" in output(shell)
+    pending.callback(Text("done"))
+    assert output(shell).endswith("done\n") and finished == [1]
+
+
+def test_an_unexpected_error_is_logged_with_tokens_masked() -> None:
+    from twisted.logger import capturedLogs
+
+    def boom() -> None:
+        raise KeyError("enclaves1:SECRETSECRETSECRET")
+
+    shell, finished = line_shell({"boom": boom})
+    with capturedLogs() as events:
+        shell.dataReceived(b"boom()\n")
+        shell.end_of_input()
+    assert finished == [1]
+    logged = repr(events)
+    assert "SECRETSECRET" not in logged and "enclaves1:<masked>" in logged

@@ -98,6 +98,22 @@ def test_host_key_made_0600_and_fingerprint_logged(shell_server: Setup) -> None:
     assert "created now" in log
 
 
+def test_on_a_terminal_leaving_right_after_issue_still_shows_the_token(
+    shell_server: Setup,
+) -> None:
+    """Ctrl-D (or exit()) typed before a command's answer came: the session
+    ends after the answer, so a user is never created with its token unseen."""
+    for leave in ("\x04", "exit()\r"):
+        shell = PtyShell(shell_server.argv("-tt"))
+        try:
+            shell.expect(r"enclaves> ")
+            shell.send('issue("chat.example:7500")\r' + leave)
+            shell.expect(r"enclaves1:[A-Za-z0-9_-]{96}@chat\.example:7500")
+            assert shell.wait() == 0
+        finally:
+            shell.close()
+
+
 def test_scripted_conversation(shell_server: Setup) -> None:
     shell = PtyShell(shell_server.argv("-tt"))
     try:
@@ -239,6 +255,9 @@ def test_command_given_to_ssh_runs_then_ends_with_its_status(shell_server: Setup
     failed = _script(shell_server, b"ignored()\n", "revoke(1)")
     assert failed.returncode == 1
     assert failed.stdout == b"error: no user 1 (users() lists them)\n"
+    # exit() ends the session (it used to hang the command, or drop the connection).
+    left = _script(shell_server, b"", "help(); exit()\nrevoke(1)")
+    assert left.returncode == 0 and b"Commands" in left.stdout and b"no user" not in left.stdout
     masked = _script(shell_server, b"", 'x = "enclaves1:' + "B" * 96 + '"')
     assert masked.returncode == 0 and masked.stdout == b""
     log = shell_server.daemon.log_text()
