@@ -28,6 +28,12 @@ _TOKEN_PATTERN = re.compile(r"enclaves1:[A-Za-z0-9_-]+")
 #: Ends the input of a session without a terminal, like Ctrl-D on one.
 END_OF_INPUT = b"\x04"
 
+#: A typed line longer than this is logged cut short.
+MAX_LOGGED_LINE = 1000
+
+#: Lines run in one reactor turn; the rest wait for the next turn.
+LINES_PER_TURN = 64
+
 #: Input waiting to run (typed ahead of a slow answer) in a session without a
 #: terminal; more ends the input with an error rather than grow without bound.
 MAX_PENDING_INPUT = 1 << 20
@@ -44,6 +50,8 @@ def _one_line(error: BaseException) -> str:
 def log_typed_line(identity: object, line: bytes) -> None:
     """Log one input line of an admin, tokens masked."""
     text = mask_tokens(line.decode("utf-8", "replace"))
+    if len(text) > MAX_LOGGED_LINE:
+        text = text[:MAX_LOGGED_LINE] + f"... ({len(text)} characters)"
     if text.strip():
         log.info("admin {admin} typed: {line}", admin=str(identity), line=text)
 
@@ -231,7 +239,12 @@ class AdminLineShell(protocol.Protocol):
         finish: Callable[[int], None],
         *,
         newline: bytes = b"\n",
+        clock: Any = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._later: Any = None  # the next turn's share of waiting lines
         self.namespace = dict(namespace)
         self.identity = identity
         self._finish = finish
@@ -273,15 +286,27 @@ class AdminLineShell(protocol.Protocol):
         self._run()
 
     def _run(self) -> None:
+        if self._later is not None:
+            return  # a share of lines is already scheduled
+        ran = 0
         while not (self._busy or self._done or self._lost):
             line, newline, rest = self._buffer.partition(b"\n")
             if newline or (self._input_ended and self._buffer):
+                if ran == LINES_PER_TURN:
+                    # Let the reactor serve the users between shares.
+                    self._later = self._clock.callLater(0, self._next_share)
+                    return
                 self._buffer = rest
                 self._run_line(line.rstrip(b"\r"))
+                ran += 1
             elif self._input_ended:
                 self._end()
             else:
                 return
+
+    def _next_share(self) -> None:
+        self._later = None
+        self._run()
 
     def _run_line(self, line: bytes) -> None:
         log_typed_line(self.identity, line)

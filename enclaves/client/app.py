@@ -150,6 +150,7 @@ class ClientApp:
         self._queue: deque[InnerMessage] = deque()
         self._pump_call: Any = None
         self._incoming: list[tuple[ClientConnection, InnerMessage]] = []
+        self._unsaved = False  # changes in memory the keystore file lacks
         self._drain_call: Any = None
         self._save_call: Any = None
         self._tick_call: Any = None
@@ -314,7 +315,10 @@ class ClientApp:
                 if e.code == ErrorCode.TOKEN_EXPIRED:
                     self.token_refused = True
                     raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None
-                if e.code == 0 and is_tls(self.endpoint) and _not_tls(e.text):
+                # Only before the first login: later, a plain answer is more
+                # likely a middlebox or a maintenance page than a wrong address.
+                plain = is_tls(self.endpoint) and _not_tls(e.text) and not self.connected_once
+                if e.code == 0 and plain:
                     address = host_port(self.endpoint) or shown(self.endpoint)
                     raise _Fatal(
                         f"the server at {address} does not speak TLS: give its address "
@@ -380,11 +384,14 @@ class ClientApp:
         try:
             self._keystore.save(self.state())
         except OSError as e:
+            self._unsaved = True
             self.out("error", f"could not save the keystore: {e.strerror}")
             return False
+        self._unsaved = False
         return True
 
     def _save_soon(self) -> None:
+        self._unsaved = True
         if self._save_call is None or not self._save_call.active():
             self._save_call = self._reactor.callLater(0.2, self._save)
 
@@ -476,8 +483,7 @@ class ClientApp:
         # A PONG tells the server that what came before its PING is safe here
         # (it then deletes kept receipts): save first.  Unsaved, it stays
         # unanswered, and the server keeps them and sends them again.
-        unsaved = self._save_call is not None and self._save_call.active()
-        if pongs and unsaved and not self._save():
+        if pongs and self._unsaved and not self._save():
             pongs = []
         for conn, msg_id in receipts:
             if conn is not None and conn.established:

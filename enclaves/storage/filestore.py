@@ -1089,7 +1089,7 @@ class FileStorage(Service):
             except FileNotFoundError:
                 return
             if description == _UNEXPECTED and _is_temp(path.name):
-                description = "temporary file of a write in progress"
+                description = "temporary file of a write in progress (or stray)"
             entries.append(InventoryEntry(str(path.relative_to(self.data_dir)), size, description))
 
         for name in sorted(os.listdir(self.data_dir)):

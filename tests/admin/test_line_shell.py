@@ -5,18 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from enclaves.admin import AdminError, Text
-from enclaves.adminshell import MAX_PENDING_INPUT, AdminLineShell
+from enclaves.adminshell import LINES_PER_TURN, MAX_PENDING_INPUT, AdminLineShell
 from enclaves.manhole import AdminIdentity
 
 WHO = AdminIdentity("admin", "SHA256:x", "alice@laptop")
 
 
-def line_shell(namespace: dict[str, Any], newline: bytes = b"\n") -> tuple[Any, list[int]]:
+def line_shell(
+    namespace: dict[str, Any], newline: bytes = b"\n", clock: Clock | None = None
+) -> tuple[Any, list[int]]:
     finished: list[int] = []
-    shell = AdminLineShell(namespace, WHO, finished.append, newline=newline)
+    shell = AdminLineShell(namespace, WHO, finished.append, newline=newline, clock=clock or Clock())
     transport = StringTransport()
     shell.makeConnection(transport)
     return shell, finished
@@ -162,3 +165,18 @@ def test_an_unexpected_error_is_logged_with_tokens_masked() -> None:
     assert finished == [1]
     logged = repr(events)
     assert "SECRETSECRET" not in logged and "enclaves1:<masked>" in logged
+
+
+def test_many_waiting_lines_run_a_share_per_reactor_turn() -> None:
+    """Thousands of lines typed ahead must not hold the reactor (the users'
+    traffic) for seconds: at most LINES_PER_TURN run per turn."""
+    clock = Clock()
+    ran: list[int] = []
+    shell, finished = line_shell({"f": ran.append}, clock=clock)
+    shell.dataReceived(b"".join(b"f(%d)\n" % i for i in range(3 * LINES_PER_TURN + 5)))
+    shell.end_of_input()
+    # One share ran; the next waits for the next reactor turn.
+    assert len(ran) == LINES_PER_TURN and finished == []
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [0]
+    clock.advance(0)  # (task.Clock runs the later shares in this one advance)
+    assert ran == list(range(3 * LINES_PER_TURN + 5)) and finished == [0]

@@ -108,10 +108,12 @@ def test_on_a_terminal_leaving_right_after_issue_still_shows_the_token(
         try:
             shell.expect(r"enclaves> ")
             shell.send('issue("chat.example:7500")\r' + leave)
-            shell.expect(r"enclaves1:[A-Za-z0-9_-]{96}@chat\.example:7500")
+            token = shell.expect(r"(enclaves1:[A-Za-z0-9_-]{96}@chat\.example:7500)").group(1)
             assert shell.wait() == 0
         finally:
             shell.close()
+        # The other tests share this server and count its users.
+        assert _script(shell_server, b"", f"revoke({parse_token(token).user_id})").returncode == 0
 
 
 def test_scripted_conversation(shell_server: Setup) -> None:

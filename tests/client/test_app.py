@@ -213,3 +213,34 @@ def test_a_server_ping_is_answered_after_what_came_before_it_is_saved(tmp_path: 
     reactor.advance(0)
     assert conn.sent == [(Pong(77), "delivered")]
     app.stop()
+
+
+def test_no_pong_while_what_came_before_is_only_in_memory(tmp_path: Path) -> None:
+    """A failed save (a full disk; simulated: the tests run as root, for whom
+    permissions do not fail) leaves a PING unanswered until a save succeeds,
+    even if something else cancelled the scheduled save meanwhile."""
+    import errno
+
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
+    core.on_accepted(sent.msg_id)
+    app, reactor, _out = start(tmp_path, core)
+    conn = _Conn(tmp_path / "ks", sent.msg_id)
+    deliver = app._on_message_for(conn)  # type: ignore[arg-type]
+    real_save = app._keystore.save
+
+    def full_disk(state: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    app._keystore.save = full_disk  # type: ignore[method-assign]
+    deliver(Delivered(sent.msg_id))
+    reactor.advance(0)
+    app._save()  # some other direct save fails too, and cancels the scheduled one
+    deliver(Ping(1))
+    reactor.advance(0)
+    assert conn.sent == []
+    app._keystore.save = real_save  # type: ignore[method-assign]
+    deliver(Ping(2))
+    reactor.advance(0)
+    assert conn.sent == [(Pong(2), "delivered")]
+    app.stop()
