@@ -151,6 +151,10 @@ class ClientApp:
         self._pump_call: Any = None
         self._incoming: list[tuple[ClientConnection, InnerMessage]] = []
         self._unsaved = False  # changes in memory the keystore file lacks
+        # Messages reported [failed] during this run (a script's exit status
+        # counts those still failed at its end: a stale refusal of a message
+        # accepted since does not count).
+        self.failed_this_run: set[bytes] = set()
         self._drain_call: Any = None
         self._save_call: Any = None
         self._tick_call: Any = None
@@ -417,6 +421,7 @@ class ClientApp:
             message = self._queue.popleft()
             if isinstance(message, Send) and len(message.blob) > conn.max_blob:
                 self.core.on_refused(message.msg_id, "too large for this server")
+                self.failed_this_run.add(message.msg_id)
                 self.out("failed", f"id={short_id(message.msg_id)}: too large for this server")
                 continue
             conn.send(message)
@@ -569,6 +574,7 @@ class ClientApp:
                 recipient = self.core.on_lost(message.msg_id)
                 if recipient is not None:
                     self._save_soon()
+                    self.failed_this_run.add(message.msg_id)
                     self.out(
                         "failed",
                         f"id={short_id(message.msg_id)} message to {self._name(recipient)} "
@@ -580,6 +586,7 @@ class ClientApp:
         self.core.on_refused(message.msg_id, reason)
         self._save_soon()
         what = "message" if entry.kind == "message" else "key exchange"
+        self.failed_this_run.add(message.msg_id)
         self.out(
             "failed",
             f"id={short_id(message.msg_id)} {what} to {self._name(entry.recipient)} refused: "
@@ -702,6 +709,15 @@ class ClientApp:
             return False
         self._enqueue(Invite())
         return True
+
+    def still_failed(self) -> int:
+        """How many of the messages reported failed in this run are failed still."""
+        failed_entries = {e.msg_id for e in self.core.outbox() if e.status == "failed"}
+        return sum(
+            1
+            for msg_id in self.failed_this_run
+            if msg_id in failed_entries or self.core.status_of(msg_id) == "failed"
+        )
 
     def pending_count(self) -> int:
         return sum(1 for e in self.core.outbox() if e.status == "pending")

@@ -422,9 +422,10 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float) -> None:
         )
     elif not app.directory_handled:
         problems.append(f"the server at {shown(app.endpoint)} did not finish the login in time")
-    if ui.troubles["failed"]:
+    failed = app.still_failed()
+    if failed:
         problems.append(
-            f"{ui.troubles['failed']} message(s) refused by the server or lost (see the "
+            f"{failed} message(s) refused by the server or lost (see the "
             "[failed] lines; /retry ID sends a refused one again)"
         )
     undone = ui.troubles["error"] + ui.troubles["refused"]

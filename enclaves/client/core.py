@@ -827,6 +827,10 @@ class ClientCore:
             return None
         return self._set_status(msg_id, "delivered")
 
+    def status_of(self, msg_id: bytes) -> str | None:
+        """The history status of the newest outgoing line with ``msg_id``."""
+        return self._status_of(msg_id)
+
     def _status_of(self, msg_id: bytes) -> str | None:
         """The history status of the newest outgoing line with ``msg_id``."""
         for lines in self._history.values():

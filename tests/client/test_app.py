@@ -13,7 +13,7 @@ from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
-from enclaves.inner import Delivered, Directory, Error, Joined, Ping, Pong, Removed
+from enclaves.inner import Accepted, Delivered, Directory, Error, Joined, Ping, Pong, Removed
 from tests.client.helpers import Relay, make_core
 
 
@@ -243,4 +243,23 @@ def test_no_pong_while_what_came_before_is_only_in_memory(tmp_path: Path) -> Non
     deliver(Ping(2))
     reactor.advance(0)
     assert conn.sent == [(Pong(2), "delivered")]
+    app.stop()
+
+
+def test_a_script_counts_messages_still_failed_not_failures_since_mended(tmp_path: Path) -> None:
+    """A kept refusal arrives for a message the outbox has just resent, which is
+    then accepted: it printed [failed], but is not failed at the end. A
+    retried message refused again is failed at the end."""
+    core = keyed_with_2002()
+    mended = core.encrypt_message(2002, "mended", 2.0, confirmed=True)
+    again = core.encrypt_message(2002, "again", 2.0, confirmed=True)
+    app, _reactor, _out = start(tmp_path, core)
+    for sent in (mended, again):
+        app._handle(Error(int(ErrorCode.STORAGE_FAILED), sent.msg_id, "disk"), 3.0)
+    assert app.still_failed() == 2
+    app.core.retry(mended.msg_id)
+    app._handle(Accepted(mended.msg_id), 4.0)
+    app.core.retry(again.msg_id)
+    app._handle(Error(int(ErrorCode.QUOTA_EXCEEDED), again.msg_id, "full"), 4.0)
+    assert app.still_failed() == 1
     app.stop()
