@@ -539,11 +539,7 @@ class ClientApp:
                         "automatically",
                     )
         elif isinstance(message, Removed):
-            name = self._name(message.user_id)
-            self.core.remove_contact(message.user_id)
-            self._save_soon()
-            label = name if name == str(message.user_id) else f"{name} ({message.user_id})"
-            self.out("removed", f"{label} was removed from the server")
+            self._removed(message.user_id, "was removed from the server")
         elif isinstance(message, InviteToken):
             self.out(
                 "invite",
@@ -615,6 +611,11 @@ class ClientApp:
         contacts = self.core.contacts(include_removed=True)
         known = {c.user_id for c in contacts}
         removed = {c.user_id for c in contacts if c.removed}
+        listed = set(message.user_ids)
+        for contact in contacts:
+            if not contact.removed and contact.user_id not in listed:
+                # Revoked while we were offline (REMOVED goes only to those online).
+                self._removed(contact.user_id, "is no longer on the server's user list")
         events = self.core.on_directory(message.user_ids, now, start_kex=False)
         for user_id in message.user_ids:
             if user_id in removed:
@@ -627,6 +628,14 @@ class ClientApp:
                 )
         self._save_soon()
         return events
+
+    def _removed(self, user_id: int, how: str) -> None:
+        """A contact is gone for good: keep its tombstone (docs/client.rst)."""
+        name = self._name(user_id)
+        self.core.remove_contact(user_id)
+        self._save_soon()
+        label = name if name == str(user_id) else f"{name} ({user_id})"
+        self.out("removed", f"{label} {how}")
 
     def _warn_removed_again(self, user_id: int) -> None:
         name = self._name(user_id)

@@ -110,6 +110,23 @@ def test_a_removed_user_reappearing_is_a_warning_not_a_new_contact(tmp_path: Pat
     app.stop()
 
 
+def test_a_contact_missing_from_the_directory_was_revoked_while_we_were_offline(
+    tmp_path: Path,
+) -> None:
+    """REMOVED goes only to users online at the revocation; the others learn it
+    from the next login's DIRECTORY, and keep the same tombstone."""
+    app, _reactor, out = start(tmp_path)
+    app.core.add_contact(2002)
+    app.core.add_contact(3003)
+    out.clear()
+    app._handle(Directory((1001, 3003)), 0.0)
+    assert out == [("removed", "2002 is no longer on the server's user list")]
+    assert app.core.contact(2002).removed and not app.core.contact(3003).removed
+    app._handle(Directory((1001, 3003)), 0.0)  # once only
+    assert len(out) == 1
+    app.stop()
+
+
 def keyed_with_2002() -> ClientCore:
     a, b = make_core(1001), make_core(2002)
     relay = Relay(a, b)
