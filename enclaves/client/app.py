@@ -129,8 +129,13 @@ class ClientApp:
         connect_timeout: float = 30.0,
         reconnect: bool = True,
         rng: Callable[[], float] = random.random,
+        pending_keys_sent: bool = True,
     ) -> None:
         self._reactor = reactor
+        # May the server know the pending keys (a ROTATE with them may have
+        # reached it)?  False for a keystore just made by enroll: then a
+        # refused token costs one failed login, not two.
+        self._pending_keys_sent = pending_keys_sent
         self._keystore = keystore
         self.core = core if core is not None else ClientCore(state)
         self.endpoint = endpoint
@@ -298,7 +303,7 @@ class ClientApp:
         # first would make every enrollment a failed handshake, which the
         # server counts against this address.
         candidates: list[tuple[str, KeyPair]] = [("current", self.core.server_keys)]
-        if self._pending_keys is not None:
+        if self._pending_keys is not None and (self._pending_keys_sent or self.rotate_sent):
             candidates.append(("new", self._pending_keys))
         last: LoginFailed | None = None
         for which, keys in candidates:

@@ -228,6 +228,7 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
         send_rate=args.send_rate,
         tick_interval=args.tick,
         reconnect=False,
+        pending_keys_sent=not created,
     )
     finished = app.start()
     either: Deferred[None] = Deferred()

@@ -289,9 +289,13 @@ async def test_wrong_passphrase_reused_and_expired_tokens(tmp_path: Path) -> Non
         assert ks["a"].read_bytes() == before
         # Reusing a token: a plain error and no keystore left behind.
         token = tokens[0]
+        failures = daemon.log_text().count("AUTH_FAILED")
         again = enroll(token, tmp_path / "again.keystore")
         assert again.process.returncode == 1
         assert "already used" in "\n".join(again.err), again.output()
+        # One failed login (the token), not a second with keys never sent: the
+        # server limits failures per address, for everyone behind it.
+        assert daemon.log_text().count("AUTH_FAILED") == failures + 1
         assert not (tmp_path / "again.keystore").exists()
         late = enroll(expired, tmp_path / "late.keystore")
         assert late.process.returncode == 1
