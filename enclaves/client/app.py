@@ -175,6 +175,8 @@ class ClientApp:
         self.connected_once = False
         # For the end of a piped session (:meth:`settle`).
         self.directory_handled = False
+        self._directory_waiters: list[Deferred[None]] = []
+        self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.last_failure: str | None = None
         self._last_heard = 0.0
 
@@ -371,6 +373,13 @@ class ClientApp:
     def _session_ended(self, conn: ClientConnection) -> None:
         if self.conn is conn:
             self.conn = None
+        if self.invites_waiting:
+            self.invites_waiting = 0
+            self.out(
+                "error",
+                "the connection ended before the answer to /invite: no token was shown "
+                "(the admin's users() may list an unused one)",
+            )
 
     def _resend_outbox(self) -> None:
         pending = self.core.pending_sends()
@@ -522,8 +531,13 @@ class ClientApp:
         elif isinstance(message, Rotated):
             self._rotation_confirmed()
         elif isinstance(message, Directory):
-            self.directory_handled = True
-            return self._on_directory(message, now)
+            events = self._on_directory(message, now)
+            if not self.directory_handled:
+                self.directory_handled = True
+                waiting, self._directory_waiters = self._directory_waiters, []
+                for waiter in waiting:
+                    waiter.callback(None)
+            return events
         elif isinstance(message, Joined):
             if message.user_id != self.core.user_id:
                 known = {c.user_id: c for c in self.core.contacts(include_removed=True)}
@@ -546,6 +560,7 @@ class ClientApp:
         elif isinstance(message, Removed):
             self._removed(message.user_id, "was removed from the server")
         elif isinstance(message, InviteToken):
+            self.invites_waiting = max(self.invites_waiting - 1, 0)
             self.out(
                 "invite",
                 f"token for a new user {message.user_id}, valid until "
@@ -560,10 +575,19 @@ class ClientApp:
         except ValueError:
             code, name = None, f"ERROR {message.code}"
         if message.msg_id == bytes(16):
+            answers_invite = code in (
+                ErrorCode.INVITES_DISABLED,
+                ErrorCode.RATE_LIMITED,
+                ErrorCode.STORAGE_FAILED,
+            )
+            if answers_invite and self.invites_waiting:
+                self.invites_waiting -= 1
             if code is ErrorCode.INVITES_DISABLED:
                 self.out("error", "this server does not allow invitations (ask the admin)")
             elif code is ErrorCode.STORAGE_FAILED:
                 self.out("error", f"the server could not store the request: {message.text}")
+            elif code is ErrorCode.RATE_LIMITED:
+                self.out("error", f"the server refused the invitation: {message.text}")
             # Any other session ERROR ends the session; the reconnect loop reports it.
             return []
         entry = self._outbox_entry(message.msg_id)
@@ -721,8 +745,17 @@ class ClientApp:
         """Ask for a newcomer's token; False (and nothing sent) while offline."""
         if self.conn is None or not self._enrolled:
             return False
+        self.invites_waiting += 1
         self._enqueue(Invite())
         return True
+
+    def when_directory_handled(self) -> Deferred[None]:
+        """Fires once this run has handled the server's first user list."""
+        if self.directory_handled:
+            return defer.succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._directory_waiters.append(waiter)
+        return waiter
 
     def still_failed(self) -> int:
         """How many of the messages reported failed in this run are failed still."""
@@ -753,6 +786,7 @@ class ClientApp:
             if (
                 self.directory_handled
                 and self.pending_count() == 0
+                and not self.invites_waiting
                 and self.now() - self._last_heard >= quiet
             ):
                 return

@@ -390,7 +390,14 @@ async def _chat(
     # ^C or SIGTERM: save and disconnect cleanly before the reactor stops.
     reactor.addSystemEventTrigger("before", "shutdown", app.stop, 130)
     ui.line("info", f"user {state.user_id}; /help lists the commands")
-    ui.attach(app)
+    if os.isatty(0):
+        ui.attach(app)
+    else:
+        # A script's commands wait for the login and the user list (at most
+        # the end-of-input grace): contacts and keys are then up to date.
+        ready = app.when_directory_handled()
+        ready.addTimeout(args.eof_grace, reactor).addErrback(lambda _: None)
+        ready.addCallback(lambda _: ui.attach(app) if ui.app is None else None)
     code, text = await app.start()
     if text:
         ui.line("fatal" if code else "info", text)

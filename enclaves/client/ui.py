@@ -46,6 +46,7 @@ HELP = """\
 /quit              save and leave"""
 
 YES = {"yes", "y"}
+NO = {"no", "n"}
 TROUBLE_TAGS = frozenset({"error", "refused", "failed"})
 
 
@@ -103,6 +104,7 @@ class LineUI(LineReceiver):
         self._quit_waits = quit_waits  # a script's /quit ends like the end of its input
         self._early: list[str] = []
         self._quitting = False
+        self._sent_unasked = False  # the last line sent a message without asking
         self.lost: Deferred[None] = Deferred()
         # Lines that say something was not done, by tag, for a script's exit status.
         self.troubles: Counter[str] = Counter()
@@ -176,10 +178,15 @@ class LineUI(LineReceiver):
         if self._quitting:
             return  # after a script's /quit
         text = line.strip()
+        sent_unasked, self._sent_unasked = self._sent_unasked, False
         try:
             if self._answer is not None:
                 answer, self._answer = self._answer, None
                 answer(text)
+            elif self._quit_waits and sent_unasked and text.lower() in YES | NO:
+                # A script's "yes" for a question that was not asked (it is
+                # asked once per contact): never sent as a message.
+                self.line("info", f"no question was asked; {text!r} skipped")
             elif not text:
                 return
             elif text.startswith("/"):
@@ -307,6 +314,7 @@ class LineUI(LineReceiver):
                 return
             self.line("refused", f"not sent to {self._name(user_id)}: {result.text}")
             return
+        self._sent_unasked = not confirmed
         self.line("sent", f"id={short_id(result.msg_id)} to {self._name(user_id)}")
 
     def _verify(self, args: list[str]) -> None:

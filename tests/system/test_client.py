@@ -453,6 +453,36 @@ async def test_a_script_exits_1_when_a_command_was_not_done(tmp_path: Path) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_script_waits_for_the_login_and_its_last_invite(tmp_path: Path) -> None:
+    """A script's commands run once the user list is in (so /name of a user
+    it lists works on the first run); a "yes" for a question asked only the
+    first time is skipped, never sent; /invite as the last line waits for
+    its token."""
+    daemon = Daemon(tmp_path, "--allow-invites")
+    (token_c,) = await new_tokens(daemon, 1)
+    running: list[Client] = []
+    try:
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
+        assert a.quit() == 0
+        # c joins while a is away: a's keystore does not know c yet.
+        c_id = enrolled_id(enroll(token_c, tmp_path / "c.keystore"))
+        first = piped(ks["a"], f"/name {c_id} carol\n/name {ids['b']} bob\n/msg bob one\nyes")
+        assert first.wait() == 0, first.output()
+        first.expect(rf"^\[info\] {c_id} is now called carol$")
+        second = piped(ks["a"], "/msg bob two\nyes\n/invite")
+        assert second.wait() == 0, second.output()
+        second.expect(r"^\[info\] no question was asked; 'yes' skipped$")
+        second.expect(r"^\[invite\] token for a new user \d+, valid until .*: enclaves1:")
+        got = [b.expect(r"\): (\S+)$").group(1) for _ in range(2)]
+        assert got == ["one", "two"]  # and no message "yes"
+        assert not b.seen(r"\): yes$")
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, "--max-pending", "2")
     running: list[Client] = []
