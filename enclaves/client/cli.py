@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
 from enclaves.client.endpoint import EndpointError, normalise, shown
-from enclaves.client.keystore import Keystore, KeystoreError
+from enclaves.client.keystore import Keystore, KeystoreError, lock_keystore
 from enclaves.client.state import ClientState
 from enclaves.client.terminal import CharacterMode, TerminalIO
 from enclaves.client.ui import LineUI
@@ -203,6 +203,8 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     path = _keystore_path(args)
     created = False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_keystore(path)
     if path.exists():
         keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
         if state.user_id != token.user_id or state.enrolled:
@@ -245,6 +247,7 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
         code, text = app.outcome or (1, "stopped")
         if created and (app.token_refused or not app.rotate_sent):
             path.unlink(missing_ok=True)
+            path.with_name(path.name + ".lock").unlink(missing_ok=True)
             text += " (the new keystore was removed; nothing is left behind)"
         elif app.rotate_sent:
             text += (
@@ -272,6 +275,7 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     path = _keystore_path(args)
     if not path.exists():
         raise UserError(f"no keystore at {path}: enroll first with 'enclaves enroll TOKEN'")
+    lock_keystore(path)
     keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []

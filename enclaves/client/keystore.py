@@ -12,6 +12,7 @@ passphrase and any change to the file give the same :class:`BadPassphrase`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import unicodedata
@@ -47,6 +48,26 @@ KDF_ARGON2ID = 1
 SALT_SIZE = 16
 _HEADER = struct.Struct(">8sHBIII16s")
 HEADER_SIZE = _HEADER.size  # 39
+
+
+def lock_keystore(path: Path) -> int:
+    """Hold ``PATH.lock`` (an exclusive ``flock``) for the rest of this
+    process: one client per keystore, so two never overwrite each other's
+    saves.  Returns the lock's file descriptor; the lock goes with the process."""
+    lock_path = path.with_name(path.name + ".lock")
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(lock_path, flags, 0o600)
+    except OSError as e:
+        raise KeystoreError(f"cannot open {lock_path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise KeystoreError(
+            f"{path} is in use by another enclaves client on this machine; quit that one first"
+        ) from None
+    return fd
 
 
 class KeystoreError(Exception):

@@ -181,3 +181,31 @@ def test_no_temp_files_left(store: Path, tmp_path: Path) -> None:
     keystore, state = Keystore.unlock(path, PASS)
     keystore.save(state)
     assert sorted(os.listdir(tmp_path)) == ["keystore"]
+
+
+def test_one_client_per_keystore(tmp_path: Path) -> None:
+    """A second process locking the same keystore is refused (two clients
+    would overwrite each other's saves); the lock goes with the process."""
+    import subprocess
+    import sys
+
+    from enclaves.client.keystore import KeystoreError, lock_keystore
+
+    path = tmp_path / "keystore"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, pathlib; from enclaves.client.keystore import lock_keystore; "
+         f"lock_keystore(pathlib.Path({str(path)!r})); print('held', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(KeystoreError, match="in use by another enclaves client"):
+            lock_keystore(path)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    lock_keystore(path)  # free again
+    assert (tmp_path / "keystore.lock").stat().st_mode & 0o777 == 0o600
