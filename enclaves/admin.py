@@ -423,9 +423,11 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
     def issue(host: str | None = None, hours: float | None = None) -> Any:
         """Make an enrollment token for a new user and print it.
 
-        The token is single use and expires after 24 hours (or ``hours``).
-        ``host`` ("chat.example:7500") is appended as ``@host:port`` so the
-        newcomer's client knows where to connect.  Give the token to the
+        The token is single use and expires after --token-lifetime (24
+        hours unless the server was started with another), or ``hours`` (at
+        most 720).  ``host`` ("chat.example:7500", or "tls:chat.example:7500"
+        for a TLS listener) is appended to the token so the newcomer's
+        client knows where and how to connect.  Give the token to the
         newcomer over a channel you trust: whoever holds it can enroll once.
         Example: issue("chat.example:7500")
         """

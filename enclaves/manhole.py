@@ -171,9 +171,23 @@ def read_admin_keys(path: Path) -> AdminKeys:
             lines = handle.read().splitlines()
     except OSError as error:
         raise StartupError(f"cannot read admin keys {path}: {error.strerror}") from None
+    in_private = False
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith(b"#"):
+            continue
+        if b"PRIVATE KEY" in line and line.startswith(b"-----BEGIN"):
+            in_private = True
+            log.error(
+                "admin keys {path} line {number}: a PRIVATE key was pasted here; it is "
+                "skipped (put the .pub file in, and treat that private key as exposed to "
+                "whoever could read this file)",
+                path=str(path),
+                number=number,
+            )
+            continue
+        if in_private:
+            in_private = not (b"PRIVATE KEY" in line and line.startswith(b"-----END"))
             continue
         try:
             key = keys.Key.fromString(line)

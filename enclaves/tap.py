@@ -177,7 +177,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     key_path = options["key-file"] or options["data-dir"] / "server.key"
     if created:
         log.info(
-            "created data directory {data_dir} and server key {key_file}",
+            "created server key {key_file} (data directory {data_dir})",
             data_dir=str(options["data-dir"]),
             key_file=str(key_path),
         )

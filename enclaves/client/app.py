@@ -612,10 +612,15 @@ class ClientApp:
         self._save_soon()
         what = "message" if entry.kind == "message" else "key exchange"
         self.failed_this_run.add(message.msg_id)
+        again = (
+            ""  # the recipient is gone: sending again cannot help
+            if code is ErrorCode.UNKNOWN_RECIPIENT
+            else f"; /retry {short_id(message.msg_id)} sends it again"
+        )
         self.out(
             "failed",
             f"id={short_id(message.msg_id)} {what} to {self._name(entry.recipient)} refused: "
-            f"{reason}; /retry {short_id(message.msg_id)} sends it again",
+            f"{reason}{again}",
         )
         return []
 

@@ -49,7 +49,7 @@ MIN_PASSPHRASE = 10  # characters, for a new keystore
 PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
 CHAT_USAGE = """\
 enclaves [--keystore PATH] [--server ADDRESS] [--ca-file FILE] [--plain]
-       enclaves enroll TOKEN [--keystore PATH] [--server ADDRESS] [--ca-file FILE]
+       enclaves enroll [TOKEN] [--keystore PATH] [--server ADDRESS] [--ca-file FILE]
        (enclaves enroll --help: joining a server)"""
 
 

@@ -88,6 +88,8 @@ def test_admin_keys_file_comments_and_bad_lines(tmp_path: Path) -> None:
     log = "\n".join(formatEvent(event) for event in events)
     private_body = (tmp_path / "alice").read_text().splitlines()[1]
     assert "line 4: not an OpenSSH public key, skipped" in log
+    assert "line 6: a PRIVATE key was pasted here" in log
+    assert log.count("not an OpenSSH public key") == 1  # not once per line of it
     assert private_body not in log
 
 
@@ -100,7 +102,7 @@ def _check_admin_keys_file(tmp_path: Path) -> None:
         + alice.with_suffix(".pub").read_text()
         + "ssh-ed25519 not-base64 broken\n"
         + bob.with_suffix(".pub").read_text()
-        + alice.read_text()  # a private key pasted by mistake: skipped line by line
+        + alice.read_text()  # a private key pasted by mistake: skipped, one warning
     )
     admin_keys = read_admin_keys(path)
     assert len(admin_keys.public_keys) == 2
