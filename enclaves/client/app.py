@@ -13,6 +13,7 @@ docs/client.rst ("Output lines").
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -238,7 +239,9 @@ class ClientApp:
                 if not self._reconnect:
                     self.stop(1, f"could not connect to the server: {self.last_failure}")
                     return
-                wait = self._jitter(delay)
+                # A rate-limited address waits as long as the server says:
+                # trying earlier is refused again and only adds to the wait.
+                wait = max(self._jitter(delay), _advised_wait(e))
                 self.out(
                     "conn",
                     f"cannot reach the server ({self.last_failure}); retrying in {wait:.1f} s",
@@ -858,6 +861,14 @@ def _tls_refused(text: str) -> bool:
     """Does a connection failure's text say the certificate check failed?"""
     lowered = text.lower()
     return any(w in lowered for w in ("certificate", "verificationerror", "mismatch"))
+
+
+def _advised_wait(error: BaseException) -> float:
+    """Seconds a RATE_LIMITED refusal asks to wait ("retry in N s"), else 0."""
+    if not isinstance(error, LoginFailed) or error.code != ErrorCode.RATE_LIMITED:
+        return 0.0
+    match = re.search(r"retry in (\d+(?:\.\d+)?) s", error.text)
+    return min(float(match.group(1)), 3600.0) + 0.5 if match else 0.0
 
 
 def _not_tls(text: str) -> bool:

@@ -62,6 +62,28 @@ def test_reconnects_with_exponential_backoff_and_says_so(tmp_path: Path) -> None
     assert app.finished.called
 
 
+def test_a_rate_limited_address_waits_as_long_as_the_server_says(tmp_path: Path) -> None:
+    """Trying again before "retry in N s" is refused again, and each refusal
+    lengthens the wait for everyone behind the address."""
+    app, reactor, out = start(tmp_path)
+    _host, _port, factory, _timeout, _bind = reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(None)
+    assert protocol is not None
+    protocol.makeConnection(StringTransport())
+    refusal = "too many failed handshakes from your address; retry in 16 s"
+    protocol.dataReceived(
+        encode_frame(FrameType.ERROR, encode_error(ErrorCode.RATE_LIMITED, refusal))
+    )
+    protocol.connectionLost(Failure(ConnectionRefusedError()))
+    tag, text = out[-1]
+    assert tag == "conn" and text.endswith("retrying in 16.5 s"), text
+    reactor.advance(16.4)
+    assert len(reactor.tcpClients) == 1
+    reactor.advance(0.2)
+    assert len(reactor.tcpClients) == 2
+    app.stop()
+
+
 def test_jitter_stays_within_twenty_percent(tmp_path: Path) -> None:
     app, _reactor, _out = start(tmp_path)
     for r in (0.0, 1.0):
