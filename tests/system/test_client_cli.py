@@ -45,7 +45,7 @@ def test_usage_names_the_enroll_subcommand() -> None:
         timeout=30,
     )
     assert result.returncode == 0
-    assert "enclaves enroll TOKEN" in result.stdout.split("\n\n")[0]  # in the usage lines
+    assert "enclaves enroll [TOKEN]" in result.stdout.split("\n\n")[0]  # in the usage lines
 
 
 def test_a_new_keystore_needs_a_passphrase_of_ten_characters(tmp_path: Path) -> None:
