@@ -187,8 +187,12 @@ def read_admin_keys(path: Path) -> AdminKeys:
             )
             continue
         if in_private:
-            in_private = not (b"PRIVATE KEY" in line and line.startswith(b"-----END"))
-            continue
+            if b"PRIVATE KEY" in line and line.startswith(b"-----END"):
+                in_private = False
+                continue
+            if not line.startswith((b"ssh-", b"ecdsa-", b"sk-")):
+                continue  # the key's body
+            in_private = False  # no END line: a public key follows
         try:
             key = keys.Key.fromString(line)
             if not key.isPublic():

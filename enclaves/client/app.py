@@ -73,6 +73,9 @@ Output = Callable[[str, str], None]
 log = Logger()
 
 # Plain words for the server's per-message refusals.
+# Longest wait for the burst of stored messages after a login's DIRECTORY.
+LOGIN_BURST_MAX = 60.0
+
 REFUSAL_TEXT = {
     ErrorCode.UNKNOWN_RECIPIENT: "the server has no such user (removed?)",
     ErrorCode.QUOTA_EXCEEDED: "the recipient's mailbox on the server is full",
@@ -177,6 +180,7 @@ class ClientApp:
         # For the end of a piped session (:meth:`settle`).
         self.directory_handled = False
         self._directory_waiters: list[Deferred[None]] = []
+        self._listed: set[int] | None = None  # the user ids of the latest DIRECTORY
         self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.last_failure: str | None = None
         self._last_heard = 0.0
@@ -578,10 +582,8 @@ class ClientApp:
         except ValueError:
             code, name = None, f"ERROR {message.code}"
         if message.msg_id == bytes(16):
-            answers_invite = code in (
-                ErrorCode.INVITES_DISABLED,
-                ErrorCode.RATE_LIMITED,
-                ErrorCode.STORAGE_FAILED,
+            answers_invite = code in (ErrorCode.INVITES_DISABLED, ErrorCode.RATE_LIMITED) or (
+                code is ErrorCode.STORAGE_FAILED and "invitation" in message.text
             )
             if answers_invite and self.invites_waiting:
                 self.invites_waiting -= 1
@@ -648,11 +650,13 @@ class ClientApp:
         contacts = self.core.contacts(include_removed=True)
         known = {c.user_id for c in contacts}
         removed = {c.user_id for c in contacts if c.removed}
-        listed = set(message.user_ids)
-        for contact in contacts:
-            if not contact.removed and contact.user_id not in listed:
-                # Revoked while we were offline (REMOVED goes only to those online).
-                self._removed(contact.user_id, "is no longer on the server's user list")
+        self._listed = set(message.user_ids)
+        missing = {c.user_id for c in contacts if not c.removed} - self._listed
+        if missing:
+            # Revoked while we were offline (REMOVED goes only to those online).
+            # Messages they sent before stay stored for us and come right after
+            # this list: tombstone them once that login burst is over.
+            ensureDeferred(self._remove_unlisted(missing))
         events = self.core.on_directory(message.user_ids, now, start_kex=False)
         for user_id in message.user_ids:
             if user_id in removed:
@@ -665,6 +669,23 @@ class ClientApp:
                 )
         self._save_soon()
         return events
+
+    async def _remove_unlisted(self, missing: set[int]) -> None:
+        await self.quiet(LOGIN_BURST_MAX)
+        for user_id in sorted(missing):
+            still = self._listed is not None and user_id not in self._listed
+            known = self.core.contacts(include_removed=True)
+            if still and any(c.user_id == user_id and not c.removed for c in known):
+                self._removed(user_id, "is no longer on the server's user list")
+
+    async def quiet(self, timeout: float, quiet: float = 0.5) -> None:
+        """Wait, at most ``timeout`` seconds, until nothing came from the server
+        for ``quiet`` seconds (polls)."""
+        deadline = self.now() + timeout
+        while self.now() < deadline and not self._stopping:
+            if self.now() - self._last_heard >= quiet:
+                return
+            await deferLater(self._reactor, 0.05, lambda: None)
 
     def _removed(self, user_id: int, how: str) -> None:
         """A contact is gone for good: keep its tombstone (docs/client.rst)."""
@@ -868,7 +889,9 @@ def _advised_wait(error: BaseException) -> float:
     if not isinstance(error, LoginFailed) or error.code != ErrorCode.RATE_LIMITED:
         return 0.0
     match = re.search(r"retry in (\d+(?:\.\d+)?) s", error.text)
-    return min(float(match.group(1)), 3600.0) + 0.5 if match else 0.0
+    # At most the server's own cap: the text comes before the handshake, so
+    # on a plain connection anyone on the path could write it.
+    return min(float(match.group(1)), 300.0) + 0.5 if match else 0.0
 
 
 def _not_tls(text: str) -> bool:

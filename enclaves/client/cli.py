@@ -247,8 +247,7 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
         code, text = app.outcome or (1, "stopped")
         if created and (app.token_refused or not app.rotate_sent):
             path.unlink(missing_ok=True)
-            path.with_name(path.name + ".lock").unlink(missing_ok=True)
-            text += " (the new keystore was removed; nothing is left behind)"
+            text += " (the new keystore was removed)"
         elif app.rotate_sent:
             text += (
                 f" The enrollment may be half done: run the same 'enclaves enroll' command "
@@ -280,10 +279,12 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     endpoint = _chat_endpoint(args, state)
     holder: list[ClientApp] = []
 
+    attached: list[Deferred[None]] = []  # a script's commands, once attached
+
     def on_eof() -> None:
         if holder:
             ui.line("info", "end of input: sending what is queued, then quitting")
-            ensureDeferred(_finish(holder[0], ui, args.eof_grace))
+            ensureDeferred(_finish(holder[0], ui, args.eof_grace, attached))
 
     ui = LineUI(on_eof=on_eof, quit_waits=not os.isatty(0))
     mode = _editing_terminal(args)
@@ -296,7 +297,7 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
     else:
         StandardIO(ui, reactor=reactor)
     try:
-        return await _chat(reactor, args, keystore, state, endpoint, ui, holder)
+        return await _chat(reactor, args, keystore, state, endpoint, ui, holder, attached)
     finally:
         LOG_SINK.terminal = None
         if mode is not None:
@@ -379,6 +380,7 @@ async def _chat(
     endpoint: str,
     ui: LineUI,
     holder: list[ClientApp],
+    attached: list[Deferred[None]],
 ) -> int:
     app = ClientApp(
         reactor,
@@ -399,9 +401,7 @@ async def _chat(
     else:
         # A script's commands wait for the login and the user list (at most
         # the end-of-input grace): contacts and keys are then up to date.
-        ready = app.when_directory_handled()
-        ready.addTimeout(args.eof_grace, reactor).addErrback(lambda _: None)
-        ready.addCallback(lambda _: ui.attach(app) if ui.app is None else None)
+        attached.append(ensureDeferred(_attach_when_logged_in(app, ui, args.eof_grace)))
     code, text = await app.start()
     if text:
         ui.line("fatal" if code else "info", text)
@@ -409,12 +409,26 @@ async def _chat(
     return code
 
 
-async def _finish(app: ClientApp, ui: LineUI, grace: float) -> None:
+async def _attach_when_logged_in(app: ClientApp, ui: LineUI, grace: float) -> None:
+    """A script's commands run once the user list and what came right after it
+    (key exchanges kept for us) are handled, at most ``grace`` seconds on."""
+    start = app.now()
+    ready = app.when_directory_handled()
+    ready.addTimeout(grace, app._reactor).addErrback(lambda _: None)
+    await ready
+    await app.quiet(max(grace - (app.now() - start), 0.0))
+    if ui.app is None:
+        ui.attach(app)
+
+
+async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Deferred[None]]) -> None:
     """End of input: stay (at most ``grace`` seconds) until logged in, the
     user list handled and the outbox accepted; then quit, with status 1 and
     an ``[error]`` line if that did not happen, or if anything during this run
     was not done (an ``[error]``, ``[refused]`` or ``[failed]`` line, or a
     question left unanswered) (docs/client.rst, "Scripts")."""
+    for commands in attached:
+        await commands  # the script's commands run first (bounded by the grace)
     await app.settle(grace)
     if app.outcome is not None:
         return  # stopped already: /quit, or a fatal error said why
@@ -443,6 +457,8 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float) -> None:
     undone = ui.troubles["error"] + ui.troubles["refused"]
     if undone:
         problems.append(f"{undone} command(s) not done (see the [error] and [refused] lines)")
+    if app.invites_waiting:
+        problems.append("no answer to /invite came from the server; no token was shown")
     if ui.question_open:
         problems.append("the input ended before the answer to a question; nothing was done for it")
     for problem in problems:

@@ -54,6 +54,7 @@ def lock_keystore(path: Path) -> int:
     """Hold ``PATH.lock`` (an exclusive ``flock``) for the rest of this
     process: one client per keystore, so two never overwrite each other's
     saves.  Returns the lock's file descriptor; the lock goes with the process."""
+    path = path.resolve()  # two symlinks to one keystore share one lock
     lock_path = path.with_name(path.name + ".lock")
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
@@ -62,11 +63,13 @@ def lock_keystore(path: Path) -> int:
         raise KeystoreError(f"cannot open {lock_path}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise KeystoreError(
             f"{path} is in use by another enclaves client on this machine; quit that one first"
         ) from None
+    except OSError:
+        pass  # a file system without locks: go on unlocked, as before locks existed
     return fd
 
 

@@ -21,7 +21,7 @@ from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from enclaves.client.app import ClientApp, clock_text, short_id
-from enclaves.client.contacts import Contact, ContactError
+from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 
 __all__ = ["LineUI", "HELP", "format_contact", "printable"]
@@ -182,6 +182,13 @@ class LineUI(LineReceiver):
         try:
             if self._answer is not None:
                 answer, self._answer = self._answer, None
+                if self._quit_waits and text.lower() not in YES | NO:
+                    # A script went on without answering: that is a no, said
+                    # as such, and the line runs as what it is.
+                    answer("no")
+                    self.line("refused", "the question above got no yes/no answer")
+                    self.handle(line)
+                    return
                 answer(text)
             elif self._quit_waits and sent_unasked and text.lower() in YES | NO:
                 # A script's "yes" for a question that was not asked (it is
@@ -216,7 +223,13 @@ class LineUI(LineReceiver):
             who, _, body = rest.partition(" ")
             if not who or not body.strip():
                 raise ContactError("usage: /msg WHO TEXT")
-            self._send(core.find(who).user_id, body)
+            contact = core.find(who)
+            asked_before = self._answer is None
+            self._send(contact.user_id, body)
+            # Sent to an unverified contact without asking (asked once per
+            # contact): a script's "yes" on the next line is for no question.
+            unverified = contact.trust is Trust.UNVERIFIED
+            self._sent_unasked = asked_before and self._answer is None and unverified
         elif name == "/to":
             if len(args) != 1:
                 raise ContactError("usage: /to WHO")
@@ -314,7 +327,6 @@ class LineUI(LineReceiver):
                 return
             self.line("refused", f"not sent to {self._name(user_id)}: {result.text}")
             return
-        self._sent_unasked = not confirmed
         self.line("sent", f"id={short_id(result.msg_id)} to {self._name(user_id)}")
 
     def _verify(self, args: list[str]) -> None:

@@ -192,3 +192,15 @@ def test_normal_ssh_disconnect_is_info_other_reasons_stay_errors(tmp_path: Path)
     broken = _disconnect_logged(tmp_path, 2, b"packet corrupt")  # PROTOCOL_ERROR
     errors = [formatEvent(e) for e in broken if e["log_level"] == LogLevel.error]
     assert any("Got remote error, code 2" in line for line in errors), broken
+
+
+def test_a_private_key_without_its_end_line_does_not_hide_the_keys_after_it(
+    tmp_path: Path,
+) -> None:
+    bob = make_key(tmp_path / "bob", "bob@desk")
+    path = tmp_path / "admin_keys"
+    path.write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+        + bob.with_suffix(".pub").read_text()
+    )
+    assert len(read_admin_keys(path).public_keys) == 1

@@ -165,3 +165,32 @@ def test_contacts_line_shows_answered_exchanges_not_yet_proven() -> None:
     assert format_contact(Contact(B).with_tentative(2, keys, 1.0)).endswith(
         " keys=none answered=epoch-2"
     )
+
+
+def test_a_script_never_swallows_a_line_of_conversation(tmp_path: Path) -> None:
+    """In a script, "yes" after a /msg that asked nothing is skipped; the same
+    word in a /to conversation is sent; a line that is no answer to a pending
+    question declines it (said so) and then runs."""
+    core_a, core_b = make_core(A), make_core(B)
+    relay = Relay(core_a, core_b)
+    relay.post(A, core_a.start_kex(B, 0.0))
+    relay.flush(0.0)
+    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core_a.state())
+    clock = Clock()
+    clock.advance(1000)
+    lines = LineUI(quit_waits=True)
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    app = ClientApp(clock, keystore, core_a.state(), "tcp:127.0.0.1:1", lines.line, core=core_a)
+    lines.attach(app)
+    out = typed(lines, transport, f"/msg {B} first", f"/msg {B} second")
+    assert out[0].startswith("[confirm] ")
+    assert out[1:3] == ["[info] not sent", "[refused] the question above got no yes/no answer"]
+    assert out[3].startswith("[confirm] ")  # the second /msg ran, and asks in turn
+    out = typed(lines, transport, "yes", f"/msg {B} third", "yes")
+    assert out[0].startswith("[sent] ") and out[1].startswith("[sent] ")
+    assert out[2] == "[info] no question was asked; 'yes' skipped"
+    out = typed(lines, transport, f"/to {B}", "coming?", "yes")
+    assert [line.split()[0] for line in out[1:]] == ["[sent]", "[sent]"]
+    sent = [e for e in app.core.outbox() if e.kind == "message"]
+    assert len(sent) == 4  # second, third, "coming?" and the /to "yes"; "first" declined
