@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from enclaves.client import kex
 from enclaves.client.core import ClientCore, Event, SendBlob
@@ -65,3 +66,23 @@ class Relay:
 
     def of(self, user_id: int, kind: type) -> list[Event]:
         return [e for e in self.events[user_id] if isinstance(e, kind)]
+
+
+def keyed_app(tmp_path: Any, ui: Any, user_id: int = 1001, peer: int = 2002) -> Any:
+    """A ClientApp for ``user_id`` with pair keys with ``peer`` (no server), its
+    keystore in ``tmp_path``, printing through ``ui`` (a LineUI), attached to it."""
+    from twisted.internet.task import Clock
+
+    from enclaves.client.app import ClientApp
+    from enclaves.client.keystore import Keystore
+
+    core, other = make_core(user_id), make_core(peer)
+    relay = Relay(core, other)
+    relay.post(user_id, core.start_kex(peer, 0.0))
+    relay.flush(0.0)
+    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core.state())
+    clock = Clock()
+    clock.advance(1000)
+    app = ClientApp(clock, keystore, core.state(), "tcp:127.0.0.1:1", ui.line, core=core)
+    ui.attach(app)
+    return app

@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from enclaves.client.app import ClientApp
-from enclaves.client.keystore import Keystore
 from enclaves.client.terminal import (
     HISTORY,
     MAX_LINE,
@@ -27,7 +24,7 @@ from enclaves.client.terminal import (
     TerminalIO,
 )
 from enclaves.client.ui import LineUI
-from tests.client.helpers import Relay, make_core
+from tests.client.helpers import keyed_app
 
 A, B = 1001, 2002
 LEFT, RIGHT, UP, DOWN = "\x1b[D", "\x1b[C", "\x1b[A", "\x1b[B"
@@ -185,20 +182,12 @@ def test_how_the_keys_are_split_into_reads_does_not_matter(keys: str, data: st.D
 
 @pytest.fixture
 def term(tmp_path: Path) -> tuple[TerminalIO, LineUI, StringTransport]:
-    core_a, core_b = make_core(A), make_core(B)
-    relay = Relay(core_a, core_b)
-    relay.post(A, core_a.start_kex(B, 0.0))
-    relay.flush(0.0)
-    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core_a.state())
-    clock = Clock()
-    clock.advance(1000)
     eof: list[bool] = []
     ui = LineUI(on_eof=lambda: eof.append(True))
     terminal = TerminalIO(ui, ui.prompt, lambda: 80)
     transport = StringTransport()
     terminal.makeConnection(transport)
-    app = ClientApp(clock, keystore, core_a.state(), "tcp:127.0.0.1:1", ui.line, core=core_a)
-    ui.attach(app)
+    keyed_app(tmp_path, ui, A, B)
     ui.eof = eof  # type: ignore[attr-defined]
     return terminal, ui, transport
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from attrs import evolve
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from enclaves.client.app import ClientApp
@@ -15,26 +14,17 @@ from enclaves.client.keystore import Keystore
 from enclaves.client.state import decode_state, encode_state
 from enclaves.client.ui import LineUI, printable
 from enclaves.crypto import KeyPair
-from tests.client.helpers import Relay, make_core
+from tests.client.helpers import keyed_app, make_core
 
 A, B = 1001, 2002
 
 
 @pytest.fixture
 def ui(tmp_path: Path) -> tuple[LineUI, ClientApp, StringTransport]:
-    core_a, core_b = make_core(A), make_core(B)
-    relay = Relay(core_a, core_b)
-    relay.post(A, core_a.start_kex(B, 0.0))
-    relay.flush(0.0)
-    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core_a.state())
-    clock = Clock()
-    clock.advance(1000)
     lines = LineUI()
     transport = StringTransport()
     lines.makeConnection(transport)
-    app = ClientApp(clock, keystore, core_a.state(), "tcp:127.0.0.1:1", lines.line, core=core_a)
-    lines.attach(app)
-    return lines, app, transport
+    return lines, keyed_app(tmp_path, lines, A, B), transport
 
 
 def typed(ui: LineUI, transport: StringTransport, *commands: str) -> list[str]:
@@ -171,18 +161,10 @@ def test_a_script_never_swallows_a_line_of_conversation(tmp_path: Path) -> None:
     """In a script, "yes" after a /msg that asked nothing is skipped; the same
     word in a /to conversation is sent; a line that is no answer to a pending
     question declines it (said so) and then runs."""
-    core_a, core_b = make_core(A), make_core(B)
-    relay = Relay(core_a, core_b)
-    relay.post(A, core_a.start_kex(B, 0.0))
-    relay.flush(0.0)
-    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core_a.state())
-    clock = Clock()
-    clock.advance(1000)
     lines = LineUI(quit_waits=True)
     transport = StringTransport()
     lines.makeConnection(transport)
-    app = ClientApp(clock, keystore, core_a.state(), "tcp:127.0.0.1:1", lines.line, core=core_a)
-    lines.attach(app)
+    app = keyed_app(tmp_path, lines, A, B)
     out = typed(lines, transport, f"/msg {B} first", f"/msg {B} second")
     assert out[0].startswith("[confirm] ")
     assert out[1:3] == ["[info] not sent", "[refused] the question above got no yes/no answer"]
