@@ -22,7 +22,7 @@ from twisted.conch import manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.ssh import channel as ssh_channel
-from twisted.conch.ssh import common, keys, session, transport
+from twisted.conch.ssh import common, connection, keys, session, transport
 from twisted.cred import error as cred_error
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
@@ -403,6 +403,10 @@ class AdminSessionChannel(session.SSHSession):
         return 1
 
 
+#: Session channels one admin SSH connection may have open at once.
+MAX_CHANNELS = 8
+
+
 class AdminUser(manhole_ssh.TerminalUser):
     """The SSH avatar of one admin; each session channel gets ``make_session()``."""
 
@@ -413,6 +417,18 @@ class AdminUser(manhole_ssh.TerminalUser):
         self.identity = identity
         self.make_session = make_session
         self.channelLookup[b"session"] = AdminSessionChannel
+
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> Any:
+        """A new channel, unless this connection has MAX_CHANNELS open already
+        (each runs a shell: one admin connection must not eat the server)."""
+        if self.conn is not None and len(self.conn.channels) >= MAX_CHANNELS:
+            raise conch_error.ConchError(
+                connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"at most {MAX_CHANNELS} sessions per connection",
+            )
+        return super().lookupChannel(channelType, windowSize, maxPacket, data)
 
 
 @implementer(IRealm)

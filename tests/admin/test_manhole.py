@@ -204,3 +204,23 @@ def test_a_private_key_without_its_end_line_does_not_hide_the_keys_after_it(
         + bob.with_suffix(".pub").read_text()
     )
     assert len(read_admin_keys(path).public_keys) == 1
+
+
+def test_one_admin_connection_opens_at_most_max_channels_sessions() -> None:
+    """Each session channel runs a shell: a connection asking for more than
+    MAX_CHANNELS at once is refused (one admin must not eat the server)."""
+    from twisted.conch.error import ConchError
+    from twisted.conch.ssh import connection
+
+    from enclaves.manhole import MAX_CHANNELS, AdminSessionChannel, AdminUser
+
+    user = AdminUser(None, AdminIdentity("root", "SHA256:x", ""), lambda: None)
+    conn = connection.SSHConnection()
+    user.conn = conn
+    opened = [user.lookupChannel(b"session", 1 << 16, 1 << 15, b"") for _ in range(MAX_CHANNELS)]
+    assert all(isinstance(c, AdminSessionChannel) for c in opened)
+    conn.channels = dict(enumerate(opened))
+    with pytest.raises(ConchError, match=f"at most {MAX_CHANNELS} sessions"):
+        user.lookupChannel(b"session", 1 << 16, 1 << 15, b"")
+    del conn.channels[0]
+    assert isinstance(user.lookupChannel(b"session", 1 << 16, 1 << 15, b""), AdminSessionChannel)
