@@ -407,9 +407,19 @@ class ClientCore:
         """In-person import: trust ``in person`` on a match, :class:`ContactError` if not."""
         before = self.contact(user_id)
         after = self._put(import_in_person(before, text))
-        if before.pending_ik is not None and after.pending_ik is None:
-            return self._after_ik_accepted(after, now)
-        return []
+        rejected = before.pending_ik
+        if rejected is None or after.pending_ik is not None:
+            return []
+        if after.ik != rejected:
+            # The key the contact had all along, in person: the change was
+            # false (a server's forgery).  Sending works again under the
+            # current keys; blobs under the rejected key go.
+            log.warn("identity key change of {peer} rejected by an in-person import",
+                     peer=user_id)  # fmt: skip
+            held = tuple(h for h in after.held if _blob_ik(h.blob) != rejected)
+            self._put(evolve(after, held=held))
+            return []
+        return self._after_ik_accepted(after, now)
 
     def accept_new_ik(self, user_id: int, now: float) -> list[Event]:
         """The user accepts the changed identity key: trust drops to ``unverified``,
@@ -938,6 +948,15 @@ class ClientCore:
                         lines[i] = evolve(lines[i], status=status)
                     return user_id
         return None
+
+
+def _blob_ik(blob: bytes) -> bytes | None:
+    """The identity key an OFFER or ACCEPT carries; None for a MESSAGE."""
+    try:
+        parsed = parse_blob(blob)
+    except BlobError:
+        return None
+    return None if isinstance(parsed, MessageBlob) else parsed.ik
 
 
 def _held_size(contact: Contact) -> int:
