@@ -55,6 +55,7 @@ from enclaves.session import Session, SessionError, max_blob_size
 from enclaves.transport import no_nagle, write_now
 
 __all__ = [
+    "MAX_DIRECTORY",
     "ClientConnection",
     "ClientConnectionFactory",
     "Disconnected",
@@ -65,6 +66,11 @@ __all__ = [
 
 # Handed to the application as they are (the others may need the connection first).
 _PLAIN_KINDS = frozenset({Deliver, Accepted, Delivered})
+# User ids a DIRECTORY may carry over all its parts: they are joined in memory
+# before the application sees them, so a server that never sends the last part
+# must not make the client keep them without bound.  Ten times the contacts a
+# keystore holds (enclaves.client.contacts.MAX_CONTACTS); 8 MB on the wire.
+MAX_DIRECTORY = 1_000_000
 
 
 class LoginFailed(Exception):
@@ -236,6 +242,8 @@ class ClientConnection(Protocol):
                 self._abort(Disconnected(int(error.code), error.text))
                 return
             for message in messages:
+                if self._done:  # a message before this one ended the session
+                    return
                 self._message_received(message)
         else:
             self._abort(Disconnected(int(ErrorCode.BAD_FRAME), f"unexpected {frame.type.name}"))
@@ -252,6 +260,15 @@ class ClientConnection(Protocol):
             return
         if isinstance(message, Directory):
             # Parts with ``more`` set are joined: the application sees one list.
+            if len(self._directory_parts) + len(message.user_ids) > MAX_DIRECTORY:
+                self._directory_parts = []
+                self._abort(
+                    Disconnected(
+                        int(ErrorCode.BAD_MESSAGE),
+                        f"the server's DIRECTORY lists more than {MAX_DIRECTORY} users",
+                    )
+                )
+                return
             self._directory_parts.extend(message.user_ids)
             if message.more:
                 return

@@ -240,9 +240,10 @@ def import_in_person(contact: Contact, text: str) -> Contact:
     """Trust ``in person`` if the imported key matches; else :class:`IKMismatch`.
 
     The imported key is compared with the key the server relayed (or, while a
-    change is pending, with the new key: a match accepts the change).  With no
-    key known yet it is pinned: a KEX under any other key raises an identity
-    key change.
+    change is pending, with the new key: a match accepts the change; a match
+    with the key held before rejects it, since the contact still has that
+    one).  With no key known yet it is pinned: a KEX under any other key
+    raises an identity key change.
     """
     ik = parse_ik(text)
     if contact.pending_ik is not None and hmac.compare_digest(ik, contact.pending_ik):
@@ -254,4 +255,4 @@ def import_in_person(contact: Contact, text: str) -> Contact:
             f"the key you imported is NOT the key the server gave for {contact.name}; "
             "trust not changed — check the key with them again"
         )
-    return evolve(contact, trust=Trust.IN_PERSON)
+    return evolve(contact, pending_ik=None, trust=Trust.IN_PERSON)

@@ -17,12 +17,13 @@ from attrs import evolve, field, frozen
 from twisted.logger import Logger
 
 from enclaves.client import kex
-from enclaves.client.blob import Accept, BlobError, MessageBlob, Offer, parse_blob
+from enclaves.client.blob import Accept, BlobError, BlobKind, MessageBlob, Offer, parse_blob
 from enclaves.client.contacts import (
     GRACE,
     MAX_CONTACTS,
     MAX_HELD,
     MAX_HELD_BYTES,
+    MAX_TENTATIVE,
     Contact,
     ContactError,
     EpochKeys,
@@ -42,6 +43,7 @@ __all__ = [
     "MAX_SEEN",
     "MAX_HISTORY",
     "MAX_TEXT",
+    "MAX_ANSWERS",
     "HEAL_INTERVAL",
     "SendBlob",
     "MessageReceived",
@@ -63,6 +65,10 @@ MAX_SEEN = 4096  # recently seen msg_ids kept for de-duplication
 MAX_HISTORY = 1000  # history lines kept per contact
 MAX_TEXT = 32 * 1024  # bytes of UTF-8 per message
 HEAL_INTERVAL = kex.KEX_TIMEOUT  # at most one self-healing OFFER per contact this often
+# ACCEPTs to one contact kept in the outbox at most: the server writes the OFFERs
+# they answer, so this bounds what it can make the keystore carry.  Only the
+# current keys' answer and the MAX_TENTATIVE answered ones can still count.
+MAX_ANSWERS = MAX_TENTATIVE + 1
 
 log = Logger()
 
@@ -401,9 +407,19 @@ class ClientCore:
         """In-person import: trust ``in person`` on a match, :class:`ContactError` if not."""
         before = self.contact(user_id)
         after = self._put(import_in_person(before, text))
-        if before.pending_ik is not None and after.pending_ik is None:
-            return self._after_ik_accepted(after, now)
-        return []
+        rejected = before.pending_ik
+        if rejected is None or after.pending_ik is not None:
+            return []
+        if after.ik != rejected:
+            # The key the contact had all along, in person: the change was
+            # false (a server's forgery).  Sending works again under the
+            # current keys; blobs under the rejected key go.
+            log.warn("identity key change of {peer} rejected by an in-person import",
+                     peer=user_id)  # fmt: skip
+            held = tuple(h for h in after.held if _blob_ik(h.blob) != rejected)
+            self._put(evolve(after, held=held))
+            return []
+        return self._after_ik_accepted(after, now)
 
     def accept_new_ik(self, user_id: int, now: float) -> list[Event]:
         """The user accepts the changed identity key: trust drops to ``unverified``,
@@ -797,9 +813,31 @@ class ClientCore:
         return event
 
     def _queue(self, recipient: int, blob: bytes, kind: str, now: float) -> SendBlob:
+        if kind == "kex" and blob[:1] == bytes([BlobKind.ACCEPT]):
+            self._prune_answers(recipient, blob)
         msg_id = self._entropy.random_bytes(MSG_ID_SIZE)
         self._outbox[msg_id] = OutboxEntry(msg_id, recipient, blob, kind, "pending", None, now)
         return SendBlob(msg_id, recipient, blob, kind)
+
+    def _prune_answers(self, recipient: int, blob: bytes) -> None:
+        """Make room for one more ACCEPT to ``recipient``: an earlier copy of the
+        same answer goes (it is being sent again), and so do the oldest beyond
+        :data:`MAX_ANSWERS - 1`, pending or failed.  Anyone who can inject
+        OFFERs gets one answer each, so the outbox would otherwise grow for as
+        long as the server withholds ACCEPTED (docs/client.rst)."""
+        answers = [
+            e.msg_id
+            for e in self._outbox.values()
+            if e.recipient == recipient and e.kind == "kex" and e.blob[:1] == blob[:1]
+        ]
+        for msg_id in answers:
+            if self._outbox[msg_id].blob == blob:
+                del self._outbox[msg_id]
+                answers.remove(msg_id)
+                break
+        for msg_id in answers[: max(len(answers) - (MAX_ANSWERS - 1), 0)]:
+            del self._outbox[msg_id]
+            log.info("dropped an unsent key exchange answer to {peer}", peer=recipient)
 
     # -- outbox and receipts --------------------------------------------------
 
@@ -910,6 +948,15 @@ class ClientCore:
                         lines[i] = evolve(lines[i], status=status)
                     return user_id
         return None
+
+
+def _blob_ik(blob: bytes) -> bytes | None:
+    """The identity key an OFFER or ACCEPT carries; None for a MESSAGE."""
+    try:
+        parsed = parse_blob(blob)
+    except BlobError:
+        return None
+    return None if isinstance(parsed, MessageBlob) else parsed.ik
 
 
 def _held_size(contact: Contact) -> int:

@@ -263,6 +263,13 @@ class LineUI(LineReceiver):
             contact = core.find(args[0])
             app.import_ik(contact.user_id, args[1])
             after = core.contact(contact.user_id)
+            if contact.pending_ik is not None and after.ik == contact.ik:
+                self.line(
+                    "warn",
+                    f"{after.name} still has the key you knew: the identity key change was "
+                    "false (is someone tampering with the server?); it is rejected and "
+                    "sending works again",
+                )
             self.line("trust", f"{after.name} is now {after.trust.value}")
         elif name == "/rekey":
             if len(args) != 1:

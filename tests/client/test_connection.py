@@ -179,3 +179,53 @@ def test_answers_made_while_receiving_leave_with_that_read() -> None:
     h.clock.advance(0)
     pc.flush(), pa.flush()
     assert [m for m in _drain(a) if isinstance(m, Deliver)] == [Deliver(mid(2), 3, b"relayed")]
+
+
+def _logged_in_by_hand() -> tuple[ClientConnection, Any]:
+    """A client connection logged in by a hand-driven server handshake: the
+    test is the server and seals what it likes with the returned Session."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from enclaves.frames import DEFAULT_MAX_FRAME, FrameDecoder, FrameType
+    from enclaves.handshake import ServerHandshake
+    from enclaves.session import Session
+    from enclaves.storage.interface import UserRecord
+
+    keys = KeyPair.generate()
+    client = ClientConnection(7, keys, clock=Clock())
+    transport = StringTransport()
+    client.makeConnection(transport)
+    (hello,) = FrameDecoder(DEFAULT_MAX_FRAME).feed(transport.value())
+    assert hello.type is FrameType.HELLO
+    server = ServerHandshake()
+    server.receive_hello(hello.payload)
+    welcome, session_keys = server.authenticate(UserRecord(7, keys))
+    client.dataReceived(welcome)
+    assert client.established
+    return client, Session(session_keys, "server", DEFAULT_MAX_FRAME)
+
+
+def test_an_endless_directory_is_refused_not_kept() -> None:
+    """DIRECTORY parts flagged "more follows" are joined in memory: a server
+    that never sends the last part must not make the client keep ids without
+    bound.  Past MAX_DIRECTORY ids the session ends as a malformed message."""
+    from enclaves.client.connection import MAX_DIRECTORY
+    from enclaves.inner import split_directory
+    from enclaves.session import max_inner_size
+
+    client, server = _logged_in_by_hand()
+    reasons: list[Disconnected] = []
+    client.closed.addCallback(reasons.append)
+    part = split_directory(range(1, 100_000), max_inner_size(65536))[0]
+    assert part.more
+    sent = 0
+    while not reasons and sent <= MAX_DIRECTORY + len(part.user_ids):
+        client.dataReceived(server.seal([part]))
+        sent += len(part.user_ids)
+        if client._done:
+            client.connectionLost()
+    assert reasons and reasons[0].code == ErrorCode.BAD_MESSAGE
+    assert sent <= MAX_DIRECTORY + len(part.user_ids)
+    assert client._directory_parts == []
+    assert client.inbox.pending == []

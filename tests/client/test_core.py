@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enclaves.client import kex
 from enclaves.client.blob import Accept, parse_blob
 from enclaves.client.contacts import MAX_TENTATIVE, ContactError, Trust, encode_ik
 from enclaves.client.core import (
@@ -25,6 +26,7 @@ from enclaves.client.core import (
 )
 from enclaves.client.kex import KEX_TIMEOUT, Entropy
 from enclaves.client.state import decode_state, encode_state
+from enclaves.crypto import x25519_public
 from tests.client.helpers import Relay, forged_offer, make_core
 
 A, B, C = 100, 200, 300
@@ -804,3 +806,68 @@ def test_contacts_are_bounded() -> None:
     with pytest.raises(ContactError, match="at most 3 contacts"):
         a.add_contact(700)
     assert a.add_contact(B).user_id == B  # known ones are still fine
+
+
+def test_answers_to_forged_offers_do_not_pile_up_in_the_outbox() -> None:
+    """Every OFFER is answered with an ACCEPT that waits in the outbox (and so in
+    the keystore) until the server says ACCEPTED.  A server that forges OFFERs
+    (or replays one under new msg_ids) and never says ACCEPTED, or refuses each
+    answer, must not make the outbox grow without bound: an answer sent again
+    replaces its earlier copy, and at most MAX_ANSWERS answers per contact are
+    kept, the oldest dropped.  The real answer among them still completes."""
+    from enclaves.client.core import MAX_ANSWERS
+
+    a, b = make_core(A), make_core(B)
+    (real_offer,) = a.start_kex(B, 0.0)
+    (real_accept,) = [e for e in b.handle_blob(A, b"o" * 16, real_offer.blob, 1.0)
+                      if isinstance(e, SendBlob)]  # fmt: skip
+    replayed = forged_offer(a, 2)
+    for n in range(50):  # the same forged OFFER again and again
+        b.handle_blob(A, b"r" + n.to_bytes(15, "big"), replayed, 2.0)
+    for n in range(50):  # fresh forged OFFERs; half the answers refused
+        events = b.handle_blob(A, b"f" + n.to_bytes(15, "big"), forged_offer(a, 2 + n % 3), 3.0)
+        (answer,) = [e for e in events if isinstance(e, SendBlob)]
+        if n % 2:
+            b.on_refused(answer.msg_id, "the recipient's mailbox on the server is full")
+    answers = [e for e in b.outbox() if e.recipient == A]
+    assert len(answers) <= MAX_ANSWERS
+    assert len({e.blob for e in answers}) == len(answers)
+    assert len(encode_state(b.state())) < 20_000
+    # Kept across a save and reload, and the real exchange still completes
+    # (the real ACCEPT may have been dropped from B's outbox: A's retry of its
+    # OFFER is answered again).
+    b = ClientCore(decode_state(encode_state(b.state())), entropy=b._entropy)
+    relay = Relay(a, b)
+    relay.post(A, a.tick(KEX_TIMEOUT + 1.0))
+    relay.flush(KEX_TIMEOUT + 2.0)
+    assert a.contact(B).epoch >= 1 and b.contact(A).current is not None
+    assert real_accept.recipient == A
+    send(a, relay, B, "through", KEX_TIMEOUT + 3.0)
+    send(b, relay, A, "and back", KEX_TIMEOUT + 3.0)
+    relay.flush(KEX_TIMEOUT + 4.0)
+    assert received(relay, B)[-1] == "through" and received(relay, A)[-1] == "and back"
+
+
+def test_importing_the_known_key_in_person_rejects_a_forged_key_change() -> None:
+    """The server injects one OFFER as A under an identity key of its own: B
+    blocks sending to A.  Sending must not stay blocked for good with
+    accepting the server's key as the only way out: importing A's key in
+    person — the one B already holds — proves the change false.  The pending
+    key and the blobs held under it go, trust is ``in person``, and B sends
+    again under the working keys, which A reads.  The same forged key sent
+    again raises the alarm again."""
+    a, b, relay = pair()
+    fake = Entropy().x25519()
+    forged = kex.make_offer(kex.Identity(A, fake, x25519_public(fake)), 2, Entropy(), 0.0).blob
+    (alert, held) = b.handle_blob(A, b"F" * 16, forged, 2.0)
+    assert isinstance(alert, IdentityKeyChanged) and isinstance(held, BlobHeld)
+    assert isinstance(b.encrypt_message(A, "blocked", 3.0, confirmed=True), Refused)
+    assert b.import_ik(A, a.own_ik_text(), 4.0) == []
+    contact = b.contact(A)
+    assert contact.pending_ik is None and contact.held == ()
+    assert contact.trust is Trust.IN_PERSON and contact.ik == a.identity.public
+    send(b, relay, A, "not blocked", 5.0)
+    relay.flush(5.5)
+    assert received(relay, A) == ["not blocked"]
+    again = b.handle_blob(A, b"G" * 16, forged, 6.0)
+    assert IdentityKeyChanged in {type(e) for e in again}

@@ -176,3 +176,28 @@ def test_a_script_never_swallows_a_line_of_conversation(tmp_path: Path) -> None:
     assert [line.split()[0] for line in out[1:]] == ["[sent]", "[sent]"]
     sent = [e for e in app.core.outbox() if e.kind == "message"]
     assert len(sent) == 4  # second, third, "coming?" and the /to "yes"; "first" declined
+
+
+def test_import_of_the_known_key_rejects_a_false_key_change(tmp_path: Path) -> None:
+    """After a forged identity key change, /import of the key the contact had
+    all along says the change was false and sending works again."""
+    from enclaves.client import kex
+    from enclaves.client.contacts import encode_ik
+    from enclaves.crypto import x25519_public
+
+    lines = LineUI()
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    app = keyed_app(tmp_path, lines)
+    known = encode_ik(app.core.contact(2002).ik)
+    fake = kex.Entropy().x25519()
+    identity = kex.Identity(2002, fake, x25519_public(fake))
+    forged = kex.make_offer(identity, 2, kex.Entropy(), 0.0).blob
+    app._apply(app.core.handle_blob(2002, b"F" * 16, forged, 1.0))
+    assert "identity key CHANGED" in transport.value().decode()
+    assert typed(lines, transport, "/msg 2002 hi")[0].startswith("[refused] ")
+    out = typed(lines, transport, f"/import 2002 {known}")
+    assert out[0].startswith("[warn] 2002 still has the key you knew")
+    assert out[1:] == ["[trust] 2002 is now in person"]
+    assert typed(lines, transport, "/msg 2002 hi")[0].startswith("[sent] ")
+    app.stop()
