@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from enclaves.client.connection import ClientConnection, LoginFailed, connect
 from enclaves.client.contacts import ContactError
 from enclaves.client.core import (
+    MAX_TEXT,
     BlobDropped,
     BlobFromRemoved,
     BlobHeld,
@@ -842,6 +843,12 @@ class ClientApp:
                 "msg",
                 f"{clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
             )
+            if event.cut:
+                self.out(
+                    "warn",
+                    f"{name}'s message was longer than a message may be ({MAX_TEXT} bytes): "
+                    f"its last {event.cut} bytes were cut",
+                )
         elif isinstance(event, KexCompleted):
             if event.first:
                 contact = self.core.contact(event.peer)

@@ -42,6 +42,7 @@ __all__ = [
     "MSG_ID_SIZE",
     "MAX_SEEN",
     "MAX_HISTORY",
+    "MAX_HISTORY_TEXT",
     "MAX_TEXT",
     "MAX_ANSWERS",
     "HEAL_INTERVAL",
@@ -63,7 +64,12 @@ __all__ = [
 MSG_ID_SIZE = 16
 MAX_SEEN = 4096  # recently seen msg_ids kept for de-duplication
 MAX_HISTORY = 1000  # history lines kept per contact
-MAX_TEXT = 32 * 1024  # bytes of UTF-8 per message
+MAX_TEXT = 32 * 1024  # bytes of UTF-8 per message (a longer one received is cut)
+# Characters of text kept in one contact's history: the oldest lines go first.
+# With MAX_HISTORY alone a peer (or a server in the middle of an unverified
+# pair) could make each contact's history 1000 frames' worth, rewritten on
+# every save.
+MAX_HISTORY_TEXT = 1 << 20
 HEAL_INTERVAL = kex.KEX_TIMEOUT  # at most one self-healing OFFER per contact this often
 # ACCEPTs to one contact kept in the outbox at most: the server writes the OFFERs
 # they answer, so this bounds what it can make the keystore carry.  Only the
@@ -92,7 +98,12 @@ class SendBlob:
 
 @frozen
 class MessageReceived:
-    """A message that opened, passed the replay check and is now in history."""
+    """A message that opened, passed the replay check and is now in history.
+
+    ``cut`` is how many bytes of text beyond :data:`MAX_TEXT` were dropped
+    (0 for a message of the allowed size: the reference client never sends
+    more).
+    """
 
     sender: int
     msg_id: bytes
@@ -100,6 +111,7 @@ class MessageReceived:
     unix_ms: int
     trust: Trust
     epoch: int
+    cut: int = 0
 
 
 @frozen
@@ -241,6 +253,7 @@ class ClientCore:
         self._outbox: dict[bytes, OutboxEntry] = {e.msg_id: e for e in state.outbox}
         self._seen: deque[bytes] = deque(state.seen[-MAX_SEEN:])
         self._seen_set = set(self._seen)
+        self._history_text: dict[int, int] = {}  # characters in each history, once counted
         self._history: dict[int, list[HistoryEntry]] = {
             k: list(v) for k, v in state.history.items()
         }
@@ -656,14 +669,18 @@ class ClientCore:
             return events  # its work (promotion) is done; never shown
         if plain.content_type != ContentType.TEXT:
             return [*events, BlobDropped(sender, msg_id, "unknown content type")]
-        text = plain.body.decode("utf-8", errors="replace")
+        body = plain.body
+        cut = max(len(body) - MAX_TEXT, 0)
+        text = body[:MAX_TEXT].decode("utf-8", errors="replace")
+        if cut and text.endswith("\ufffd"):
+            text = text[:-1]  # a character split by the cut
         self._add_history(
             sender,
             HistoryEntry("in", msg_id, plain.unix_ms, text, contact.trust, "received", blob.epoch),
         )
         return [
             *events,
-            MessageReceived(sender, msg_id, text, plain.unix_ms, contact.trust, blob.epoch),
+            MessageReceived(sender, msg_id, text, plain.unix_ms, contact.trust, blob.epoch, cut),
         ]
 
     def _opens(self, contact: Contact, keys: EpochKeys, blob: MessageBlob) -> bool:
@@ -936,15 +953,25 @@ class ClientCore:
             self._seen_set.discard(self._seen.popleft())
 
     def _add_history(self, user_id: int, entry: HistoryEntry) -> None:
+        """Append a line; the oldest go beyond MAX_HISTORY lines or MAX_HISTORY_TEXT."""
         lines = self._history.setdefault(user_id, [])
         lines.append(entry)
-        del lines[:-MAX_HISTORY]
+        size = self._history_text.get(user_id)
+        size = sum(len(h.text) for h in lines) if size is None else size + len(entry.text)
+        drop = max(len(lines) - MAX_HISTORY, 0)
+        size -= sum(len(h.text) for h in lines[:drop])
+        while size > MAX_HISTORY_TEXT and drop < len(lines) - 1:  # the newest line stays
+            size -= len(lines[drop].text)
+            drop += 1
+        del lines[:drop]
+        self._history_text[user_id] = size
 
     def _set_status(self, msg_id: bytes, status: str) -> int | None:
+        """Set the status of our newest line sent as ``msg_id``; its contact, or None."""
         for user_id, lines in self._history.items():
             for i in range(len(lines) - 1, -1, -1):
-                if lines[i].msg_id == msg_id:
-                    if lines[i].direction == "out" and lines[i].status != "delivered":
+                if lines[i].msg_id == msg_id and lines[i].direction == "out":
+                    if lines[i].status != "delivered":
                         lines[i] = evolve(lines[i], status=status)
                     return user_id
         return None

@@ -308,3 +308,20 @@ def test_a_script_counts_messages_still_failed_not_failures_since_mended(tmp_pat
     app._handle(Error(int(ErrorCode.QUOTA_EXCEEDED), again.msg_id, "full"), 4.0)
     assert app.still_failed() == 1
     app.stop()
+
+
+def test_a_cut_message_is_shown_with_a_warning(tmp_path: Path) -> None:
+    """A message longer than the protocol allows is shown up to the limit,
+    then a warning says how many bytes were cut."""
+    from enclaves.client.contacts import Trust
+    from enclaves.client.core import MAX_TEXT, MessageReceived
+
+    app, _reactor, out = start(tmp_path, keyed_with_2002())
+    out.clear()
+    app._show(MessageReceived(2002, bytes(16), "x" * MAX_TEXT, 0, Trust.UNVERIFIED, 1, 12))
+    assert [tag for tag, _text in out] == ["msg", "warn"]
+    assert out[1][1] == (
+        f"2002's message was longer than a message may be ({MAX_TEXT} bytes): "
+        "its last 12 bytes were cut"
+    )
+    app.stop()

@@ -871,3 +871,77 @@ def test_importing_the_known_key_in_person_rejects_a_forged_key_change() -> None
     assert received(relay, A) == ["not blocked"]
     again = b.handle_blob(A, b"G" * 16, forged, 6.0)
     assert IdentityKeyChanged in {type(e) for e in again}
+
+
+def _sealed_text(core: ClientCore, to: int, body: bytes, counter: int) -> bytes:
+    """A MESSAGE with any body, sealed as ``core`` would for ``to``: what a peer
+    running another client (or a server in the middle of an unverified pair)
+    can send."""
+    from enclaves.client.e2e import ContentType, Plaintext, seal_message
+    from enclaves.crypto import Sealer
+
+    current = core.contact(to).current
+    assert current is not None
+    plain = Plaintext(ContentType.TEXT, counter, 5000, body)
+    return seal_message(Sealer(current.keys), current.epoch, core.user_id, to, plain)
+
+
+def test_a_text_longer_than_allowed_is_cut_to_the_limit_with_a_count() -> None:
+    """The reference client never sends more than MAX_TEXT bytes; more from a
+    peer is kept up to the limit (a character split by the cut goes too) and
+    the event says how much was dropped."""
+    from enclaves.client.core import MAX_TEXT
+
+    a, b, _relay = pair()
+    body = b"a" * (MAX_TEXT - 1) + "é".encode() + b"z" * 9  # é straddles the limit
+    (event,) = b.handle_blob(A, b"\x01" * 16, _sealed_text(a, B, body, 7), 5.0)
+    assert isinstance(event, MessageReceived)
+    assert (event.text, event.cut) == ("a" * (MAX_TEXT - 1), 10)
+    assert b.history(A)[-1].text == event.text
+    # At the limit exactly, nothing is cut.
+    body = "é".encode() * (MAX_TEXT // 2)
+    (event,) = b.handle_blob(A, b"\x02" * 16, _sealed_text(a, B, body, 8), 5.0)
+    assert (len(event.text), event.cut) == (MAX_TEXT // 2, 0)
+
+
+def test_history_text_is_bounded_per_contact_oldest_first() -> None:
+    """Lines of MAX_TEXT each: after MAX_HISTORY_TEXT characters the oldest go,
+    in and out alike, also after a restart from the saved state."""
+    from enclaves.client.core import MAX_HISTORY_TEXT, MAX_TEXT
+
+    a, b, relay = pair()
+    room = MAX_HISTORY_TEXT // MAX_TEXT
+    for i in range(room + 3):
+        send(a, relay, B, f"{i:04d}" + "x" * (MAX_TEXT - 4), 2.0 + i)
+    relay.flush(100.0)
+    for core in (a, b):
+        lines = core.history(B if core is a else A)
+        assert [h.text[:4] for h in lines] == [f"{i:04d}" for i in range(3, room + 3)]
+        assert sum(len(h.text) for h in lines) <= MAX_HISTORY_TEXT
+    restarted = ClientCore(decode_state(encode_state(b.state())))
+    relay.cores[B] = b = restarted
+    send(a, relay, B, "short", 200.0)
+    relay.flush(201.0)
+    lines = b.history(A)
+    assert lines[-1].text == "short" and lines[0].text[:4] == "0004"
+    assert sum(len(h.text) for h in lines) <= MAX_HISTORY_TEXT
+
+
+def test_a_receipt_naming_a_received_message_changes_nothing() -> None:
+    """DELIVERED is about what we sent: one naming a message we received
+    (a server's forgery) is not reported, and a received line sharing an id
+    with a sent one does not hide the sent one's status."""
+    a, b, relay = pair()
+    sent = send(a, relay, B, "out", 2.0)
+    relay.flush(3.0)
+    (got,) = relay.of(B, MessageReceived)
+    assert b.on_delivered(got.msg_id) is None
+    # The server delivers to A a message of B's under A's own msg_id.
+    reply = b.encrypt_message(A, "in", 4.0, confirmed=True)
+    assert isinstance(reply, SendBlob)
+    a.handle_blob(B, sent.msg_id, reply.blob, 4.0)
+    assert a.on_delivered(sent.msg_id) == B
+    assert [(h.direction, h.status) for h in a.history(B)] == [
+        ("out", "delivered"),
+        ("in", "received"),
+    ]
