@@ -182,6 +182,7 @@ class ClientApp:
         self.directory_handled = False
         self._directory_waiters: list[Deferred[None]] = []
         self._listed: set[int] | None = None  # the user ids of the latest DIRECTORY
+        self._unlisted_waiting: set[int] = set()  # left out of it; marked after the burst
         self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.last_failure: str | None = None
         self._last_heard = 0.0
@@ -559,6 +560,9 @@ class ClientApp:
                     self.out("warn", str(error))
                     return []
                 self._save_soon()
+                if previous is not None and previous.unlisted:
+                    self.core.relist(message.user_id)
+                    self._listed_again(message.user_id)
                 if previous is None:
                     self.out(
                         "joined",
@@ -613,6 +617,13 @@ class ClientApp:
                         "from the server before reading it",
                     )
             return []
+        if entry.kind != "message" and code is ErrorCode.UNKNOWN_RECIPIENT:
+            # A key exchange with a user the server does not know (revoked):
+            # moot, and nothing the user could retry.
+            self.core.drop_outbox(message.msg_id)
+            self._save_soon()
+            log.info("key exchange blob to unknown user {peer} dropped", peer=entry.recipient)
+            return []
         reason = REFUSAL_TEXT.get(code, f"{name}: {message.text}") if code else name
         self.core.on_refused(message.msg_id, reason)
         self._save_soon()
@@ -651,17 +662,22 @@ class ClientApp:
         contacts = self.core.contacts(include_removed=True)
         known = {c.user_id for c in contacts}
         removed = {c.user_id for c in contacts if c.removed}
+        unlisted = {c.user_id for c in contacts if c.unlisted and not c.removed}
         self._listed = set(message.user_ids)
-        missing = {c.user_id for c in contacts if not c.removed} - self._listed
+        missing = {c.user_id for c in contacts if not c.removed} - self._listed - unlisted
         if missing:
-            # Revoked while we were offline (REMOVED goes only to those online).
-            # Messages they sent before stay stored for us and come right after
-            # this list: tombstone them once that login burst is over.
-            ensureDeferred(self._remove_unlisted(missing))
+            # Revoked while we were offline (REMOVED goes only to those online),
+            # or unreadable on the server.  Messages they sent before stay
+            # stored for us and come right after this list: mark them once
+            # that login burst is over.
+            self._unlisted_waiting = missing
+            ensureDeferred(self._unlist_after_burst())
         events = self.core.on_directory(message.user_ids, now, start_kex=False)
         for user_id in message.user_ids:
             if user_id in removed:
                 self._warn_removed_again(user_id)
+            elif user_id in unlisted:
+                self._listed_again(user_id)
             elif user_id not in known and user_id not in (0, self.core.user_id):
                 self.out(
                     "joined",
@@ -671,13 +687,36 @@ class ClientApp:
         self._save_soon()
         return events
 
-    async def _remove_unlisted(self, missing: set[int]) -> None:
+    async def _unlist_after_burst(self) -> None:
         await self.quiet(LOGIN_BURST_MAX)
+        self.apply_unlisted()
+
+    def apply_unlisted(self) -> None:
+        """Mark the contacts the last user list left out (once the login burst
+        is over; a script calls this before its commands run)."""
+        missing, self._unlisted_waiting = self._unlisted_waiting, set()
         for user_id in sorted(missing):
             still = self._listed is not None and user_id not in self._listed
             known = self.core.contacts(include_removed=True)
-            if still and any(c.user_id == user_id and not c.removed for c in known):
-                self._removed(user_id, "is no longer on the server's user list")
+            if still and any(
+                c.user_id == user_id and not c.removed and not c.unlisted for c in known
+            ):
+                self.core.mark_unlisted(user_id)
+                self._save_soon()
+                self.out(
+                    "removed",
+                    f"{self._label(user_id)} is no longer on the server's user list "
+                    "(removed, or the server cannot read their account): nothing is sent "
+                    "to them until it lists them again",
+                )
+
+    def _listed_again(self, user_id: int) -> None:
+        self._save_soon()
+        self.out("joined", f"{self._label(user_id)} is on the server's user list again")
+
+    def _label(self, user_id: int) -> str:
+        name = self._name(user_id)
+        return name if name == str(user_id) else f"{name} ({user_id})"
 
     async def quiet(self, timeout: float, quiet: float = 0.5) -> None:
         """Wait, at most ``timeout`` seconds, until nothing came from the server
@@ -690,10 +729,9 @@ class ClientApp:
 
     def _removed(self, user_id: int, how: str) -> None:
         """A contact is gone for good: keep its tombstone (docs/client.rst)."""
-        name = self._name(user_id)
+        label = self._label(user_id)
         self.core.remove_contact(user_id)
         self._save_soon()
-        label = name if name == str(user_id) else f"{name} ({user_id})"
         self.out("removed", f"{label} {how}")
 
     def _warn_removed_again(self, user_id: int) -> None:

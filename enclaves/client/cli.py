@@ -417,6 +417,7 @@ async def _attach_when_logged_in(app: ClientApp, ui: LineUI, grace: float) -> No
     ready.addTimeout(grace, app._reactor).addErrback(lambda _: None)
     await ready
     await app.quiet(max(grace - (app.now() - start), 0.0))
+    app.apply_unlisted()  # before the commands, which may name such a contact
     if ui.app is None:
         ui.attach(app)
 

@@ -99,6 +99,11 @@ class Contact:
     A ``removed`` contact is a tombstone: the server said REMOVED, the pair
     keys are gone, the identity key and trust are kept, and nothing from or
     to this id is processed again (a revoked user comes back under a new id).
+
+    An ``unlisted`` contact was missing from the server's last user list
+    (revoked while we were offline, or its account file unreadable on the
+    server): nothing is sent to it, nothing is deleted, and it is ordinary
+    again once the server lists it.
     """
 
     user_id: int
@@ -117,6 +122,7 @@ class Contact:
     # open messages but are never used to send until one of them is promoted
     # by a MESSAGE from the peer that authenticates under it.
     tentative: tuple[EpochKeys, ...] = ()
+    unlisted: bool = False
 
     @property
     def epoch(self) -> int:

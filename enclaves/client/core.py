@@ -215,7 +215,8 @@ class Refused:
     ``reason`` is ``confirm unverified`` (ask the user, then call again with
     ``confirmed=True``), ``identity key changed`` (show the new safety number,
     :meth:`ClientCore.accept_new_ik`), ``no keys`` (key exchange not complete),
-    ``unknown contact``, ``removed`` (the server removed that user), ``too long``.
+    ``unknown contact``, ``removed`` (the server removed that user), ``unlisted``
+    (missing from the server's user list), ``too long``.
     ``text`` is plain words for the user.
     """
 
@@ -347,8 +348,9 @@ class ClientCore:
                 log.warn("directory: {error}; the rest are ignored", error=str(error))
                 break
             if contact.removed:
-                log.warn("the directory lists removed user {peer}: ignored", peer=user_id)
+                log.info("the directory lists removed user {peer}: ignored", peer=user_id)
                 continue
+            contact = self.relist(user_id)
             if start_kex and contact.current is None and contact.kex.pending is None:
                 events += self.start_kex(user_id, now)
         return events
@@ -372,9 +374,40 @@ class ClientCore:
                 )
             )
         self._drop_sealers(user_id)
+        self._fail_outbox(user_id, "user removed")
+
+    def relist(self, user_id: int) -> Contact:
+        """The server lists ``user_id`` (DIRECTORY or JOINED): no longer unlisted."""
+        contact = self.contact(user_id)
+        if contact.unlisted and not contact.removed:
+            log.info("user {peer} is on the user list again", peer=user_id)
+            contact = self._put(evolve(contact, unlisted=False))
+        return contact
+
+    def mark_unlisted(self, user_id: int) -> None:
+        """The server's user list leaves ``user_id`` out: send nothing to it (its
+        unsent messages fail), delete nothing; :meth:`add_contact` undoes it."""
+        contact = self._contacts.get(user_id)
+        if contact is None or contact.removed or contact.unlisted:
+            return
+        self._put(evolve(contact, unlisted=True))
+        self._fail_outbox(user_id, "not on the server's user list")
+
+    def _fail_outbox(self, user_id: int, reason: str) -> None:
+        """Unsent messages to ``user_id`` fail; key exchange blobs to it go (a
+        new exchange runs if it is ever reachable again)."""
         for msg_id, entry in list(self._outbox.items()):
-            if entry.recipient == user_id and entry.status == "pending":
-                self._outbox[msg_id] = evolve(entry, status="failed", reason="user removed")
+            if entry.recipient != user_id:
+                continue
+            if entry.kind != "message":
+                del self._outbox[msg_id]
+            elif entry.status == "pending":
+                self._outbox[msg_id] = evolve(entry, status="failed", reason=reason)
+
+    def drop_outbox(self, msg_id: bytes) -> None:
+        """Forget an outbox entry that can never be useful (a key exchange blob
+        to a user the server does not know)."""
+        self._outbox.pop(msg_id, None)
 
     def set_petname(self, user_id: int, petname: str | None) -> Contact:
         """A local name; must not look like an id or clash with another petname."""
@@ -465,7 +498,7 @@ class ClientCore:
     def start_kex(self, user_id: int, now: float) -> list[Event]:
         """Offer a (re)key at epoch+1; while an offer is pending this does nothing."""
         contact = self.add_contact(user_id)
-        if contact.removed:
+        if contact.removed or contact.unlisted:
             return []
         pending = contact.kex.pending
         if pending is not None:
@@ -486,6 +519,8 @@ class ClientCore:
             if expired is not contact:
                 contact = self._put(expired)
                 self._drop_sealers(user_id)
+            if contact.unlisted:
+                continue  # nothing is sent to it; its exchange resumes once listed
             step = kex.tick(contact.kex, now, self._kex_timeout, self._kex_max_offers)
             events += self._apply(contact, step, now)
         return events
@@ -786,6 +821,13 @@ class ClientCore:
             return Refused(user_id, "unknown contact", f"no contact {user_id}")
         if contact.removed:
             return Refused(user_id, "removed", f"{contact.name} was removed from the server")
+        if contact.unlisted:
+            return Refused(
+                user_id,
+                "unlisted",
+                f"{contact.name} is not on the server's user list (removed, or the server "
+                "cannot read their account); sending is refused until it lists them again",
+            )
         if contact.pending_ik is not None:
             return Refused(
                 user_id,

@@ -150,6 +150,7 @@ def _contact(c: Contact) -> Any:
         "held": [[_b(h.msg_id), _b(h.blob)] for h in c.held],
         "removed": c.removed,
         "tentative": [_epoch_keys(t) for t in c.tentative],
+        "unlisted": c.unlisted,
     }
 
 
@@ -295,8 +296,9 @@ def _d_contact(doc: Any) -> Contact:
         ),
         send_confirmed=_get(doc, "send_confirmed", bool),
         held=tuple(held),
-        removed=_removed(doc),
+        removed=_flag(doc, "removed"),
         tentative=_tentative(doc),
+        unlisted=_flag(doc, "unlisted"),
     )
 
 
@@ -308,11 +310,12 @@ def _tentative(doc: Any) -> tuple[EpochKeys, ...]:
     return tuple(_d_epoch_keys(t) for t in value)
 
 
-def _removed(doc: Any) -> bool:
-    # Optional: keystores written before tombstones existed have no "removed".
-    value = doc.get("removed", False)
+def _flag(doc: Any, name: str) -> bool:
+    # Optional: keystores written before tombstones ("removed") or unlisted
+    # contacts existed have neither.
+    value = doc.get(name, False)
     if not isinstance(value, bool):
-        raise StateError("state field 'removed' has the wrong type")
+        raise StateError(f"state field {name!r} has the wrong type")
     return value
 
 

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from enclaves.client.app import ClientApp
-from enclaves.client.core import ClientCore
+from enclaves.client.core import ClientCore, Refused, SendBlob
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
 from enclaves.inner import Accepted, Delivered, Directory, Error, Joined, Ping, Pong, Removed
@@ -132,26 +132,75 @@ def test_a_removed_user_reappearing_is_a_warning_not_a_new_contact(tmp_path: Pat
     app.stop()
 
 
-def test_a_contact_missing_from_the_directory_was_revoked_while_we_were_offline(
+def test_a_contact_missing_from_the_directory_is_unlisted_until_listed_again(
     tmp_path: Path,
 ) -> None:
-    """REMOVED goes only to users online at the revocation; the others learn it
-    from the next login's DIRECTORY, and keep the same tombstone."""
-    app, reactor, out = start(tmp_path)
-    app.core.add_contact(2002)
-    app.core.add_contact(3003)
+    """REMOVED goes only to users online at the revocation; the others see the
+    contact missing from the next login's DIRECTORY.  That can also be a
+    server that cannot read the account (a quarantined file): the contact is
+    unlisted, sending refused, nothing deleted; listed again, it works as
+    before, with the same keys."""
+    core = keyed_with_2002()
+    core.add_contact(3003)
+    keys = core.contact(2002).current
+    assert keys is not None
+    app, reactor, out = start(tmp_path, core)
     out.clear()
     app._handle(Directory((1001, 3003)), 0.0)
     # Not at once: what 2002 sent before it was removed comes after the list.
-    assert out == [] and not app.core.contact(2002).removed
+    assert out == [] and not app.core.contact(2002).unlisted
     for _ in range(20):
         reactor.advance(0.05)
-    assert out == [("removed", "2002 is no longer on the server's user list")]
-    assert app.core.contact(2002).removed and not app.core.contact(3003).removed
+    assert out == [
+        (
+            "removed",
+            "2002 is no longer on the server's user list (removed, or the server cannot "
+            "read their account): nothing is sent to them until it lists them again",
+        )
+    ]
+    contact = app.core.contact(2002)
+    assert contact.unlisted and not contact.removed and contact.current == keys
+    assert not app.core.contact(3003).unlisted
+    refused = app.core.encrypt_message(2002, "hi", 1.0, confirmed=True)
+    assert isinstance(refused, Refused) and refused.reason == "unlisted"
+    assert app.core.start_kex(2002, 1.0) == [] and app.core.tick(10_000.0) == []
     app._handle(Directory((1001, 3003)), 0.0)  # once only
     for _ in range(20):
         reactor.advance(0.05)
     assert len(out) == 1
+    # The unlisted mark is saved with the keystore.
+    reactor.advance(10)  # the save that was asked for "soon"
+    _keystore, saved = Keystore.unlock(tmp_path / "ks", "pass phrase")
+    assert ClientCore(saved).contact(2002).unlisted
+    # Listed again (the admin restored the file): no warning, same keys, sending works.
+    app._handle(Directory((1001, 2002, 3003)), 0.0)
+    assert out[-1] == ("joined", "2002 is on the server's user list again")
+    assert not app.core.contact(2002).unlisted and app.core.contact(2002).current == keys
+    assert isinstance(app.core.encrypt_message(2002, "back", 2.0, confirmed=True), SendBlob)
+    # JOINED lists it again too.
+    app.core.mark_unlisted(2002)
+    app._handle(Joined(2002), 0.0)
+    assert out[-1] == ("joined", "2002 is on the server's user list again")
+    assert not app.core.contact(2002).unlisted
+    app.stop()
+
+
+def test_a_key_exchange_refused_for_an_unknown_user_leaves_quietly(tmp_path: Path) -> None:
+    """A stored OFFER from a user revoked since is answered before the user
+    list is applied; the server refuses the answer (UNKNOWN_RECIPIENT): the
+    answer leaves the outbox without a [failed] line or /retry advice, and a
+    script does not count it."""
+    a, b = make_core(1001), make_core(2002)
+    relay = Relay(a, b)
+    offer = b.start_kex(1001, 0.0)[0]
+    events = a.handle_blob(2002, offer.msg_id, offer.blob, 0.5)
+    (answer,) = [e for e in events if isinstance(e, SendBlob)]
+    app, _reactor, out = start(tmp_path, a)
+    out.clear()
+    app._handle(Error(int(ErrorCode.UNKNOWN_RECIPIENT), answer.msg_id, "no such user"), 1.0)
+    assert out == [] and app.failed_this_run == set()
+    assert [e.msg_id for e in app.core.outbox()] == []
+    del relay
     app.stop()
 
 

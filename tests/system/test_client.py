@@ -612,3 +612,55 @@ async def test_enrollment_interrupted_after_rotate_resumes(tmp_path: Path) -> No
         assert state.pending_server_keys is None
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreadable_account_unlists_a_contact_until_it_is_restored(
+    tmp_path: Path,
+) -> None:
+    """A damaged ``.user`` file is quarantined at start-up, so the user list
+    leaves that user out: clients mark the contact unlisted (sending refused,
+    nothing deleted).  The admin restores the file and restarts: the contact
+    is listed again and a message goes through under the same keys."""
+    daemon = Daemon(tmp_path)
+    running: list[Client] = []
+    try:
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
+        a.send(f"/verify {ids['b']} yes")
+        a.expect(r"^\[trust\] \d+ is now verified$")
+        assert b.quit() == 0
+        user_file = daemon.data_dir / "users" / f"{ids['b']}.user"
+        backup = user_file.read_bytes()
+        daemon.stop()
+        a.expect(r"^\[conn\] disconnected ")
+        damaged = bytearray(backup)
+        damaged[len(damaged) // 2] ^= 0x01
+        user_file.write_bytes(bytes(damaged))
+        daemon.start()
+        a.expect(
+            rf"^\[removed\] {ids['b']} is no longer on the server's user list \(removed, or "
+            r"the server cannot read their account\)",
+            timeout=20,
+        )
+        a.send(f"/msg {ids['b']} while unlisted")
+        a.expect(rf"^\[refused\] .*{ids['b']} is not on the server's user list")
+        daemon.stop()
+        a.expect(r"^\[conn\] disconnected ")
+        for quarantined in (daemon.data_dir / "quarantine").iterdir():
+            quarantined.unlink()
+        user_file.write_bytes(backup)
+        user_file.chmod(0o600)
+        daemon.start()
+        a.expect(rf"^\[joined\] {ids['b']} is on the server's user list again$", timeout=20)
+        a.send(f"/msg {ids['b']} restored")  # verified: no question
+        a.expect(rf"^\[sent\] id=\S+ to {ids['b']}$")
+        b = chat(ks["b"])
+        running.append(b)
+        b.expect(r"\(verified\): restored$|\(unverified\): restored$")
+        assert not b.seen(r"^\[warn\]") and not a.seen(r"^\[warn\]"), a.output() + b.output()
+        assert b.quit() == 0, b.output()
+        assert a.quit() == 1, a.output()  # a script: the refused /msg counts
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
