@@ -76,6 +76,14 @@ log = Logger()
 # Plain words for the server's per-message refusals.
 # Longest wait for the burst of stored messages after a login's DIRECTORY.
 LOGIN_BURST_MAX = 60.0
+# Why a MESSAGE can never be opened, in words; the [warn] about it comes at
+# most once per contact this often.
+UNOPENED_TEXT = {
+    "failed authentication": "it is not sealed under any keys this keystore has (after "
+    "restoring an old backup of it, or forged)",
+    "epoch keys deleted": "it is sealed under old keys this client has already deleted",
+}
+UNOPENED_WARN_INTERVAL = 600.0
 
 REFUSAL_TEXT = {
     ErrorCode.UNKNOWN_RECIPIENT: "the server has no such user (removed?)",
@@ -183,6 +191,7 @@ class ClientApp:
         self._directory_waiters: list[Deferred[None]] = []
         self._listed: set[int] | None = None  # the user ids of the latest DIRECTORY
         self._unlisted_waiting: set[int] = set()  # left out of it; marked after the burst
+        self._unopened_warned: dict[int, float] = {}  # sender -> last [warn] of an unopened one
         self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.last_failure: str | None = None
         self._last_heard = 0.0
@@ -921,6 +930,22 @@ class ClientApp:
             )
         elif isinstance(event, BlobDropped) and event.reason != "duplicate":
             log.info("dropped a blob from {sender}: {why}", sender=event.sender, why=event.reason)
+            if event.reason in UNOPENED_TEXT:
+                self._warn_unopened(event.sender, name, UNOPENED_TEXT[event.reason])
+
+    def _warn_unopened(self, sender: int, name: str, why: str) -> None:
+        """A message that will never open: say so, at most once per contact per
+        :data:`UNOPENED_WARN_INTERVAL` (a server can inject such blobs at will)."""
+        now = self.now()
+        last = self._unopened_warned.get(sender)
+        if last is not None and now < last + UNOPENED_WARN_INTERVAL:
+            return
+        self._unopened_warned[sender] = now
+        self.out(
+            "warn",
+            f"a message from {name} could not be opened: {why}; if one is missing, ask "
+            f"{name} to send it again",
+        )
 
 
 def _tls_refused(text: str) -> bool:

@@ -374,3 +374,31 @@ def test_a_cut_message_is_shown_with_a_warning(tmp_path: Path) -> None:
         "its last 12 bytes were cut"
     )
     app.stop()
+
+
+def test_a_message_that_cannot_be_opened_is_reported_once_in_a_while(tmp_path: Path) -> None:
+    """A MESSAGE under the current epoch that does not authenticate (a keystore
+    restored from an old backup, or a forgery) is not dropped in silence: one
+    [warn] per contact per UNOPENED_WARN_INTERVAL, however many come."""
+    from enclaves.client.app import UNOPENED_WARN_INTERVAL
+    from enclaves.client.blob import BlobKind
+
+    app, reactor, out = start(tmp_path, keyed_with_2002())
+    out.clear()
+    forged = bytes([BlobKind.MESSAGE]) + (1).to_bytes(4, "big") + bytes(80)
+    for n in range(3):
+        for event in app.core.handle_blob(2002, bytes([n]) * 16, forged, app.now()):
+            app._show(event)
+    assert out == [
+        (
+            "warn",
+            "a message from 2002 could not be opened: it is not sealed under any keys this "
+            "keystore has (after restoring an old backup of it, or forged); if one is "
+            "missing, ask 2002 to send it again",
+        )
+    ]
+    reactor.advance(UNOPENED_WARN_INTERVAL)
+    for event in app.core.handle_blob(2002, b"\x09" * 16, forged, app.now()):
+        app._show(event)
+    assert len(out) == 2
+    app.stop()
