@@ -367,8 +367,9 @@ class ClientApp:
         if not self._enrolled and self._pending_keys is not None:
             self.token_refused = True
             raise _Fatal(
-                "The server refused this enrollment token: it was already used, or it "
-                "belongs to another server. Ask your admin for a new token."
+                "The server refused this enrollment token: it was mistyped (check it "
+                "character by character), already used, or it belongs to another server. "
+                "Ask your admin for a new token if it was copied right."
             )
         raise _Fatal(
             "The server does not accept this keystore's keys: your account may have "
