@@ -454,7 +454,7 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
             f"{failed} message(s) refused by the server or lost (see the "
             "[failed] lines; /retry ID sends a refused one again)"
         )
-    undone = ui.troubles["error"] + ui.troubles["refused"]
+    undone = ui.commands_not_done()  # a script's; 0 in an interactive session
     if undone:
         problems.append(f"{undone} command(s) not done (see the [error] and [refused] lines)")
     if app.invites_waiting:
@@ -463,7 +463,9 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
         problems.append("the input ended before the answer to a question; nothing was done for it")
     for problem in problems:
         ui.line("error", problem)
-    app.stop(1 if problems else 0)
+    # Messages a failed save left in memory only: the final save keeps them,
+    # or app.stop says they are lost.
+    app.stop(1 if problems or app.unsaved_count() else 0)
 
 
 def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from enclaves.client.app import ClientApp, clock_text, short_id
+from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 
@@ -106,8 +106,23 @@ class LineUI(LineReceiver):
         self._quitting = False
         self._sent_unasked = False  # the last line sent a message without asking
         self.lost: Deferred[None] = Deferred()
-        # Lines that say something was not done, by tag, for a script's exit status.
+        # Lines that say something was not done, by tag.
         self.troubles: Counter[str] = Counter()
+        self._undone = 0  # input lines that printed an [error] or [refused] line
+
+    @property
+    def script(self) -> bool:
+        """Commands come from a script (not a terminal): its exit status counts them."""
+        return self._quit_waits
+
+    def commands_not_done(self) -> int:
+        """For a script's exit status: its commands that printed an ``[error]`` or
+        ``[refused]`` line (each counted once, whatever the number of lines), and
+        its ``/invite`` requests the server refused.  0 in an interactive session:
+        the user saw each error when it happened."""
+        if not self.script:
+            return 0
+        return self._undone + (self.app.invites_failed if self.app is not None else 0)
 
     @property
     def question_open(self) -> bool:
@@ -175,6 +190,14 @@ class LineUI(LineReceiver):
             self.handle(line)
 
     def handle(self, line: str) -> None:
+        before = self.troubles["error"] + self.troubles["refused"]
+        try:
+            self._handle(line)
+        finally:
+            if self.troubles["error"] + self.troubles["refused"] > before:
+                self._undone += 1
+
+    def _handle(self, line: str) -> None:
         if self._quitting:
             return  # after a script's /quit
         text = line.strip()
@@ -285,6 +308,8 @@ class LineUI(LineReceiver):
                 self.line("outbox", "empty")
             for entry in entries:
                 why = f": {entry.reason}" if entry.reason else ""
+                if app.is_held(entry.msg_id):
+                    why = " (in memory only: the keystore could not be saved)"
                 self.line(
                     "outbox",
                     f"id={short_id(entry.msg_id)} {entry.kind} to {self._name(entry.recipient)} "
@@ -294,15 +319,21 @@ class LineUI(LineReceiver):
             if len(args) != 1:
                 raise ContactError("usage: /retry ID")
             item = app.retry(args[0])
-            self.line("sent", f"id={short_id(item.msg_id)} to {self._name(item.recipient)} (again)")
+            self._sent(item.msg_id, item.recipient, " (again)")
         elif name == "/invite":
             if app.invite():
                 self.line("info", "asked the server for an invitation token")
             else:
                 self.line("error", "not connected to the server; try /invite again later")
         elif name == "/rotate":
-            app.rotate()
-            self.line("info", "asked the server to replace your keys")
+            if app.rotate():
+                self.line("info", "asked the server to replace your keys")
+            else:
+                self.line(
+                    "error",
+                    f"keys not replaced yet: could not save the keystore ({app.save_error}); "
+                    "the new keys go to the server once a save succeeds",
+                )
         elif name == "/help":
             for help_line in HELP.splitlines():
                 self.line("help", help_line)
@@ -334,7 +365,25 @@ class LineUI(LineReceiver):
                 return
             self.line("refused", f"not sent to {self._name(user_id)}: {result.text}")
             return
-        self.line("sent", f"id={short_id(result.msg_id)} to {self._name(user_id)}")
+        self._sent(result.msg_id, user_id)
+
+    def _sent(self, msg_id: bytes, recipient: int, again: str = "") -> None:
+        """Say what became of a message just sealed: sent, queued, or held
+        because the keystore could not be saved."""
+        app = self.app
+        assert app is not None
+        what = f"id={short_id(msg_id)} to {self._name(recipient)}"
+        if app.is_held(msg_id):
+            self.line(
+                "error",
+                f"{what} not sent: could not save the keystore ({app.save_error}); it is "
+                "kept in memory only and sent once a save succeeds (free some space); "
+                "quitting before then loses it",
+            )
+        elif app.online:
+            self.line("sent", what + again)
+        else:
+            self.line("queued", f"{what}{again} ({QUEUED_WHY})")
 
     def _verify(self, args: list[str]) -> None:
         app = self.app

@@ -245,7 +245,7 @@ async def test_outbox_resent_after_server_restart_exactly_once(tmp_path: Path) -
         a.expect(r"^\[conn\] disconnected ")
         for n in range(5):
             a.send(f"/msg {ids['b']} queued {n}")
-            a.expect(r"^\[sent\] ")
+            a.expect(r"^\[queued\] .* \(not connected; goes when the connection is back\)$")
         a.send("/outbox")
         assert len([a.expect(r"^\[outbox\] id=\S+ message to \d+ pending$") for _ in range(5)]) == 5
         daemon.start()
