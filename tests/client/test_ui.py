@@ -309,3 +309,28 @@ def test_sent_only_when_connected_else_queued(ui) -> None:
     assert out[0].startswith("[sent] id=") and out[0].endswith(f" to {B}")
     app.conn = None
     app.stop()
+
+
+@pytest.mark.parametrize(("script", "status"), [(False, 0), (True, 1)])
+def test_only_a_script_counts_its_old_command_errors_at_the_end(tmp_path, script, status) -> None:
+    """Two failed /invite, then the end of input: a script reports and counts
+    them (exit status 1); an interactive session saw them when they happened,
+    so its end neither reports nor counts them."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines = LineUI(quit_waits=script)
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    app = keyed_app(tmp_path, lines, A, B)
+    app.connected_once = app.directory_handled = True
+    out = typed(lines, transport, "/invite", "/invite")
+    assert out == ["[error] not connected to the server; try /invite again later"] * 2
+    transport.clear()
+    ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()
+    assert any("command(s) not done" in line for line in out) is script
+    if script:
+        assert "[error] 2 command(s) not done (see the [error] and [refused] lines)" in out
+    assert app.outcome is not None and app.outcome[0] == status
