@@ -283,7 +283,6 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
 
     def on_eof() -> None:
         if holder:
-            ui.line("info", "end of input: sending what is queued, then quitting")
             ensureDeferred(_finish(holder[0], ui, args.eof_grace, attached))
 
     ui = LineUI(on_eof=on_eof, quit_waits=not os.isatty(0))
@@ -429,6 +428,8 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
     question left unanswered) (docs/client.rst, "Scripts")."""
     for commands in attached:
         await commands  # the script's commands run first (bounded by the grace)
+    if app.outcome is None:
+        ui.line("info", "end of input: sending what is queued, then quitting")
     await app.settle(grace)
     if app.outcome is not None:
         return  # stopped already: /quit, or a fatal error said why

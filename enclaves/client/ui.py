@@ -29,6 +29,8 @@ __all__ = ["LineUI", "HELP", "format_contact", "printable"]
 HELP = """\
 /msg WHO TEXT      send TEXT to WHO (a petname or a user id)
 /to WHO            talk to WHO: every line not starting with / goes to them
+                   (start a line with // to send one starting with /)
+/to                leave the conversation
 /contacts          every contact with trust level and key state
 /name ID PETNAME   give user ID a local name (never sent anywhere)
 /verify WHO        show the safety number to compare with WHO; answer yes if it matches
@@ -68,7 +70,8 @@ def printable(text: str) -> str:
 
 
 def format_contact(contact: Contact) -> str:
-    """``NAME id=N trust=T keys=...[ answered=...]`` for /contacts."""
+    """``NAME id=N trust=T keys=...[ answered=...]`` for /contacts (every value
+    one word: ``trust=in-person``)."""
     if contact.pending_ik is not None:
         keys = "IDENTITY-KEY-CHANGED"
     elif contact.current is not None:
@@ -77,7 +80,9 @@ def format_contact(contact: Contact) -> str:
         keys = "exchanging"
     else:
         keys = "none"
-    line = f"{contact.name} id={contact.user_id} trust={contact.trust.value} keys={keys}"
+    # One word per value (``in person`` is ``in-person``), for key=value parsing.
+    trust = contact.trust.value.replace(" ", "-")
+    line = f"{contact.name} id={contact.user_id} trust={trust} keys={keys}"
     answered = sorted({t.epoch for t in contact.tentative})
     if answered and contact.pending_ik is None:
         # Exchanges we answered whose keys the contact has not yet proven.
@@ -219,6 +224,8 @@ class LineUI(LineReceiver):
                 self.line("info", f"no question was asked; {text!r} skipped")
             elif not text:
                 return
+            elif text.startswith("//") and self._to is not None:
+                self._send(self._to, line.lstrip()[1:])  # "//" sends a leading "/"
             elif text.startswith("/"):
                 self._command(text)
             elif self._to is not None:
@@ -254,12 +261,21 @@ class LineUI(LineReceiver):
             unverified = contact.trust is Trust.UNVERIFIED
             self._sent_unasked = asked_before and self._answer is None and unverified
         elif name == "/to":
+            if not args:
+                if self._to is None:
+                    self.line("info", "not in a conversation")
+                else:
+                    self.line("info", f"left the conversation with {self._name(self._to)}")
+                    self._to = None
+                return
             if len(args) != 1:
-                raise ContactError("usage: /to WHO")
+                raise ContactError("usage: /to WHO (or /to alone to leave the conversation)")
             contact = core.find(args[0])
             self._to = contact.user_id
             self.line(
-                "info", f"talking to {contact.name} ({contact.trust.value}); /to again to switch"
+                "info",
+                f"talking to {contact.name} ({contact.trust.value}); /to WHO to switch, "
+                "/to alone to leave",
             )
         elif name == "/contacts":
             contacts = core.contacts()

@@ -270,7 +270,7 @@ def test_a_held_message_is_reported_lost_at_the_end_and_counted_once(tmp_path) -
     typed(lines, transport, f"/msg {B} reply", "yes")
     transport.clear()
     ensureDeferred(_finish(app, lines, 15.0, []))
-    out = transport.value().decode().splitlines()
+    out = transport.value().decode().splitlines()[1:]  # after "[info] end of input: ..."
     assert out[0] == "[error] 1 command(s) not done (see the [error] and [refused] lines)"
     assert out[1] == "[error] could not save the keystore: No space left on device"
     assert out[2].startswith("[error] 1 message(s) lost (")
@@ -334,3 +334,52 @@ def test_only_a_script_counts_its_old_command_errors_at_the_end(tmp_path, script
     if script:
         assert "[error] 2 command(s) not done (see the [error] and [refused] lines)" in out
     assert app.outcome is not None and app.outcome[0] == status
+
+
+def test_to_alone_leaves_the_conversation_and_a_double_slash_sends_a_slash(ui) -> None:
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+    assert typed(lines, transport, "/to") == ["[info] not in a conversation"]
+    out = typed(lines, transport, f"/to {B}", "//etc/passwd is a path", "/to", "plain")
+    assert out[0].startswith(f"[info] talking to {B} (verified)")
+    assert out[1].startswith("[queued] id=")
+    assert out[2:] == [
+        f"[info] left the conversation with {B}",
+        "[error] not in a conversation: /to WHO first, or /msg WHO TEXT",
+    ]
+    assert [line.text for line in app.core.history(B)] == ["/etc/passwd is a path"]
+    assert lines.prompt() == "> "
+    # Outside a conversation "//" is no escape: an unknown command, nothing sent.
+    assert typed(lines, transport, "//x")[0].startswith("[error] unknown command //x")
+    app.stop()
+
+
+def test_contacts_lines_are_key_value_words() -> None:
+    """``trust=in person`` would split into two fields: it is ``in-person``."""
+    from enclaves.client.contacts import Contact, Trust
+    from enclaves.client.ui import format_contact
+
+    line = format_contact(Contact(B, trust=Trust.IN_PERSON))
+    assert line == f"{B} id={B} trust=in-person keys=none"
+    assert all("=" in field for field in line.split()[1:])
+
+
+def test_end_of_input_is_said_after_a_scripts_commands_ran(tmp_path) -> None:
+    """Piped commands run once logged in: "end of input: ..." comes after them."""
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines, app, transport = script_ui(tmp_path)
+    app.connected_once = app.directory_handled = True
+    commands: Deferred[None] = Deferred()
+    transport.clear()
+    ensureDeferred(_finish(app, lines, 15.0, [commands]))
+    assert transport.value() == b""  # the commands have not run yet
+    lines.line("queued", "id=00000000 to 2002 (the script's command)")
+    commands.callback(None)
+    out = transport.value().decode().splitlines()
+    assert out[:2] == [
+        "[queued] id=00000000 to 2002 (the script's command)",
+        "[info] end of input: sending what is queued, then quitting",
+    ]

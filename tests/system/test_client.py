@@ -132,7 +132,7 @@ async def test_three_users_enroll_chat_verify_import(tmp_path: Path) -> None:
         ik_c = c.expect(r"^\[ik\] (enclaves-ik:\S+)$").group(1)
         a.send(f"/import {ids['c']} {ik_c}")
         a.expect(rf"^\[trust\] {ids['c']} is now in person$")
-        assert "trust=in person" in contacts(a)[ids["c"]]
+        assert "trust=in-person" in contacts(a)[ids["c"]]
         # A wrong key is refused and changes nothing.
         b.send("/fingerprint")
         ik_b = b.expect(r"^\[ik\] (enclaves-ik:\S+)$").group(1)
