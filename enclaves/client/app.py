@@ -66,8 +66,17 @@ from enclaves.inner import (
     Rotated,
     Send,
 )
+from enclaves.token import TokenError, parse_token
 
-__all__ = ["Output", "ClientApp", "short_id", "clock_text", "REFUSAL_TEXT", "QUEUED_WHY"]
+__all__ = [
+    "Output",
+    "ClientApp",
+    "short_id",
+    "clock_text",
+    "date_text",
+    "REFUSAL_TEXT",
+    "QUEUED_WHY",
+]
 
 Output = Callable[[str, str], None]
 
@@ -658,9 +667,23 @@ class ClientApp:
             self.out(
                 "invite",
                 f"token for a new user {message.user_id}, valid until "
-                f"{clock_text(message.expires_ms)} — give it to them privately: {message.token}",
+                f"{date_text(message.expires_ms)} — give it to them privately: "
+                f"{self._with_address(message.token)}",
             )
         return []
+
+    def _with_address(self, token: str) -> str:
+        """An INVITE's token with this client's server address appended
+        (``@host:port`` or ``@tls:host:port``, as the admin's tokens carry it),
+        so that the newcomer needs no --server."""
+        address = host_port(self.endpoint)
+        try:
+            parsed = parse_token(token)
+        except TokenError:
+            return token  # shown as the server sent it; enroll will say what is wrong
+        if parsed.address is not None or address is None:
+            return token
+        return str(evolve(parsed, address=shown(self.endpoint)))
 
     def _on_error(self, message: Error) -> list[Event]:
         try:
@@ -937,7 +960,8 @@ class ClientApp:
         if isinstance(event, MessageReceived):
             self.out(
                 "msg",
-                f"{clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
+                f"{clock_text(event.unix_ms, self.now())} {name} ({event.trust.value}): "
+                f"{event.text}",
             )
             if event.cut:
                 self.out(
@@ -1009,9 +1033,20 @@ def _one_line(digits: str) -> str:
     return " ".join(digits.split())
 
 
-def clock_text(unix_ms: int) -> str:
-    """``HH:MM:SS`` in local time."""
-    return time.strftime("%H:%M:%S", time.localtime(unix_ms / 1000))
+def clock_text(unix_ms: int, now: float | None = None) -> str:
+    """``HH:MM:SS`` in local time for a moment of today (``now``, in seconds;
+    default the current time), ``YYYY-MM-DD HH:MM:SS`` for any other day."""
+    moment = time.localtime(unix_ms / 1000)
+    today = time.localtime(time.time() if now is None else now)
+    if moment[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment)
+
+
+def date_text(unix_ms: int) -> str:
+    """``YYYY-MM-DD HH:MM local time`` (with the offset from UTC)."""
+    moment = time.localtime(unix_ms / 1000)
+    return time.strftime("%Y-%m-%d %H:%M local time (UTC%z)", moment)
 
 
 def _reason(error: BaseException) -> str:

@@ -464,8 +464,8 @@ class LineUI(LineReceiver):
             who = "me" if entry.direction == "out" else contact.name
             self.line(
                 "history",
-                f"{clock_text(entry.unix_ms)} {who} ({entry.trust.value}, {entry.status}): "
-                f"{entry.text}",
+                f"{clock_text(entry.unix_ms, app.now())} {who} "
+                f"({entry.trust.value}, {entry.status}): {entry.text}",
             )
 
     def _name(self, user_id: int) -> str:
