@@ -483,18 +483,13 @@ def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
 
 
 def _log_warnings_to_stderr() -> None:
-    """Warnings and errors of the client's own log go to stderr (never secrets)."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
+    """Warnings and errors of the client's own log go to stderr (never secrets),
+    as tagged lines; those the UI reports itself are dropped (ui.REPORTED_BY_UI)."""
+    from twisted.logger import globalLogBeginner
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(LOG_SINK), [predicate])  # type: ignore[arg-type]
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    from enclaves.client.ui import TaggedLogObserver
+
+    globalLogBeginner.beginLoggingTo([TaggedLogObserver(LOG_SINK.write)], redirectStandardIO=False)
 
 
 def _stop(reactor: Any) -> None:

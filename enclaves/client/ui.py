@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
@@ -24,7 +25,7 @@ from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 
-__all__ = ["LineUI", "HELP", "format_contact", "printable"]
+__all__ = ["LineUI", "HELP", "format_contact", "printable", "TaggedLogObserver", "REPORTED_BY_UI"]
 
 HELP = """\
 /msg WHO TEXT      send TEXT to WHO (a petname or a user id)
@@ -67,6 +68,45 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+# Warnings of the client's own log (by their format string) that the UI
+# reports itself with a tagged line: not shown a second time.
+REPORTED_BY_UI = frozenset(
+    {
+        "the directory lists removed user {peer}: ignored",  # [warn] ... lists N again
+        "identity key change of {peer} rejected by an in-person import",  # /import's [warn]
+        "key confirmation failed for {peer}: ACCEPT dropped",  # KexFailed: [warn]
+        "unusable key exchange offer from {peer}",  # KexFailed: [warn]
+        "refused a blob under the id of removed user {sender}",  # BlobFromRemoved: [warn]
+        "identity key of {peer} changed",  # IdentityKeyChanged: [warn]
+    }
+)
+
+
+@implementer(ILogObserver)
+class TaggedLogObserver:
+    """Writes the client's own log warnings and errors as tagged lines
+    (``[warn] TEXT``, ``[error] TEXT``, a traceback line by line), so that
+    every line the client prints starts with a tag; drops what is below
+    ``warn`` and what the UI reports itself (:data:`REPORTED_BY_UI`)."""
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._write = write
+
+    def __call__(self, event: LogEvent) -> None:
+        level = event.get("log_level")
+        if not isinstance(level, type(LogLevel.warn)) or level < LogLevel.warn:
+            return
+        if event.get("log_format") in REPORTED_BY_UI:
+            return
+        tag = "warn" if level == LogLevel.warn else "error"
+        lines = (formatEvent(event) or "").splitlines() or [""]
+        failure = event.get("log_failure")
+        if failure is not None:
+            lines[0] += f": {failure.getErrorMessage()}"
+            lines += failure.getTraceback().splitlines()
+        self._write("".join(f"[{tag}] {printable(line)}\n" for line in lines))
 
 
 def format_contact(contact: Contact) -> str:

@@ -383,3 +383,45 @@ def test_end_of_input_is_said_after_a_scripts_commands_ran(tmp_path) -> None:
         "[queued] id=00000000 to 2002 (the script's command)",
         "[info] end of input: sending what is queued, then quitting",
     ]
+
+
+def test_log_warnings_become_tagged_lines_and_those_the_ui_reports_are_dropped() -> None:
+    """The client's log observer: every line it writes starts with a tag; a
+    warning the UI reports itself ([warn] ... lists N again) is not printed a
+    second time; one it does not report is kept, as [warn]."""
+    from twisted.logger import Logger, globalLogPublisher
+
+    from enclaves.client.ui import TaggedLogObserver
+
+    written: list[str] = []
+    observer = TaggedLogObserver(written.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        core = make_core(A)
+        core.add_contact(B)
+        core.remove_contact(B)
+        core.on_directory([A, B], 1.0, start_kex=False)  # logs "lists removed user": dropped
+        assert written == []
+        log = Logger(namespace="enclaves.client.core")
+        log.warn("dropped a blob: {error}", error="too many contacts")
+        log.info("not shown: {x}", x=1)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.failure("tick failed")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "".join(written)
+    assert text.startswith("[warn] dropped a blob: too many contacts\n[error] tick failed: boom\n")
+    assert all(line.startswith(("[warn] ", "[error] ")) for line in text.splitlines())
+    assert "RuntimeError: boom" in text  # the traceback is kept, tagged
+
+
+def test_the_warnings_the_ui_reports_itself_are_the_cores() -> None:
+    """Each dropped format is one the core logs (a reworded one would be shown twice)."""
+    from enclaves.client import core
+    from enclaves.client.ui import REPORTED_BY_UI
+
+    source = Path(core.__file__).read_text()
+    for text in REPORTED_BY_UI:
+        assert f'"{text}"' in source, text
