@@ -66,14 +66,22 @@ from enclaves.inner import (
     Rotated,
     Send,
 )
+from enclaves.token import TokenError, parse_token
 
-__all__ = ["Output", "ClientApp", "short_id", "clock_text", "REFUSAL_TEXT"]
+__all__ = [
+    "Output",
+    "ClientApp",
+    "short_id",
+    "clock_text",
+    "date_text",
+    "REFUSAL_TEXT",
+    "QUEUED_WHY",
+]
 
 Output = Callable[[str, str], None]
 
 log = Logger()
 
-# Plain words for the server's per-message refusals.
 # Longest wait for the burst of stored messages after a login's DIRECTORY.
 LOGIN_BURST_MAX = 60.0
 # Why a MESSAGE can never be opened, in words; the [warn] about it comes at
@@ -85,6 +93,10 @@ UNOPENED_TEXT = {
 }
 UNOPENED_WARN_INTERVAL = 600.0
 
+# Why a [queued] message did not leave at once.
+QUEUED_WHY = "not connected; goes when the connection is back"
+
+# Plain words for the server's per-message refusals.
 REFUSAL_TEXT = {
     ErrorCode.UNKNOWN_RECIPIENT: "the server has no such user (removed?)",
     ErrorCode.QUOTA_EXCEEDED: "the recipient's mailbox on the server is full",
@@ -169,6 +181,11 @@ class ClientApp:
         self._pump_call: Any = None
         self._incoming: list[tuple[ClientConnection, InnerMessage]] = []
         self._unsaved = False  # changes in memory the keystore file lacks
+        self.save_error: str | None = None  # why the last save failed; None: it worked
+        # Sends whose save failed: in memory only, so they may not leave yet
+        # ("save, then send"); they go once a save succeeds, or are lost.
+        self._held: dict[bytes, Send] = {}
+        self._rotate_held = False  # the same for a /rotate's new keys
         # Messages reported [failed] during this run (a script's exit status
         # counts those still failed at its end: a stale refusal of a message
         # accepted since does not count).
@@ -193,6 +210,7 @@ class ClientApp:
         self._unlisted_waiting: set[int] = set()  # left out of it; marked after the burst
         self._unopened_warned: dict[int, float] = {}  # sender -> last [warn] of an unopened one
         self.invites_waiting = 0  # INVITEs sent and not yet answered
+        self.invites_failed = 0  # INVITEs the server refused or never answered
         self.last_failure: str | None = None
         self._last_heard = 0.0
 
@@ -217,7 +235,8 @@ class ClientApp:
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
             self._drain()
-        self._save()
+        if not self._save():
+            self._report_lost()
         if self._sleep is not None:
             self._sleep.cancel()
         conn, self.conn = self.conn, None
@@ -381,7 +400,7 @@ class ClientApp:
         self.connected_once = True
         self._queue.clear()
         self.out("conn", f"connected as {self.core.user_id}")
-        if self._pending_keys is not None:
+        if self._pending_keys is not None and not self._rotate_held:
             keys = self._pending_keys
             self._queue.append(Rotate(keys.enc, keys.auth))
             self.rotate_sent = True
@@ -393,6 +412,7 @@ class ClientApp:
         if self.conn is conn:
             self.conn = None
         if self.invites_waiting:
+            self.invites_failed += self.invites_waiting
             self.invites_waiting = 0
             self.out(
                 "error",
@@ -401,7 +421,8 @@ class ClientApp:
             )
 
     def _resend_outbox(self) -> None:
-        pending = self.core.pending_sends()
+        # Not what only memory holds (a failed save): that goes once saved.
+        pending = [p for p in self.core.pending_sends() if p.msg_id not in self._held]
         if pending:
             self.out("info", f"sending {len(pending)} queued item(s) from the outbox")
         for item in pending:
@@ -414,7 +435,9 @@ class ClientApp:
             self.core.state(), pending_server_keys=self._pending_keys, enrolled=self._enrolled
         )
 
-    def _save(self) -> bool:
+    def _save(self, quiet: bool = False) -> bool:
+        """Write the keystore; on failure say why (unless ``quiet``: the caller
+        says it) and keep what waits for a save held."""
         if self._save_call is not None and self._save_call.active():
             self._save_call.cancel()
         self._save_call = None
@@ -422,10 +445,81 @@ class ClientApp:
             self._keystore.save(self.state())
         except OSError as e:
             self._unsaved = True
-            self.out("error", f"could not save the keystore: {e.strerror}")
+            self.save_error = e.strerror or str(e)
+            if not quiet:
+                self.out("error", f"could not save the keystore: {self.save_error}")
             return False
         self._unsaved = False
+        if self.save_error is not None:
+            self.save_error = None
+            if not self._stopping:
+                self.out("info", "the keystore could be saved again")
+        self._release_held()
         return True
+
+    def _release_held(self) -> None:
+        """After a successful save: what was held for it is on disk now, so it
+        may leave (or, when stopping, waits in the outbox for the next run)."""
+        held, self._held = self._held, {}
+        rotate, self._rotate_held = self._rotate_held, False
+        keys_go = self._pending_keys is not None and self.conn is not None
+        if rotate and keys_go and not self._stopping:
+            assert self._pending_keys is not None
+            self._enqueue(Rotate(self._pending_keys.enc, self._pending_keys.auth))
+            self.rotate_sent = True
+        for send in held.values():
+            entry = self._outbox_entry(send.msg_id)
+            if entry is None or entry.status != "pending":
+                continue
+            what = f"id={short_id(send.msg_id)} to {self._name(send.recipient)}"
+            if self._stopping:
+                if entry.kind == "message":
+                    self.out(
+                        "error",
+                        f"{what} not sent: saved only now; kept in the outbox and sent next time",
+                    )
+            elif self.online:
+                self._enqueue(send)
+                if entry.kind == "message":
+                    self.out("sent", f"{what} (saved now)")
+            elif entry.kind == "message":
+                self.out("queued", f"{what} (saved now; {QUEUED_WHY})")
+
+    def _hold(self, events: list[Event]) -> None:
+        """A save failed: keep these sends until one succeeds; show the rest."""
+        for event in events:
+            if isinstance(event, SendBlob):
+                self._held[event.msg_id] = Send(event.msg_id, event.recipient, event.blob)
+            else:
+                self._show(event)
+
+    def _report_lost(self) -> None:
+        """The last save failed: messages only memory held are lost now."""
+        lost = [
+            short_id(entry.msg_id)
+            for entry in self.core.outbox()
+            if entry.msg_id in self._held and entry.kind == "message"
+        ]
+        if lost:
+            self.out(
+                "error",
+                f"{len(lost)} message(s) lost ({', '.join(lost)}): the keystore could not be "
+                f"saved ({self.save_error}), so they were never sent; send them again once "
+                "it can be",
+            )
+
+    def unsaved_count(self) -> int:
+        """Messages held for a save that failed (in memory only, never sent)."""
+        return sum(1 for e in self.core.outbox() if e.msg_id in self._held and e.kind == "message")
+
+    def is_held(self, msg_id: bytes) -> bool:
+        """Is this message in memory only, waiting for a save before it may leave?"""
+        return msg_id in self._held
+
+    @property
+    def online(self) -> bool:
+        """Does what is sent now leave at once (connected, login complete)?"""
+        return self.conn is not None and (self._enrolled or self._pending_keys is None)
 
     def _save_soon(self) -> None:
         self._unsaved = True
@@ -472,14 +566,17 @@ class ClientApp:
             else:
                 self._show(event)
 
-    def _apply(self, events: list[Event]) -> None:
-        """Save, then send and show: nothing leaves before it is on disk."""
+    def _apply(self, events: list[Event], quiet: bool = False) -> bool:
+        """Save, then send and show: nothing leaves before it is on disk.  If
+        the save fails, the sends are held until one succeeds (False)."""
         if any(isinstance(e, SendBlob) for e in events):
-            if not self._save():
-                return
+            if not self._save(quiet):
+                self._hold(events)
+                return False
         else:
             self._save_soon()
         self._send_events(events)
+        return True
 
     # -- incoming -------------------------------------------------------------
 
@@ -513,10 +610,8 @@ class ClientApp:
         if (receipts or any(isinstance(e, SendBlob) for e in events)) and not self._save():
             # Not acknowledged and nothing sent: the server delivers again (the
             # copy is then a duplicate, acknowledged once a save succeeds), and
-            # the outbox is resent after the next reconnect.
-            for event in events:
-                if not isinstance(event, SendBlob):
-                    self._show(event)
+            # what was to be sent leaves once a save succeeds.
+            self._hold(events)
             return
         # A PONG tells the server that what came before its PING is safe here
         # (it then deletes kept receipts): save first.  Unsaved, it stays
@@ -586,9 +681,23 @@ class ClientApp:
             self.out(
                 "invite",
                 f"token for a new user {message.user_id}, valid until "
-                f"{clock_text(message.expires_ms)} — give it to them privately: {message.token}",
+                f"{date_text(message.expires_ms)} — give it to them privately: "
+                f"{self._with_address(message.token)}",
             )
         return []
+
+    def _with_address(self, token: str) -> str:
+        """An INVITE's token with this client's server address appended
+        (``@host:port`` or ``@tls:host:port``, as the admin's tokens carry it),
+        so that the newcomer needs no --server."""
+        address = host_port(self.endpoint)
+        try:
+            parsed = parse_token(token)
+        except TokenError:
+            return token  # shown as the server sent it; enroll will say what is wrong
+        if parsed.address is not None or address is None:
+            return token
+        return str(evolve(parsed, address=shown(self.endpoint)))
 
     def _on_error(self, message: Error) -> list[Event]:
         try:
@@ -602,6 +711,7 @@ class ClientApp:
             )
             if answers_invite and self.invites_waiting:
                 self.invites_waiting -= 1
+                self.invites_failed += 1
             if code is ErrorCode.INVITES_DISABLED:
                 self.out("error", "this server does not allow invitations (ask the admin)")
             elif code is ErrorCode.STORAGE_FAILED:
@@ -765,6 +875,8 @@ class ClientApp:
 
     def _tick(self) -> None:
         try:
+            if self.save_error is not None:
+                self._save(quiet=True)  # space freed meanwhile? then what is held goes
             events = self.core.tick(self.now())
             if events:
                 self._apply(events)
@@ -780,7 +892,7 @@ class ClientApp:
         result = self.core.encrypt_message(user_id, text, self.now(), confirmed)
         if isinstance(result, Refused):
             return result
-        self._apply([result])
+        self._apply([result], quiet=True)  # a failed save: the UI says so (is_held)
         return result
 
     def rekey(self, user_id: int) -> None:
@@ -808,16 +920,20 @@ class ClientApp:
         if not prefix or len(matches) != 1:
             raise ContactError(f"no single outbox message matches {prefix!r} (see /outbox)")
         item = self.core.retry(matches[0].msg_id)
-        self._apply([item])
+        self._apply([item], quiet=True)  # a failed save: the UI says so (is_held)
         return item
 
-    def rotate(self) -> None:
+    def rotate(self) -> bool:
+        """Send new keys once they are saved; False: the save failed (they are
+        sent once a save succeeds)."""
         if self._pending_keys is None:
             self._pending_keys = KeyPair.generate()
-        if not self._save():
-            return
+        if not self._save(quiet=True):
+            self._rotate_held = True
+            return False
         keys = self._pending_keys
         self._enqueue(Rotate(keys.enc, keys.auth))
+        return True
 
     def invite(self) -> bool:
         """Ask for a newcomer's token; False (and nothing sent) while offline."""
@@ -845,7 +961,10 @@ class ClientApp:
         )
 
     def pending_count(self) -> int:
-        return sum(1 for e in self.core.outbox() if e.status == "pending")
+        """Outbox entries waiting for ACCEPTED (not those held for a save)."""
+        return sum(
+            1 for e in self.core.outbox() if e.status == "pending" and e.msg_id not in self._held
+        )
 
     async def wait_sent(self, timeout: float) -> bool:
         """True once nothing in the outbox waits for ACCEPTED (polls; bounded)."""
@@ -889,7 +1008,8 @@ class ClientApp:
         if isinstance(event, MessageReceived):
             self.out(
                 "msg",
-                f"{clock_text(event.unix_ms)} {name} ({event.trust.value}): {event.text}",
+                f"{clock_text(event.unix_ms, self.now())} {name} ({event.trust.value}): "
+                f"{event.text}",
             )
             if event.cut:
                 self.out(
@@ -977,9 +1097,20 @@ def _one_line(digits: str) -> str:
     return " ".join(digits.split())
 
 
-def clock_text(unix_ms: int) -> str:
-    """``HH:MM:SS`` in local time."""
-    return time.strftime("%H:%M:%S", time.localtime(unix_ms / 1000))
+def clock_text(unix_ms: int, now: float | None = None) -> str:
+    """``HH:MM:SS`` in local time for a moment of today (``now``, in seconds;
+    default the current time), ``YYYY-MM-DD HH:MM:SS`` for any other day."""
+    moment = time.localtime(unix_ms / 1000)
+    today = time.localtime(time.time() if now is None else now)
+    if moment[:3] == today[:3]:
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment)
+
+
+def date_text(unix_ms: int) -> str:
+    """``YYYY-MM-DD HH:MM local time`` (with the offset from UTC)."""
+    moment = time.localtime(unix_ms / 1000)
+    return time.strftime("%Y-%m-%d %H:%M local time (UTC%z)", moment)
 
 
 def _reason(error: BaseException) -> str:

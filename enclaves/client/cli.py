@@ -283,7 +283,6 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
 
     def on_eof() -> None:
         if holder:
-            ui.line("info", "end of input: sending what is queued, then quitting")
             ensureDeferred(_finish(holder[0], ui, args.eof_grace, attached))
 
     ui = LineUI(on_eof=on_eof, quit_waits=not os.isatty(0))
@@ -430,6 +429,8 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
     question left unanswered) (docs/client.rst, "Scripts")."""
     for commands in attached:
         await commands  # the script's commands run first (bounded by the grace)
+    if app.outcome is None:
+        ui.line("info", "end of input: sending what is queued, then quitting")
     await app.settle(grace)
     if app.outcome is not None:
         return  # stopped already: /quit, or a fatal error said why
@@ -455,7 +456,7 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
             f"{failed} message(s) refused by the server or lost (see the "
             "[failed] lines; /retry ID sends a refused one again)"
         )
-    undone = ui.troubles["error"] + ui.troubles["refused"]
+    undone = ui.commands_not_done()  # a script's; 0 in an interactive session
     if undone:
         problems.append(f"{undone} command(s) not done (see the [error] and [refused] lines)")
     if app.invites_waiting:
@@ -464,7 +465,9 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
         problems.append("the input ended before the answer to a question; nothing was done for it")
     for problem in problems:
         ui.line("error", problem)
-    app.stop(1 if problems else 0)
+    # Messages a failed save left in memory only: the final save keeps them,
+    # or app.stop says they are lost.
+    app.stop(1 if problems or app.unsaved_count() else 0)
 
 
 def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
@@ -481,18 +484,13 @@ def _chat_endpoint(args: argparse.Namespace, state: ClientState) -> str:
 
 
 def _log_warnings_to_stderr() -> None:
-    """Warnings and errors of the client's own log go to stderr (never secrets)."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
+    """Warnings and errors of the client's own log go to stderr (never secrets),
+    as tagged lines; those the UI reports itself are dropped (ui.REPORTED_BY_UI)."""
+    from twisted.logger import globalLogBeginner
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    observer = FilteringLogObserver(textFileLogObserver(LOG_SINK), [predicate])  # type: ignore[arg-type]
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    from enclaves.client.ui import TaggedLogObserver
+
+    globalLogBeginner.beginLoggingTo([TaggedLogObserver(LOG_SINK.write)], redirectStandardIO=False)
 
 
 def _stop(reactor: Any) -> None:

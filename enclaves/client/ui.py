@@ -17,18 +17,21 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from enclaves.client.app import ClientApp, clock_text, short_id
+from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 
-__all__ = ["LineUI", "HELP", "format_contact", "printable"]
+__all__ = ["LineUI", "HELP", "format_contact", "printable", "TaggedLogObserver", "REPORTED_BY_UI"]
 
 HELP = """\
 /msg WHO TEXT      send TEXT to WHO (a petname or a user id)
 /to WHO            talk to WHO: every line not starting with / goes to them
+                   (start a line with // to send one starting with /)
+/to                leave the conversation
 /contacts          every contact with trust level and key state
 /name ID PETNAME   give user ID a local name (never sent anywhere)
 /verify WHO        show the safety number to compare with WHO; answer yes if it matches
@@ -67,8 +70,48 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+# Warnings of the client's own log (by their format string) that the UI
+# reports itself with a tagged line: not shown a second time.
+REPORTED_BY_UI = frozenset(
+    {
+        "the directory lists removed user {peer}: ignored",  # [warn] ... lists N again
+        "identity key change of {peer} rejected by an in-person import",  # /import's [warn]
+        "key confirmation failed for {peer}: ACCEPT dropped",  # KexFailed: [warn]
+        "unusable key exchange offer from {peer}",  # KexFailed: [warn]
+        "refused a blob under the id of removed user {sender}",  # BlobFromRemoved: [warn]
+        "identity key of {peer} changed",  # IdentityKeyChanged: [warn]
+    }
+)
+
+
+@implementer(ILogObserver)
+class TaggedLogObserver:
+    """Writes the client's own log warnings and errors as tagged lines
+    (``[warn] TEXT``, ``[error] TEXT``, a traceback line by line), so that
+    every line the client prints starts with a tag; drops what is below
+    ``warn`` and what the UI reports itself (:data:`REPORTED_BY_UI`)."""
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._write = write
+
+    def __call__(self, event: LogEvent) -> None:
+        level = event.get("log_level")
+        if not isinstance(level, type(LogLevel.warn)) or level < LogLevel.warn:
+            return
+        if event.get("log_format") in REPORTED_BY_UI:
+            return
+        tag = "warn" if level == LogLevel.warn else "error"
+        lines = (formatEvent(event) or "").splitlines() or [""]
+        failure = event.get("log_failure")
+        if failure is not None:
+            lines[0] += f": {failure.getErrorMessage()}"
+            lines += failure.getTraceback().splitlines()
+        self._write("".join(f"[{tag}] {printable(line)}\n" for line in lines))
+
+
 def format_contact(contact: Contact) -> str:
-    """``NAME id=N trust=T keys=...[ answered=...]`` for /contacts."""
+    """``NAME id=N trust=T keys=...[ answered=...]`` for /contacts (every value
+    one word: ``trust=in-person``)."""
     if contact.pending_ik is not None:
         keys = "IDENTITY-KEY-CHANGED"
     elif contact.current is not None:
@@ -77,7 +120,9 @@ def format_contact(contact: Contact) -> str:
         keys = "exchanging"
     else:
         keys = "none"
-    line = f"{contact.name} id={contact.user_id} trust={contact.trust.value} keys={keys}"
+    # One word per value (``in person`` is ``in-person``), for key=value parsing.
+    trust = contact.trust.value.replace(" ", "-")
+    line = f"{contact.name} id={contact.user_id} trust={trust} keys={keys}"
     answered = sorted({t.epoch for t in contact.tentative})
     if answered and contact.pending_ik is None:
         # Exchanges we answered whose keys the contact has not yet proven.
@@ -106,8 +151,23 @@ class LineUI(LineReceiver):
         self._quitting = False
         self._sent_unasked = False  # the last line sent a message without asking
         self.lost: Deferred[None] = Deferred()
-        # Lines that say something was not done, by tag, for a script's exit status.
+        # Lines that say something was not done, by tag.
         self.troubles: Counter[str] = Counter()
+        self._undone = 0  # input lines that printed an [error] or [refused] line
+
+    @property
+    def script(self) -> bool:
+        """Commands come from a script (not a terminal): its exit status counts them."""
+        return self._quit_waits
+
+    def commands_not_done(self) -> int:
+        """For a script's exit status: its commands that printed an ``[error]`` or
+        ``[refused]`` line (each counted once, whatever the number of lines), and
+        its ``/invite`` requests the server refused.  0 in an interactive session:
+        the user saw each error when it happened."""
+        if not self.script:
+            return 0
+        return self._undone + (self.app.invites_failed if self.app is not None else 0)
 
     @property
     def question_open(self) -> bool:
@@ -175,6 +235,14 @@ class LineUI(LineReceiver):
             self.handle(line)
 
     def handle(self, line: str) -> None:
+        before = self.troubles["error"] + self.troubles["refused"]
+        try:
+            self._handle(line)
+        finally:
+            if self.troubles["error"] + self.troubles["refused"] > before:
+                self._undone += 1
+
+    def _handle(self, line: str) -> None:
         if self._quitting:
             return  # after a script's /quit
         text = line.strip()
@@ -196,6 +264,8 @@ class LineUI(LineReceiver):
                 self.line("info", f"no question was asked; {text!r} skipped")
             elif not text:
                 return
+            elif text.startswith("//") and self._to is not None:
+                self._send(self._to, line.lstrip()[1:])  # "//" sends a leading "/"
             elif text.startswith("/"):
                 self._command(text)
             elif self._to is not None:
@@ -231,12 +301,21 @@ class LineUI(LineReceiver):
             unverified = contact.trust is Trust.UNVERIFIED
             self._sent_unasked = asked_before and self._answer is None and unverified
         elif name == "/to":
+            if not args:
+                if self._to is None:
+                    self.line("info", "not in a conversation")
+                else:
+                    self.line("info", f"left the conversation with {self._name(self._to)}")
+                    self._to = None
+                return
             if len(args) != 1:
-                raise ContactError("usage: /to WHO")
+                raise ContactError("usage: /to WHO (or /to alone to leave the conversation)")
             contact = core.find(args[0])
             self._to = contact.user_id
             self.line(
-                "info", f"talking to {contact.name} ({contact.trust.value}); /to again to switch"
+                "info",
+                f"talking to {contact.name} ({contact.trust.value}); /to WHO to switch, "
+                "/to alone to leave",
             )
         elif name == "/contacts":
             contacts = core.contacts()
@@ -285,6 +364,8 @@ class LineUI(LineReceiver):
                 self.line("outbox", "empty")
             for entry in entries:
                 why = f": {entry.reason}" if entry.reason else ""
+                if app.is_held(entry.msg_id):
+                    why = " (in memory only: the keystore could not be saved)"
                 self.line(
                     "outbox",
                     f"id={short_id(entry.msg_id)} {entry.kind} to {self._name(entry.recipient)} "
@@ -294,15 +375,21 @@ class LineUI(LineReceiver):
             if len(args) != 1:
                 raise ContactError("usage: /retry ID")
             item = app.retry(args[0])
-            self.line("sent", f"id={short_id(item.msg_id)} to {self._name(item.recipient)} (again)")
+            self._sent(item.msg_id, item.recipient, " (again)")
         elif name == "/invite":
             if app.invite():
                 self.line("info", "asked the server for an invitation token")
             else:
                 self.line("error", "not connected to the server; try /invite again later")
         elif name == "/rotate":
-            app.rotate()
-            self.line("info", "asked the server to replace your keys")
+            if app.rotate():
+                self.line("info", "asked the server to replace your keys")
+            else:
+                self.line(
+                    "error",
+                    f"keys not replaced yet: could not save the keystore ({app.save_error}); "
+                    "the new keys go to the server once a save succeeds",
+                )
         elif name == "/help":
             for help_line in HELP.splitlines():
                 self.line("help", help_line)
@@ -334,7 +421,25 @@ class LineUI(LineReceiver):
                 return
             self.line("refused", f"not sent to {self._name(user_id)}: {result.text}")
             return
-        self.line("sent", f"id={short_id(result.msg_id)} to {self._name(user_id)}")
+        self._sent(result.msg_id, user_id)
+
+    def _sent(self, msg_id: bytes, recipient: int, again: str = "") -> None:
+        """Say what became of a message just sealed: sent, queued, or held
+        because the keystore could not be saved."""
+        app = self.app
+        assert app is not None
+        what = f"id={short_id(msg_id)} to {self._name(recipient)}"
+        if app.is_held(msg_id):
+            self.line(
+                "error",
+                f"{what} not sent: could not save the keystore ({app.save_error}); it is "
+                "kept in memory only and sent once a save succeeds (free some space); "
+                "quitting before then loses it",
+            )
+        elif app.online:
+            self.line("sent", what + again)
+        else:
+            self.line("queued", f"{what}{again} ({QUEUED_WHY})")
 
     def _verify(self, args: list[str]) -> None:
         app = self.app
@@ -399,8 +504,8 @@ class LineUI(LineReceiver):
             who = "me" if entry.direction == "out" else contact.name
             self.line(
                 "history",
-                f"{clock_text(entry.unix_ms)} {who} ({entry.trust.value}, {entry.status}): "
-                f"{entry.text}",
+                f"{clock_text(entry.unix_ms, app.now())} {who} "
+                f"({entry.trust.value}, {entry.status}): {entry.text}",
             )
 
     def _name(self, user_id: int) -> str:

@@ -401,4 +401,68 @@ def test_a_message_that_cannot_be_opened_is_reported_once_in_a_while(tmp_path: P
     for event in app.core.handle_blob(2002, b"\x09" * 16, forged, app.now()):
         app._show(event)
     assert len(out) == 2
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "suffix"),
+    [
+        ("tcp:host=chat.example.org:port=7500", "@chat.example.org:7500"),
+        ("tls:host=chat.example.org:port=7500:ca=/etc/ca.pem", "@tls:chat.example.org:7500"),
+    ],
+)
+def test_an_invite_token_names_the_server_and_its_expiry_has_a_date(
+    tmp_path: Path, endpoint: str, suffix: str
+) -> None:
+    """The server's INVITE token has no address: the client adds its own (as
+    the admin's tokens carry it), and the expiry a day on shows its date."""
+    import time
+
+    from enclaves.crypto import KeyPair
+    from enclaves.inner import InviteToken
+    from enclaves.token import EnrollmentToken, parse_token
+
+    app, _reactor, out = start(tmp_path, keyed_with_2002())
+    app.endpoint = endpoint
+    token = str(EnrollmentToken(4242, KeyPair.generate()))
+    expires = time.mktime((2026, 11, 30, 13, 49, 40, 0, 0, -1))
+    app._handle(InviteToken(4242, int(expires * 1000), token), expires - 86400)
+    ((tag, text),) = out[-1:]
+    assert tag == "invite"
+    assert "valid until 2026-11-30 13:49 local time (UTC" in text
+    shown = text.rsplit(": ", 1)[1]
+    assert shown == token + suffix
+    assert parse_token(shown).address == suffix[1:]
+    # A token that names its server already is shown as it came.
+    named = token + "@other.example.org:1"
+    app._handle(InviteToken(4242, int(expires * 1000), named), expires - 86400)
+    assert out[-1][1].endswith(": " + named)
+    app.stop()
+
+
+def test_message_lines_show_the_date_unless_today() -> None:
+    import time
+
+    from enclaves.client.app import clock_text
+
+    noon = time.mktime((2026, 11, 29, 12, 0, 0, 0, 0, -1))
+    assert clock_text(int((noon - 3600) * 1000), noon) == "11:00:00"
+    assert clock_text(int((noon - 3 * 86400) * 1000), noon) == "2026-11-26 12:00:00"
+
+
+def test_a_received_message_from_another_day_is_shown_with_its_date(tmp_path: Path) -> None:
+    import time
+
+    from enclaves.client.contacts import Trust
+    from enclaves.client.core import MessageReceived
+
+    app, reactor, out = start(tmp_path, keyed_with_2002())
+    noon = time.mktime((2026, 11, 29, 12, 0, 0, 0, 0, -1))
+    reactor.advance(noon - reactor.seconds())
+    old = int((noon - 2 * 86400) * 1000)
+    app._show(MessageReceived(2002, bytes(16), "old news", old, Trust.UNVERIFIED, 1, 0))
+    app._show(MessageReceived(2002, bytes(16), "fresh", int(noon * 1000), Trust.UNVERIFIED, 1, 0))
+    assert out[-2:] == [
+        ("msg", "2026-11-27 12:00:00 2002 (unverified): old news"),
+        ("msg", "12:00:00 2002 (unverified): fresh"),
+    ]
     app.stop()

@@ -41,12 +41,14 @@ def test_first_message_to_unverified_contact_needs_a_yes(ui, tmp_path: Path) -> 
     assert out[1] == "[info] not sent"
     assert app.core.outbox() == []
     out = typed(lines, transport, f"/msg {B} hello", "yes")
-    assert out[1].startswith("[sent] id=") and out[1].endswith(f" to {B}")
+    assert out[1].startswith("[queued] id=") and out[1].endswith(
+        f" to {B} (not connected; goes when the connection is back)"
+    )
     # Saved before anything could leave: the keystore holds it in the outbox.
     _, state = Keystore.unlock(tmp_path / "ks", "pass phrase")
     assert [e.kind for e in state.outbox] == ["message"]
     out = typed(lines, transport, f"/msg {B} again", "/outbox")
-    assert out[0].startswith("[sent] ")
+    assert out[0].startswith("[queued] ")
     assert len([line for line in out if line.startswith("[outbox] ")]) == 2
 
 
@@ -57,7 +59,7 @@ def test_conversation_names_verify_and_errors(ui) -> None:
     out = typed(lines, transport, f"/name {B} bob", "/to bob", "hi there", "yes")
     assert out[0] == f"[info] {B} is now called bob"
     assert out[1].startswith("[info] talking to bob (unverified)")
-    assert out[2].startswith("[confirm] ") and out[3].startswith("[sent] ")
+    assert out[2].startswith("[confirm] ") and out[3].startswith("[queued] ")
     out = typed(lines, transport, "/verify bob")
     assert out[0].startswith("[safety] bob: ") and len(out[0].split(": ")[1].split()) == 12
     assert typed(lines, transport, "yes") == ["[trust] bob is now verified"]
@@ -170,10 +172,10 @@ def test_a_script_never_swallows_a_line_of_conversation(tmp_path: Path) -> None:
     assert out[1:3] == ["[info] not sent", "[refused] the question above got no yes/no answer"]
     assert out[3].startswith("[confirm] ")  # the second /msg ran, and asks in turn
     out = typed(lines, transport, "yes", f"/msg {B} third", "yes")
-    assert out[0].startswith("[sent] ") and out[1].startswith("[sent] ")
+    assert out[0].startswith("[queued] ") and out[1].startswith("[queued] ")
     assert out[2] == "[info] no question was asked; 'yes' skipped"
     out = typed(lines, transport, f"/to {B}", "coming?", "yes")
-    assert [line.split()[0] for line in out[1:]] == ["[sent]", "[sent]"]
+    assert [line.split()[0] for line in out[1:]] == ["[queued]", "[queued]"]
     sent = [e for e in app.core.outbox() if e.kind == "message"]
     assert len(sent) == 4  # second, third, "coming?" and the /to "yes"; "first" declined
 
@@ -199,5 +201,227 @@ def test_import_of_the_known_key_rejects_a_false_key_change(tmp_path: Path) -> N
     out = typed(lines, transport, f"/import 2002 {known}")
     assert out[0].startswith("[warn] 2002 still has the key you knew")
     assert out[1:] == ["[trust] 2002 is now in person"]
-    assert typed(lines, transport, "/msg 2002 hi")[0].startswith("[sent] ")
+    assert typed(lines, transport, "/msg 2002 hi")[0].startswith("[queued] ")
     app.stop()
+
+
+def _full_disk(app: ClientApp) -> object:
+    """Make the app's saves fail as on a full disk (the tests may run as root,
+    for whom a read-only directory is no obstacle); returns the real save."""
+    import errno
+
+    real = app._keystore.save
+
+    def full(state: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    app._keystore.save = full  # type: ignore[method-assign]
+    return real
+
+
+def script_ui(tmp_path: Path) -> tuple[LineUI, ClientApp, StringTransport]:
+    lines = LineUI(quit_waits=True)
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    return lines, keyed_app(tmp_path, lines, A, B), transport
+
+
+def test_a_message_whose_save_fails_is_not_called_sent_and_goes_once_saved(ui, tmp_path) -> None:
+    """Save, then send: a /msg whose save fails says so (not [sent]); it is held
+    in memory and leaves once a later save succeeds (space freed meanwhile)."""
+    lines, app, transport = ui
+    real = _full_disk(app)
+    out = typed(lines, transport, f"/msg {B} reply", "yes")
+    assert out[0].startswith("[confirm] ")
+    assert len(out) == 2 and out[1].startswith("[error] id=")
+    assert out[1].endswith(
+        f" to {B} not sent: could not save the keystore (No space left on device); it is "
+        "kept in memory only and sent once a save succeeds (free some space); quitting "
+        "before then loses it"
+    )
+    assert app.unsaved_count() == 1 and app.pending_count() == 0
+    assert (
+        "(in memory only: the keystore could not be saved)" in typed(lines, transport, "/outbox")[0]
+    )
+    app._keystore.save = real  # type: ignore[method-assign]
+    transport.clear()
+    app._tick()  # the periodic retry of a failed save
+    out = transport.value().decode().splitlines()
+    assert out[0] == "[info] the keystore could be saved again"
+    assert out[1].startswith("[queued] id=") and "(saved now; not connected" in out[1]
+    _, state = Keystore.unlock(tmp_path / "ks", "pass phrase")
+    assert [e.kind for e in state.outbox] == ["message"]
+    assert app.unsaved_count() == 0 and app.pending_count() == 1
+    app.stop()
+
+
+def test_a_held_message_is_reported_lost_at_the_end_and_counted_once(tmp_path) -> None:
+    """A script whose /msg could not be saved: the end says the message is lost
+    (not "kept in the outbox"), the one command counts once (a background save
+    failure is no command), and the exit status is 1."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines, app, transport = script_ui(tmp_path)
+    _full_disk(app)
+    app.connected_once = app.directory_handled = True
+    app._save()  # a background save fails too: said, but no command
+    typed(lines, transport, f"/msg {B} reply", "yes")
+    transport.clear()
+    ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()[1:]  # after "[info] end of input: ..."
+    assert out[0] == "[error] 1 command(s) not done (see the [error] and [refused] lines)"
+    assert out[1] == "[error] could not save the keystore: No space left on device"
+    assert out[2].startswith("[error] 1 message(s) lost (")
+    assert "never sent" in out[2] and not any("kept in the outbox" in line for line in out)
+    assert app.outcome is not None and app.outcome[0] == 1
+
+
+def test_a_rotate_whose_save_fails_says_so(ui) -> None:
+    lines, app, transport = ui
+    _full_disk(app)
+    out = typed(lines, transport, "/rotate")
+    assert out == [
+        "[error] keys not replaced yet: could not save the keystore (No space left on "
+        "device); the new keys go to the server once a save succeeds"
+    ]
+    app.stop()
+
+
+def test_sent_only_when_connected_else_queued(ui) -> None:
+    """[sent] while connected; [queued] (saying why) while not."""
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+
+    class Conn:
+        established = True
+        max_blob = 1 << 20
+
+        def send(self, message: object) -> None:
+            pass
+
+    out = typed(lines, transport, f"/msg {B} offline")
+    assert out[0].endswith(" (not connected; goes when the connection is back)")
+    assert out[0].startswith("[queued] id=")
+    app.conn = Conn()  # type: ignore[assignment]
+    out = typed(lines, transport, f"/msg {B} online")
+    assert out[0].startswith("[sent] id=") and out[0].endswith(f" to {B}")
+    app.conn = None
+    app.stop()
+
+
+@pytest.mark.parametrize(("script", "status"), [(False, 0), (True, 1)])
+def test_only_a_script_counts_its_old_command_errors_at_the_end(tmp_path, script, status) -> None:
+    """Two failed /invite, then the end of input: a script reports and counts
+    them (exit status 1); an interactive session saw them when they happened,
+    so its end neither reports nor counts them."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines = LineUI(quit_waits=script)
+    transport = StringTransport()
+    lines.makeConnection(transport)
+    app = keyed_app(tmp_path, lines, A, B)
+    app.connected_once = app.directory_handled = True
+    out = typed(lines, transport, "/invite", "/invite")
+    assert out == ["[error] not connected to the server; try /invite again later"] * 2
+    transport.clear()
+    ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()
+    assert any("command(s) not done" in line for line in out) is script
+    if script:
+        assert "[error] 2 command(s) not done (see the [error] and [refused] lines)" in out
+    assert app.outcome is not None and app.outcome[0] == status
+
+
+def test_to_alone_leaves_the_conversation_and_a_double_slash_sends_a_slash(ui) -> None:
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+    assert typed(lines, transport, "/to") == ["[info] not in a conversation"]
+    out = typed(lines, transport, f"/to {B}", "//etc/passwd is a path", "/to", "plain")
+    assert out[0].startswith(f"[info] talking to {B} (verified)")
+    assert out[1].startswith("[queued] id=")
+    assert out[2:] == [
+        f"[info] left the conversation with {B}",
+        "[error] not in a conversation: /to WHO first, or /msg WHO TEXT",
+    ]
+    assert [line.text for line in app.core.history(B)] == ["/etc/passwd is a path"]
+    assert lines.prompt() == "> "
+    # Outside a conversation "//" is no escape: an unknown command, nothing sent.
+    assert typed(lines, transport, "//x")[0].startswith("[error] unknown command //x")
+    app.stop()
+
+
+def test_contacts_lines_are_key_value_words() -> None:
+    """``trust=in person`` would split into two fields: it is ``in-person``."""
+    from enclaves.client.contacts import Contact, Trust
+    from enclaves.client.ui import format_contact
+
+    line = format_contact(Contact(B, trust=Trust.IN_PERSON))
+    assert line == f"{B} id={B} trust=in-person keys=none"
+    assert all("=" in field for field in line.split()[1:])
+
+
+def test_end_of_input_is_said_after_a_scripts_commands_ran(tmp_path) -> None:
+    """Piped commands run once logged in: "end of input: ..." comes after them."""
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines, app, transport = script_ui(tmp_path)
+    app.connected_once = app.directory_handled = True
+    commands: Deferred[None] = Deferred()
+    transport.clear()
+    ensureDeferred(_finish(app, lines, 15.0, [commands]))
+    assert transport.value() == b""  # the commands have not run yet
+    lines.line("queued", "id=00000000 to 2002 (the script's command)")
+    commands.callback(None)
+    out = transport.value().decode().splitlines()
+    assert out[:2] == [
+        "[queued] id=00000000 to 2002 (the script's command)",
+        "[info] end of input: sending what is queued, then quitting",
+    ]
+
+
+def test_log_warnings_become_tagged_lines_and_those_the_ui_reports_are_dropped() -> None:
+    """The client's log observer: every line it writes starts with a tag; a
+    warning the UI reports itself ([warn] ... lists N again) is not printed a
+    second time; one it does not report is kept, as [warn]."""
+    from twisted.logger import Logger, globalLogPublisher
+
+    from enclaves.client.ui import TaggedLogObserver
+
+    written: list[str] = []
+    observer = TaggedLogObserver(written.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        core = make_core(A)
+        core.add_contact(B)
+        core.remove_contact(B)
+        core.on_directory([A, B], 1.0, start_kex=False)  # logs "lists removed user": dropped
+        assert written == []
+        log = Logger(namespace="enclaves.client.core")
+        log.warn("dropped a blob: {error}", error="too many contacts")
+        log.info("not shown: {x}", x=1)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.failure("tick failed")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "".join(written)
+    assert text.startswith("[warn] dropped a blob: too many contacts\n[error] tick failed: boom\n")
+    assert all(line.startswith(("[warn] ", "[error] ")) for line in text.splitlines())
+    assert "RuntimeError: boom" in text  # the traceback is kept, tagged
+
+
+def test_the_warnings_the_ui_reports_itself_are_the_cores() -> None:
+    """Each dropped format is one the core logs (a reworded one would be shown twice)."""
+    from enclaves.client import core
+    from enclaves.client.ui import REPORTED_BY_UI
+
+    source = Path(core.__file__).read_text()
+    for text in REPORTED_BY_UI:
+        assert f'"{text}"' in source, text

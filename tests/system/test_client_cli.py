@@ -83,7 +83,8 @@ def test_a_piped_session_that_never_connects_says_so_and_fails(tmp_path: Path) -
     assert script.process.stdin is not None
     script.process.stdin.close()
     assert script.wait(30) == 1, script.output()
-    script.expect(r"^\[sent\] id=")
+    script.expect(r"^\[queued\] id=")
+    script.expect(r"^\[info\] end of input: ")  # said after the commands ran, not before
     line = script.expect(r"^\[error\] could not connect").string
     assert f"the server at {address} in 2 s" in line
     assert "1 message(s) kept in the outbox and sent next time" in line
