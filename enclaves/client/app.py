@@ -25,7 +25,12 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from enclaves.client.connection import ClientConnection, LoginFailed, connect
+from enclaves.client.connection import (
+    ClientConnection,
+    LoginFailed,
+    NotAnEnclavesServer,
+    connect,
+)
 from enclaves.client.contacts import ContactError
 from enclaves.client.core import (
     MAX_TEXT,
@@ -360,6 +365,12 @@ class ClientApp:
                 last = e
                 if e.code == ErrorCode.AUTH_FAILED:
                     continue
+                if isinstance(e, NotAnEnclavesServer) and not self.connected_once:
+                    address = host_port(self.endpoint) or shown(self.endpoint)
+                    raise _Fatal(
+                        f"{address} is not an Enclaves server ({e.text}): check the "
+                        "address and port"
+                    ) from None
                 if e.code == ErrorCode.TOKEN_EXPIRED:
                     self.token_refused = True
                     raise _Fatal(FATAL_TEXT[ErrorCode.TOKEN_EXPIRED]) from None

@@ -13,19 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from attrs import evolve
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from enclaves.client.app import ClientApp
 from enclaves.client.core import ClientCore
 from enclaves.client.endpoint import EndpointError, normalise, shown
-from enclaves.client.keystore import Keystore, KeystoreError, lock_keystore
+from enclaves.client.keystore import (
+    BadPassphrase,
+    Keystore,
+    KeystoreError,
+    check_keystore_path,
+    lock_keystore,
+    remove_lock,
+)
 from enclaves.client.state import ClientState
 from enclaves.client.terminal import CharacterMode, TerminalIO
 from enclaves.client.ui import LineUI
 from enclaves.crypto import KeyPair
 from enclaves.token import TokenError, parse_token
 
-__all__ = ["main", "default_keystore", "read_passphrase", "UserError"]
+__all__ = ["main", "default_keystore", "read_passphrase", "unlock", "UserError"]
 
 ENROLL_HELP = """\
 Next: verify your contacts. Each contact is 'unverified' until you compare
@@ -45,8 +52,12 @@ ENROLL_INPUT_NOTE = (
     "the first line of standard input and the passphrase the second."
 )
 EOF_GRACE = 15.0  # seconds to get the outbox accepted after the end of input
+ENROLL_SILENCE = 30.0  # seconds without a word from the server before enroll gives up
+ENROLL_SEND_WAIT = 30.0  # seconds for the server to accept enroll's key exchanges
+EXIT_INTERRUPTED = 130  # ^C, SIGTERM (128 + SIGINT, as a shell reports it)
+EXIT_OUTPUT_CLOSED = 141  # standard output went away (128 + SIGPIPE, as for other tools)
 MIN_PASSPHRASE = 10  # characters, for a new keystore
-PASSPHRASE_TRIES = 3  # on a terminal, for a new keystore
+PASSPHRASE_TRIES = 3  # on a terminal: for a new keystore, and to unlock one
 CHAT_USAGE = """\
 enclaves [--keystore PATH] [--server ADDRESS] [--ca-file FILE] [--plain]
        enclaves enroll [TOKEN] [--keystore PATH] [--server ADDRESS] [--ca-file FILE]
@@ -54,7 +65,11 @@ enclaves [--keystore PATH] [--server ADDRESS] [--ca-file FILE] [--plain]
 
 
 class UserError(Exception):
-    """A plain-language error for the user; exit status 1."""
+    """A plain-language error for the user; exit status ``code`` (1)."""
+
+    def __init__(self, text: str, code: int = 1) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 def default_keystore() -> Path:
@@ -101,6 +116,8 @@ def _parser(enroll: bool) -> argparse.ArgumentParser:
     parser.add_argument("--send-rate", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.add_argument("--retry-max", type=float, default=30.0, help=argparse.SUPPRESS)
     parser.add_argument("--tick", type=float, default=30.0, help=argparse.SUPPRESS)
+    if enroll:
+        parser.add_argument("--silence", type=float, default=ENROLL_SILENCE, help=argparse.SUPPRESS)
     if not enroll:
         parser.add_argument("--eof-grace", type=float, default=EOF_GRACE, help=argparse.SUPPRESS)
     return parser
@@ -155,6 +172,26 @@ def _new_passphrase_from_terminal(prompt: str) -> str:
     raise UserError(f"no passphrase after {PASSPHRASE_TRIES} tries; nothing was created")
 
 
+def unlock(path: Path) -> tuple[Keystore, ClientState]:
+    """Ask for the passphrase and open the keystore; on a terminal a wrong
+    passphrase is asked for again, :data:`PASSPHRASE_TRIES` times in all."""
+    tries = (
+        PASSPHRASE_TRIES if os.isatty(0) and not os.environ.get("ENCLAVES_PASSPHRASE_FILE") else 1
+    )
+    for attempt in range(1, tries + 1):
+        try:
+            return Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
+        except BadPassphrase as e:
+            if attempt == tries:
+                raise
+            sys.stderr.write(f"enclaves: {e}; try again\n")
+        except UserError as e:  # an empty line
+            if attempt == tries:
+                raise
+            sys.stderr.write(f"enclaves: {e}; try again\n")
+    raise AssertionError("not reached")
+
+
 def _read_stdin_line() -> str:
     """One line from fd 0, byte by byte, so that no later command is swallowed."""
     data = bytearray()
@@ -166,11 +203,41 @@ def _read_stdin_line() -> str:
     return data.decode("utf-8", errors="replace").rstrip("\r")
 
 
+class _Stdout:
+    """Standard output for ``enroll``: once it is gone (a closed pipe),
+    nothing more is written and ``on_gone`` is called once."""
+
+    gone = False
+    on_gone: Any = None
+
+    def write(self, line: str) -> None:
+        if self.gone:
+            return
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.went()
+
+    def went(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        # Nothing more can be written; the exit's own flush must not fail either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        if self.on_gone is not None:
+            self.on_gone()
+
+
+STDOUT = _Stdout()
+
+
 def _print(tag: str, text: str) -> None:
     from enclaves.client.ui import printable
 
-    sys.stdout.write(f"[{tag}] {printable(text)}\n")
-    sys.stdout.flush()
+    STDOUT.write(f"[{tag}] {printable(text)}\n")
 
 
 def _keystore_path(args: argparse.Namespace) -> Path:
@@ -189,7 +256,22 @@ def read_token() -> str:
     return _read_stdin_line()
 
 
-async def enroll(reactor: Any, args: argparse.Namespace) -> int:
+class _Enrollment:
+    """What ``enroll`` settled before the reactor runs (all the questions)."""
+
+    def __init__(
+        self, path: Path, keystore: Keystore, state: ClientState, endpoint: str, created: bool
+    ) -> None:
+        self.path, self.keystore, self.state = path, keystore, state
+        self.endpoint, self.created = endpoint, created
+
+
+def prepare_enroll(args: argparse.Namespace, held: list[tuple[Path, int]]) -> _Enrollment:
+    """The token, the keystore's lock, the passphrase and the keystore (made,
+    or opened to resume).  Runs before the reactor, so ^C and ^D at a prompt
+    are plain ``KeyboardInterrupt`` and ``EOFError``.  A lock this makes for
+    a keystore that does not exist is put in ``held`` (removed by
+    :func:`main` if no keystore is left at the end)."""
     try:
         token = parse_token(args.token if args.token is not None else read_token())
     except TokenError as e:
@@ -202,37 +284,51 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
     except EndpointError as e:
         raise UserError(str(e)) from None
     path = _keystore_path(args)
-    created = False
+    check_keystore_path(path, must_exist=False)
+    existed = path.exists()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock_keystore(path)
+    fd = lock_keystore(path)
+    if not existed:
+        held.append((path, fd))
     if path.exists():
-        keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
+        keystore, state = unlock(path)
         if state.user_id != token.user_id or state.enrolled:
             raise UserError(
                 f"{path} already holds an account; it was left untouched. To enroll "
                 "another account, move that file aside or give --keystore NEW_PATH"
             )
         _print("info", "resuming the interrupted enrollment")
-    else:
-        passphrase = read_passphrase("New keystore passphrase: ", new=True)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        core = ClientCore.new(token.user_id, token.keys, endpoint)
-        state = evolve(core.state(), pending_server_keys=KeyPair.generate(), enrolled=False)
+        return _Enrollment(path, keystore, state, endpoint, created=False)
+    passphrase = read_passphrase("New keystore passphrase: ", new=True)
+    core = ClientCore.new(token.user_id, token.keys, endpoint)
+    state = evolve(core.state(), pending_server_keys=KeyPair.generate(), enrolled=False)
+    try:
         keystore = Keystore.create(path, passphrase, state)
-        created = True
         _print("info", f"created keystore {path}")
+    except BaseException:  # ^C meanwhile: nothing was sent with it
+        path.unlink(missing_ok=True)
+        raise
+    return _Enrollment(path, keystore, state, endpoint, created=True)
+
+
+async def enroll(reactor: Any, args: argparse.Namespace, prepared: _Enrollment) -> int:
+    path, created = prepared.path, prepared.created
     app = ClientApp(
         reactor,
-        keystore,
-        state,
-        endpoint,
+        prepared.keystore,
+        prepared.state,
+        prepared.endpoint,
         _print,
         send_rate=args.send_rate,
         tick_interval=args.tick,
         reconnect=False,
         pending_keys_sent=not created,
     )
+    # ^C or SIGTERM, or standard output closed: save and disconnect cleanly.
+    reactor.addSystemEventTrigger("before", "shutdown", app.stop, EXIT_INTERRUPTED, "interrupted")
+    STDOUT.on_gone = lambda: app.stop(EXIT_OUTPUT_CLOSED, "standard output was closed")
     finished = app.start()
+    watch = _watch_silence(reactor, app, args.silence)
     either: Deferred[None] = Deferred()
 
     def fire(result: object) -> object:
@@ -242,41 +338,86 @@ async def enroll(reactor: Any, args: argparse.Namespace) -> int:
 
     app.enrolled.addCallback(fire)
     finished.addCallback(fire)
-    await either
+    try:
+        await either
+    finally:
+        watch.stop()
     if not app.enrolled.called:
         code, text = app.outcome or (1, "stopped")
         if created and (app.token_refused or not app.rotate_sent):
             path.unlink(missing_ok=True)
             text += " (the new keystore was removed)"
         elif app.rotate_sent:
-            text += (
-                f" The enrollment may be half done: run the same 'enclaves enroll' command "
+            text = text.rstrip(".") + (
+                f". The enrollment may be half done: run the same 'enclaves enroll' command "
                 f"again (it reuses {path})."
             )
-        raise UserError(text)
-    await app.wait_sent(30.0)
+        raise UserError(text, code if code in (EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED) else 1)
+    await app.wait_sent(ENROLL_SEND_WAIT)
+    cut = app.outcome  # the connection ended (or ^C) after the enrollment completed
+    pending = app.pending_count()
     core = app.core
     _print("enrolled", f"you are user {core.user_id}")
     _print("fingerprint", f"{core.user_id}: {' '.join(core.fingerprint().split())}")
     _print("ik", core.own_ik_text())
     for line in ENROLL_HELP.splitlines():
         _print("help", line)
-    code, text = await app.stop(0)
-    return code
+    if pending:
+        why = "the connection ended" if cut is not None else f"no answer in {ENROLL_SEND_WAIT:g} s"
+        _print(
+            "warn",
+            f"{pending} key exchange(s) not accepted by the server yet ({why}); they are "
+            "kept and sent the next time you run 'enclaves'",
+        )
+    code, _ = await app.stop(0)
+    # Enrolled: the keystore is complete whatever ended the connection.
+    return code if code in (EXIT_INTERRUPTED, EXIT_OUTPUT_CLOSED) else 0
+
+
+def _watch_silence(reactor: Any, app: ClientApp, limit: float) -> Any:
+    """Stop ``app`` once connected and nothing came from the server for
+    ``limit`` seconds (the server or the path stopped answering)."""
+    from twisted.internet.task import LoopingCall
+
+    since: list[float] = []
+
+    def check() -> None:
+        if app.outcome is not None or app.conn is None:
+            return
+        now = app.now()
+        if not since:
+            since.append(now)  # connected: the clock starts
+        heard = max(since[0], app._last_heard)  # when the server last spoke
+        if now - heard >= limit:
+            app.stop(1, f"the server at {shown(app.endpoint)} stopped answering for {limit:g} s")
+
+    watch = LoopingCall(check)
+    watch.clock = reactor
+    watch.start(min(1.0, limit / 4), now=False)
+    return watch
 
 
 # -- chat -----------------------------------------------------------------------
 
 
-async def chat(reactor: Any, args: argparse.Namespace) -> int:
+def prepare_chat(args: argparse.Namespace) -> tuple[Keystore, ClientState, str]:
+    """The keystore's lock, the passphrase, the keystore and the server: before
+    the reactor runs, so ^C and ^D at the prompt are plain exceptions."""
+    path = _keystore_path(args)
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"no keystore at {path}: enroll first with 'enclaves enroll TOKEN'")
+    check_keystore_path(path, must_exist=True)
+    lock_keystore(path)
+    keystore, state = unlock(path)
+    return keystore, state, _chat_endpoint(args, state)
+
+
+async def chat(
+    reactor: Any, args: argparse.Namespace, prepared: tuple[Keystore, ClientState, str]
+) -> int:
     from twisted.internet.stdio import StandardIO
 
-    path = _keystore_path(args)
-    if not path.exists():
-        raise UserError(f"no keystore at {path}: enroll first with 'enclaves enroll TOKEN'")
-    lock_keystore(path)
-    keystore, state = Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
-    endpoint = _chat_endpoint(args, state)
+    keystore, state, endpoint = prepared
     holder: list[ClientApp] = []
 
     attached: list[Deferred[None]] = []  # a script's commands, once attached
@@ -285,7 +426,11 @@ async def chat(reactor: Any, args: argparse.Namespace) -> int:
         if holder:
             ensureDeferred(_finish(holder[0], ui, args.eof_grace, attached))
 
-    ui = LineUI(on_eof=on_eof, quit_waits=not os.isatty(0))
+    def on_output_gone() -> None:
+        if holder:
+            holder[0].stop(EXIT_OUTPUT_CLOSED)
+
+    ui = _ChatUI(on_eof=on_eof, quit_waits=not os.isatty(0), on_output_gone=on_output_gone)
     mode = _editing_terminal(args)
     if mode is not None:
         terminal = TerminalIO(ui, ui.prompt, _columns)
@@ -377,7 +522,7 @@ async def _chat(
     keystore: Keystore,
     state: ClientState,
     endpoint: str,
-    ui: LineUI,
+    ui: _ChatUI,
     holder: list[ClientApp],
     attached: list[Deferred[None]],
 ) -> int:
@@ -402,10 +547,33 @@ async def _chat(
         # the end-of-input grace): contacts and keys are then up to date.
         attached.append(ensureDeferred(_attach_when_logged_in(app, ui, args.eof_grace)))
     code, text = await app.start()
+    if ui.output_gone:
+        return EXIT_OUTPUT_CLOSED
     if text:
         ui.line("fatal" if code else "info", text)
     await ui.close()
     return code
+
+
+class _ChatUI(LineUI):
+    """The chat's UI; standard output going away (a closed pipe) calls
+    ``on_output_gone``: nothing more can be shown, so the client stops."""
+
+    def __init__(self, *args: Any, on_output_gone: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_output_gone = on_output_gone
+        self.output_gone = False
+
+    def writeConnectionLost(self) -> None:
+        if not self.output_gone:
+            self.output_gone = True
+            if self._on_output_gone is not None:
+                self._on_output_gone()
+
+    def close(self) -> Deferred[None]:
+        if self.output_gone:  # nothing left to flush (and no close would come)
+            return succeed(None)
+        return super().close()
 
 
 async def _attach_when_logged_in(app: ClientApp, ui: LineUI, grace: float) -> None:
@@ -506,6 +674,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     is_enroll = bool(argv) and argv[0] == "enroll"
     args = _parser(is_enroll).parse_args(argv[1:] if is_enroll else argv)
+    held: list[tuple[Path, int]] = []  # lock files made by this enroll
+    try:
+        return _main(is_enroll, args, held)
+    finally:
+        for path, fd in held:
+            remove_lock(path, fd)  # only if no keystore was left
+
+
+def _main(is_enroll: bool, args: argparse.Namespace, held: list[tuple[Path, int]]) -> int:
+    # The questions first, before the reactor takes over the signals.
+    try:
+        prepared: Any = prepare_enroll(args, held) if is_enroll else prepare_chat(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")  # the cursor is still after the prompt
+        return EXIT_INTERRUPTED
+    except EOFError:
+        sys.stderr.write("\nenclaves: error: end of input at the prompt; nothing was done\n")
+        return 1
+    except (UserError, KeystoreError) as error:
+        sys.stderr.write(f"enclaves: error: {error}\n")
+        return getattr(error, "code", 1)
+    if STDOUT.gone:
+        return EXIT_OUTPUT_CLOSED
+
     from twisted.internet import reactor
 
     _log_warnings_to_stderr()
@@ -515,14 +707,15 @@ def main(argv: list[str] | None = None) -> int:
         error = failure.value
         if isinstance(error, (UserError, KeystoreError)):
             sys.stderr.write(f"enclaves: error: {error}\n")
+            outcome["code"] = getattr(error, "code", 1)
         else:
             sys.stderr.write(f"enclaves: internal error: {failure.getErrorMessage()}\n")
             failure.printTraceback(file=sys.stderr)
-        outcome["code"] = 1
+            outcome["code"] = 1
 
     def go() -> None:
         run = enroll if is_enroll else chat
-        d: Deferred[Any] = ensureDeferred(run(reactor, args))
+        d: Deferred[Any] = ensureDeferred(run(reactor, args, prepared))
         d.addCallbacks(lambda code: outcome.update(code=code), report)
         d.addBoth(lambda _: _stop(reactor))
 

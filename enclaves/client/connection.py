@@ -60,6 +60,7 @@ __all__ = [
     "ClientConnectionFactory",
     "Disconnected",
     "LoginFailed",
+    "NotAnEnclavesServer",
     "connect",
 ]
 
@@ -80,6 +81,25 @@ class LoginFailed(Exception):
         super().__init__(f"{_code_name(code)}: {text}")
         self.code = code
         self.text = text
+
+
+class NotAnEnclavesServer(LoginFailed):
+    """The first bytes from the server are no Enclaves frame: something else
+    (an SSH or web server, say) listens there.  ``text`` says what it looks like."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(0, text)
+
+
+def _looks_like(first: bytes) -> str:
+    """What a server whose first bytes are ``first`` seems to be."""
+    if first.startswith(b"SSH-"):
+        return "it looks like an SSH server"
+    if first.startswith(b"HTTP/"):
+        return "it looks like a web server"
+    if first[:3].isdigit() and first[3:4] in (b" ", b"-"):
+        return "it looks like a mail or FTP server"  # "220 ..." greetings
+    return "its first bytes are no Enclaves frame"
 
 
 @frozen
@@ -152,6 +172,9 @@ class ClientConnection(Protocol):
         self._done = False
         self._login_nonce: int | None = None
         self._directory_parts: list[int] = []
+        self._first_bytes = b""  # before the first whole frame: what the server sent
+        self._not_enclaves: str | None = None
+        self._frames_seen = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection user={self.user_id}>"
@@ -178,11 +201,19 @@ class ClientConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._done:
             return
+        first_frame = self._session is None and not self.ready.called
+        if first_frame and len(self._first_bytes) < 16:
+            self._first_bytes += data[: 16 - len(self._first_bytes)]
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
+            if first_frame and not self._frames_seen:
+                # Not one frame yet: most likely another kind of server.
+                self._not_enclaves = _looks_like(self._first_bytes)
             self._abort(Disconnected(int(error.code), f"bad frame from the server: {error}"))
             return
+        if frames:
+            self._frames_seen = True
         self._receiving = True
         try:
             for frame in frames:
@@ -202,7 +233,10 @@ class ClientConnection(Protocol):
             text = result.text
             if self._reason is None:  # e.g. a TLS certificate check failed
                 text = f"{text}: {reason.getErrorMessage()}"
-            self.ready.errback(LoginFailed(result.code or 0, text))
+            if self._not_enclaves is not None:
+                self.ready.errback(NotAnEnclavesServer(self._not_enclaves))
+            else:
+                self.ready.errback(LoginFailed(result.code or 0, text))
         self.closed.callback(result)
 
     # -- frames -------------------------------------------------------------------

@@ -40,6 +40,10 @@ __all__ = [
     "seal_file",
     "open_file",
     "Keystore",
+    "check_keystore_path",
+    "lock_keystore",
+    "lock_path",
+    "remove_lock",
 ]
 
 MAGIC = b"ENCLAVKS"
@@ -50,27 +54,83 @@ _HEADER = struct.Struct(">8sHBIII16s")
 HEADER_SIZE = _HEADER.size  # 39
 
 
+def lock_path(path: Path) -> Path:
+    """``PATH.lock`` next to the keystore (symlinks resolved)."""
+    path = path.resolve()  # two symlinks to one keystore share one lock
+    return path.with_name(path.name + ".lock")
+
+
+def check_keystore_path(path: Path, must_exist: bool) -> None:
+    """Refuse, before any lock file is made, a path that cannot be a keystore:
+    a directory, something that is not a regular file, a file that is not a
+    keystore, or (``must_exist``) nothing at all."""
+    if path.is_dir():
+        raise KeystoreError(f"{path} is a directory: give the keystore's file name")
+    if not path.exists():
+        if must_exist:
+            raise KeystoreError(f"no keystore at {path}")
+        if not path.parent.is_dir() and path.parent.exists():
+            raise KeystoreError(f"{path.parent} is not a directory")
+        return
+    if not path.is_file():
+        raise KeystoreError(f"{path} is not a regular file, so not a keystore")
+    try:
+        with path.open("rb") as f:
+            head = f.read(HEADER_SIZE)
+    except OSError as e:
+        raise KeystoreError(f"cannot read keystore {path}: {e.strerror}") from None
+    if head[: len(MAGIC)] != MAGIC:
+        raise KeystoreError(f"{path} is not an Enclaves keystore; it was left untouched")
+
+
 def lock_keystore(path: Path) -> int:
     """Hold ``PATH.lock`` (an exclusive ``flock``) for the rest of this
     process: one client per keystore, so two never overwrite each other's
-    saves.  Returns the lock's file descriptor; the lock goes with the process."""
-    path = path.resolve()  # two symlinks to one keystore share one lock
-    lock_path = path.with_name(path.name + ".lock")
+    saves.  Returns the lock's file descriptor; the lock goes with the process.
+
+    The lock is taken on the file that is at ``PATH.lock`` once the lock is
+    held (checked by inode): a lock file removed by :func:`remove_lock` while
+    another process waited to open it is never mistaken for the current one.
+    """
+    lock = lock_path(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(10):
+        try:
+            fd = os.open(lock, flags, 0o600)
+        except OSError as e:
+            raise KeystoreError(f"cannot open {lock}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise KeystoreError(
+                f"{path.resolve()} is in use by another enclaves client on this machine; "
+                "quit that one first"
+            ) from None
+        except OSError:
+            return fd  # a file system without locks: go on unlocked, as before locks existed
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # removed (or replaced) meanwhile: lock the one there now
+    raise KeystoreError(f"cannot lock {lock}: it keeps being replaced")
+
+
+def remove_lock(path: Path, fd: int) -> None:
+    """Remove the lock file this process holds (``fd`` from
+    :func:`lock_keystore`) if no keystore exists at ``path``: a failed
+    enrollment leaves nothing behind.  Removed while still held, so a
+    client that opened it meanwhile notices (see :func:`lock_keystore`)."""
+    if path.exists():
+        return
     try:
-        fd = os.open(lock_path, flags, 0o600)
-    except OSError as e:
-        raise KeystoreError(f"cannot open {lock_path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise KeystoreError(
-            f"{path} is in use by another enclaves client on this machine; quit that one first"
-        ) from None
+        os.unlink(lock_path(path))
     except OSError:
-        pass  # a file system without locks: go on unlocked, as before locks existed
-    return fd
+        pass
+    os.close(fd)
 
 
 class KeystoreError(Exception):

@@ -320,7 +320,7 @@ class TerminalIO(Protocol):
         self.ui.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
-        pass
+        self.ui.writeConnectionLost()  # the terminal is gone
 
     def connectionLost(self, reason: Any = None) -> None:
         self.ui.connectionLost(reason)

@@ -209,3 +209,26 @@ def test_one_client_per_keystore(tmp_path: Path) -> None:
         holder.wait(10)
     lock_keystore(path)  # free again
     assert (tmp_path / "keystore.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_lock_file_is_removed_only_without_a_keystore(tmp_path: Path) -> None:
+    """remove_lock (a failed enroll) leaves nothing; with a keystore the lock
+    file stays; a lock file removed while held is not mistaken for the new one."""
+    import fcntl
+    import os
+
+    from enclaves.client.keystore import lock_keystore, remove_lock
+
+    path = tmp_path / "keystore"
+    lock = tmp_path / "keystore.lock"
+    fd = lock_keystore(path)
+    stale = os.open(lock, os.O_RDWR)  # another client opened it, not locked yet
+    remove_lock(path, fd)
+    assert not lock.exists()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old file: free, but gone
+    fd = lock_keystore(path)  # a new file: the one that counts
+    assert os.path.samestat(os.fstat(fd), os.stat(lock))
+    os.close(stale)
+    path.write_bytes(b"ENCLAVKS")
+    remove_lock(path, fd)
+    assert lock.exists()
