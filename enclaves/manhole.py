@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from enclaves.adminshell import AdminLineShell, AdminManhole
 from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.printable import printable
 from enclaves.server.listening import listening_service
 from enclaves.serverkey import StartupError
 
@@ -206,6 +207,7 @@ def read_admin_keys(path: Path) -> AdminKeys:
             continue
         fields = line.split(None, 2)
         comment = fields[2].decode("utf-8", "replace").strip() if len(fields) > 2 else ""
+        comment = printable(comment)  # it is logged with each login
         comments.setdefault(key.blob(), comment)
         found.append(key)
     return AdminKeys(tuple(found), comments)
@@ -238,7 +240,8 @@ class AdminKeyChecker(SSHPublicKeyChecker):
         self._admin_keys = admin_keys
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AdminIdentity]:
-        username = credentials.username.decode("utf-8", "replace")
+        # Any bytes the client likes: logged, so escaped.
+        username = printable(credentials.username.decode("utf-8", "replace"))
         result: defer.Deferred[Any] = super().requestAvatarId(credentials)
 
         def accepted(_username: bytes) -> AdminIdentity:
@@ -491,7 +494,7 @@ class AdminServerTransport(transport.SSHServerTransport):
         log.info(
             "admin shell: SSH client {peer} disconnected ({reason})",
             peer=_peer(self),
-            reason=description.decode("utf-8", "replace")[:200],
+            reason=printable(description.decode("utf-8", "replace")[:200]),
         )
 
 
@@ -548,7 +551,7 @@ def manhole_service(
     log.info(
         "admin shell on {endpoint} for {count} admin key(s); SSH host key {path} "
         "({state}), fingerprint {fingerprint}",
-        endpoint=endpoint,
+        endpoint=printable(endpoint),
         count=len(admin_keys.public_keys),
         path=str(Path(data_dir) / HOST_KEY_FILE),
         state="created now" if created else "existing",

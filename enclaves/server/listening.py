@@ -10,6 +10,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from enclaves.printable import printable
 from enclaves.serverkey import StartupError
 
 __all__ = ["ListeningService", "StartupRefused", "listening_service", "refuse_start"]
@@ -29,11 +30,12 @@ def listening_service(option: str, description: str, factory: Any, reactor: Any)
     listen when twistd starts the services (port in use, no permission)
     ends start-up through :func:`refuse_start`.
     """
+    what = f"{option} {printable(description)}"  # one line, whatever was given
     try:
         listener = strports.service(description, factory, reactor=reactor)
     except Exception as error:  # the endpoint parsers raise many kinds
-        raise StartupError(f"{option} {description}: {_reason(error)}") from None
-    return ListeningService(f"{option} {description}", listener)
+        raise StartupError(f"{what}: {_reason(error)}") from None
+    return ListeningService(what, listener)
 
 
 class ListeningService(MultiService):
@@ -56,7 +58,7 @@ def _reason(error: BaseException) -> str:
         cause = error.socketError
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
-    text = " ".join(str(error).split())
+    text = printable(" ".join(str(error).split()))
     return text or type(error).__name__
 
 

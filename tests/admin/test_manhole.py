@@ -224,3 +224,33 @@ def test_one_admin_connection_opens_at_most_max_channels_sessions() -> None:
         user.lookupChannel(b"session", 1 << 16, 1 << 15, b"")
     del conn.channels[0]
     assert isinstance(user.lookupChannel(b"session", 1 << 16, 1 << 15, b""), AdminSessionChannel)
+
+
+def test_peer_controlled_text_is_logged_escaped(tmp_path: Path) -> None:
+    """An SSH client chooses its user name and its goodbye text: neither may
+    carry an escape sequence or a newline (a forged line) into the log."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.conch.ssh.keys import Key
+    from twisted.cred.credentials import SSHPrivateKey
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    from enclaves.manhole import AdminKeyChecker, AdminKeys
+
+    normal = _disconnect_logged(tmp_path, 11, b"bye\x1b[2J\n2030-01-01 [enclaves#info] fake")
+    text = "\n".join(formatEvent(e) for e in normal)
+    assert "disconnected (bye\\x1b[2J\\n2030-01-01 [enclaves#info] fake)" in text, text
+
+    stranger = Key(Ed25519PrivateKey.generate()).public()
+    checker = AdminKeyChecker(AdminKeys((), {}))
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        credentials = SSHPrivateKey(b"ro\x1b]0;x\x07ot", b"ssh-ed25519", stranger.blob(), b"x", b"sig")
+        checker.requestAvatarId(credentials).addErrback(lambda _: None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "for user ro\\x1b]0;x\\x07ot" in text, text
+    assert "\x1b" not in text and "\x07" not in text
+    who = AdminIdentity("admin", "SHA256:x", "comment")
+    assert str(who) == "admin key SHA256:x (comment)"

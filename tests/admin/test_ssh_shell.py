@@ -238,6 +238,19 @@ def test_piped_commands_without_pty_run_in_order_and_end_at_eof(shell_server: Se
     assert "SSH client 127.0.0.1:" in log and "Got remote error" not in log
 
 
+def test_escape_sequences_neither_reach_the_output_nor_the_log(shell_server: Setup) -> None:
+    """docs/admin.rst: script output has no terminal escape sequences, and a
+    typed line cannot retitle or recolour the terminal of whoever reads the log."""
+    result = _script(shell_server, b'"\x1b[31mRED\x1b[0m"\n\x1b]0;pwned\x07\n')
+    assert result.returncode == 1, result
+    out = result.stdout.decode()
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout, result.stdout
+    assert out.startswith("\\x1b[31mRED\\x1b[0m\nerror: "), out
+    log = shell_server.daemon.log_text()
+    assert "typed: \\x1b]0;pwned\\x07" in log
+    assert "\x1b" not in log and "\x07" not in log
+
+
 def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
     """End of input right behind ``issue()`` must not lose the token it made."""
     result = _script(shell_server, b'issue("127.0.0.1:7500")\n\x04')
