@@ -154,8 +154,18 @@ def test_admin_shell_offers_no_weak_ssh_algorithms(tmp_path: Path) -> None:
     transport = factory.buildProtocol(None)
     assert transport.supportedCiphers == [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
     assert transport.supportedMACs == [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
-    assert b"curve25519-sha256" in transport.supportedKeyExchanges
-    assert not any(b"sha1" in k for k in transport.supportedKeyExchanges)
+    assert transport.supportedKeyExchanges == [
+        b"mlkem768x25519-sha256",
+        b"curve25519-sha256",
+        b"curve25519-sha256@libssh.org",
+        b"ecdh-sha2-nistp256",
+        b"ecdh-sha2-nistp384",
+        b"ecdh-sha2-nistp521",
+    ]
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "admin.rst").read_text().split())
+    for name in transport.supportedKeyExchanges + transport.supportedCiphers:
+        assert f"``{name.decode()}``" in docs, name  # docs/admin.rst names what is offered
+    assert "group exchange" not in docs.replace("no group exchange", "")
 
 
 def _disconnect_logged(tmp_path: Path, code: int, reason: bytes) -> list[Any]:
@@ -245,7 +255,9 @@ def test_peer_controlled_text_is_logged_escaped(tmp_path: Path) -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        credentials = SSHPrivateKey(b"ro\x1b]0;x\x07ot", b"ssh-ed25519", stranger.blob(), b"x", b"sig")
+        credentials = SSHPrivateKey(
+            b"ro\x1b]0;x\x07ot", b"ssh-ed25519", stranger.blob(), b"x", b"sig"
+        )
         checker.requestAvatarId(credentials).addErrback(lambda _: None)
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -254,3 +266,27 @@ def test_peer_controlled_text_is_logged_escaped(tmp_path: Path) -> None:
     assert "\x1b" not in text and "\x07" not in text
     who = AdminIdentity("admin", "SHA256:x", "comment")
     assert str(who) == "admin key SHA256:x (comment)"
+
+
+def test_conch_chatter_is_dropped_its_warnings_kept_escaped() -> None:
+    from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+
+    from enclaves.manhole import ConchLogFilter
+
+    events: list[LogEvent] = []
+    logger = Logger(
+        namespace="twisted.conch.ssh.connection", observer=ConchLogFilter(events.append)
+    )
+    logger.debug("adding {n} to {w} in channel 0", n=98304, w=32768)
+    logger.info("channel open")
+    logger.warn("other side unimplemented packet #{seqnum}", seqnum=3)
+    # Conch passes text a client chose, even as the format string itself.
+    logger.error("Unsupported key type ssh-\x1b]0;x\x07 or bad key")
+    logger.error("Unsupported key type ssh-{ or bad key")
+    assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.error, LogLevel.error]
+    text = [formatEvent(e) for e in events]
+    assert text[:2] == [
+        "other side unimplemented packet #3",
+        "Unsupported key type ssh-\\x1b]0;x\\x07 or bad key",
+    ]
+    assert "\x1b" not in text[2] and "\n" not in text[2]

@@ -251,6 +251,29 @@ def test_escape_sequences_neither_reach_the_output_nor_the_log(shell_server: Set
     assert "\x1b" not in log and "\x07" not in log
 
 
+def test_the_log_holds_no_ssh_chatter(shell_server: Setup) -> None:
+    """Conch's debug and info lines (window sizes, key exchange steps, channel
+    opens) stay out of the log; the shell's own lines are there."""
+    shell = PtyShell(shell_server.argv("-tt"))
+    try:
+        shell.expect(r"enclaves> ")
+        shell.line("pending()")
+        shell.expect(r"pending message")
+        shell.send("\x04")
+        assert shell.wait() == 0
+    finally:
+        shell.close()
+    assert _script(shell_server, b"users()\n").returncode == 0
+    log = shell_server.daemon.log_text()
+    chatter = re.findall(
+        r"^.*\[(?:twisted\.conch[\w.]*|enclaves\.manhole\.\w+)#(?:debug|info)\].*$", log, re.M
+    )
+    assert chatter == [], chatter
+    assert "in channel" not in log and "moduli file" not in log and "Starting factory" not in log
+    assert "opened the admin shell without a terminal" in log and "typed: users()" in log
+    assert "opened the admin shell\n" in log.replace("\r", "")
+
+
 def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
     """End of input right behind ``issue()`` must not lose the token it made."""
     result = _script(shell_server, b'issue("127.0.0.1:7500")\n\x04')
@@ -500,6 +523,8 @@ async def test_issued_token_enrolls_a_client_over_tcp(shell_server: Setup) -> No
         ("-o", "Ciphers=aes128-cbc,3des-cbc"),
         ("-o", "MACs=hmac-sha1,hmac-md5"),
         ("-o", "KexAlgorithms=diffie-hellman-group14-sha1,diffie-hellman-group-exchange-sha1"),
+        # Not weak, but not offered (no moduli file): docs/admin.rst says so.
+        ("-o", "KexAlgorithms=diffie-hellman-group-exchange-sha256"),
     ],
 )
 def test_weak_ssh_algorithms_refused(shell_server: Setup, options: tuple[str, str]) -> None:
