@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -191,6 +192,22 @@ def _refuse_writable_by_others(path: Path) -> None:
             )
 
 
+#: A public key after something else on its line: authorized_keys options.
+_KEY_AFTER_OPTIONS = re.compile(rb"(?=\s((?:ssh-|ecdsa-|sk-)\S+\s+AAAA\S+.*)$)")
+
+
+def _has_options(line: bytes) -> bool:
+    """Whether ``line`` is a public key with authorized_keys options before it
+    (``from="..."``, ``command="..."``, ``restrict``, ...)."""
+    for match in _KEY_AFTER_OPTIONS.finditer(line):
+        try:
+            if keys.Key.fromString(match.group(1)).isPublic():
+                return True
+        except Exception:  # noqa: S112 - not a key there; the line is skipped anyway
+            continue
+    return False
+
+
 def read_admin_keys(path: Path) -> AdminKeys:
     """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged.
 
@@ -232,6 +249,17 @@ def read_admin_keys(path: Path) -> AdminKeys:
             if not key.isPublic():
                 raise keys.BadKeyError("not a public key")
         except Exception:
+            if _has_options(line):
+                # Admitting the key without its from= or command= would give it
+                # more than it was meant to have; honouring them is not done.
+                log.warn(
+                    "admin keys {path} line {number}: authorized_keys options (from=, "
+                    "command=, restrict, ...) are not supported; the key is skipped (remove "
+                    "the options to admit it)",
+                    path=str(path),
+                    number=number,
+                )
+                continue
             log.warn(
                 "admin keys {path} line {number}: not an OpenSSH public key, skipped",
                 path=str(path),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -34,7 +35,7 @@ def listening_service(option: str, description: str, factory: Any, reactor: Any)
     try:
         listener = strports.service(description, factory, reactor=reactor)
     except Exception as error:  # the endpoint parsers raise many kinds
-        raise StartupError(f"{what}: {_reason(error)}") from None
+        raise StartupError(f"{what}: {_parse_reason(error)}") from None
     return ListeningService(what, listener)
 
 
@@ -51,6 +52,29 @@ class ListeningService(MultiService):
             super().privilegedStartService()
         except Exception as error:
             refuse_start(f"{self._what}: cannot listen: {_reason(error)}")
+
+
+#: What the endpoint parsers say, and what the admin is told instead.
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base \d+: (.*)")
+_UNKNOWN_PARAMETER = re.compile(r"got an unexpected keyword argument (.*)")
+_UNKNOWN_TYPE = re.compile(r"Unknown endpoint type: (.*)")
+_EXAMPLE = "e.g. tcp:7500:interface=127.0.0.1 or ssl:7500:privateKey=key.pem:certKey=cert.pem"
+
+
+def _parse_reason(error: BaseException) -> str:
+    """Why an endpoint description does not parse, in the admin's words."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return printable(f"cannot read {error.filename}: {error.strerror}")
+    text = printable(" ".join(str(error).split()))
+    if match := _NOT_A_NUMBER.search(text):
+        reason = f"{match.group(1)} is not a number, and the port must be one"
+    elif match := _UNKNOWN_PARAMETER.search(text):
+        reason = f"unknown parameter {match.group(1)}"
+    elif match := _UNKNOWN_TYPE.search(text):
+        reason = f"unknown endpoint type {match.group(1)}"
+    else:
+        reason = text or type(error).__name__
+    return f"not a valid endpoint: {reason} ({_EXAMPLE})"
 
 
 def _reason(error: BaseException) -> str:

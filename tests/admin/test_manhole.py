@@ -290,3 +290,34 @@ def test_conch_chatter_is_dropped_its_warnings_kept_escaped() -> None:
         "Unsupported key type ssh-\\x1b]0;x\\x07 or bad key",
     ]
     assert "\x1b" not in text[2] and "\n" not in text[2]
+
+
+@needs_keygen
+def test_a_key_with_authorized_keys_options_is_skipped_saying_why(tmp_path: Path) -> None:
+    """from= or command= cannot be honoured: the key is not admitted without
+    them, and the log says options are the reason (not "not a key")."""
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    alice = make_key(tmp_path / "alice", "alice@laptop").with_suffix(".pub").read_text()
+    bob = make_key(tmp_path / "bob", "bob@desk").with_suffix(".pub").read_text()
+    path = tmp_path / "admin_keys"
+    path.write_text(
+        f'from="10.0.0.1",command="ssh-agent AAAAx y" {alice}'
+        f"restrict {bob}"
+        "ssh-ed25519 not-base64 broken\n"
+    )
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        admin_keys = read_admin_keys(path)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert admin_keys.public_keys == ()
+    log = "\n".join(formatEvent(event) for event in events)
+    for number in (1, 2):
+        assert (
+            f"line {number}: authorized_keys options (from=, command=, restrict, ...) are not "
+            "supported; the key is skipped (remove the options to admit it)"
+        ) in log, log
+    assert "line 3: not an OpenSSH public key, skipped" in log
+    assert "line 1: not an OpenSSH" not in log and "10.0.0.1" not in log
