@@ -8,8 +8,12 @@ from typing import Any, NoReturn
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from enclaves.printable import printable
 from enclaves.serverkey import StartupError
@@ -23,7 +27,9 @@ class StartupRefused(Exception):
     """Start-up stopped while twistd was starting the services; the reason is on stderr."""
 
 
-def listening_service(option: str, description: str, factory: Any, reactor: Any) -> IService:
+def listening_service(
+    option: str, description: str, factory: Any, reactor: Any
+) -> ListeningService:
     """``strports.service`` for ``option``, failing in one line that names option and endpoint.
 
     A description that does not parse (or names a certificate that cannot
@@ -40,11 +46,21 @@ def listening_service(option: str, description: str, factory: Any, reactor: Any)
 
 
 class ListeningService(MultiService):
-    """Holds one listening service; a failure to listen ends start-up in one line."""
+    """Holds one listening service; a failure to listen ends start-up in one line.
+
+    Tells what it listens on, for the admin shell's ``issue()`` to check a
+    token's address against: :attr:`tls` (an ``ssl:`` endpoint) and, once
+    listening, :attr:`port` (None before, or for a UNIX socket).
+    """
 
     def __init__(self, what: str, listener: IService) -> None:
         super().__init__()
         self._what = what
+        self.port: int | None = None
+        endpoint = getattr(listener, "endpoint", None)
+        self.tls = isinstance(endpoint, SSL4ServerEndpoint)
+        if endpoint is not None:
+            listener.endpoint = _PortRecorder(endpoint, self)  # type: ignore[attr-defined]
         listener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -75,6 +91,23 @@ def _parse_reason(error: BaseException) -> str:
     else:
         reason = text or type(error).__name__
     return f"not a valid endpoint: {reason} ({_EXAMPLE})"
+
+
+@implementer(IStreamServerEndpoint)
+class _PortRecorder:
+    """An endpoint that listens as the one it wraps and notes the port it got."""
+
+    def __init__(self, endpoint: Any, service: ListeningService) -> None:
+        self._endpoint = endpoint
+        self._service = service
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self._service.port = getattr(port.getHost(), "port", None)
+            return port
+
+        listening: Deferred[IListeningPort] = self._endpoint.listen(factory)
+        return listening.addCallback(record)
 
 
 def _reason(error: BaseException) -> str:

@@ -546,3 +546,26 @@ def test_default_ssh_negotiates_strong_algorithms(shell_server: Setup) -> None:
     assert kex and cipher, log
     assert "sha1" not in kex.group(1)
     assert cipher.group(1).endswith("-ctr") and cipher.group(2).startswith("hmac-sha2-")
+
+
+def test_issue_warns_when_the_address_does_not_match_the_client_listener(
+    shell_server: Setup,
+) -> None:
+    """The server listens for clients on plain TCP, daemon.port: a tls: address
+    or another port still gets its token, with a warning line saying what is off."""
+    port = shell_server.daemon.port
+    other = port + 1 if port < 65535 else port - 1
+    script = f'issue("tls:127.0.0.1:{port}", hours=1)\nissue("127.0.0.1:{other}")\n'
+    script += f'issue("127.0.0.1:{port}")\n'
+    result = _script(shell_server, script.encode())
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    answers = out.split("enrollment token for new user ")[1:]
+    assert len(answers) == 3, out
+    tls, wrong_port, fine = answers
+    assert "plain TCP" in tls and "warning: the address says tls:" in tls
+    assert f"warning: this server listens for clients on port {port}, not {other}" in wrong_port
+    assert "warning" not in fine
+    ids = [int(answer.split()[0]) for answer in answers]
+    revokes = "".join(f"revoke({i})\n" for i in ids).encode()
+    assert _script(shell_server, revokes).returncode == 0

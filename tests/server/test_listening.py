@@ -47,3 +47,24 @@ def test_a_certificate_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     assert message == (
         f"--listen ssl:7500:privateKey={missing}: cannot read {missing}: No such file or directory"
     )
+
+
+def test_the_listener_tells_its_port_once_listening_and_whether_it_is_tls(
+    tmp_path: Path,
+) -> None:
+    """What issue() checks a token's address against."""
+    from twisted.internet.testing import MemoryReactor
+
+    from tests.system.test_client_tls import key_pem, make_ca, make_server_cert, pem
+
+    reactor = MemoryReactor()
+    plain = listening_service("--listen", "tcp:7500:interface=127.0.0.1", Factory(), reactor)
+    assert plain.tls is False and plain.port is None
+    plain.privilegedStartService()
+    assert plain.port == 7500 and reactor.tcpServers[0][0] == 7500
+    ca_key, ca = make_ca("ca")
+    key, cert = make_server_cert(ca_key, ca, "localhost")
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    (tmp_path / "cert.pem").write_bytes(pem(cert))
+    description = f"ssl:0:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
+    assert listening_service("--listen", description, Factory(), reactor).tls is True
