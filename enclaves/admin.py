@@ -27,7 +27,16 @@ from enclaves.storage.interface import (
     UserRecord,
 )
 
-__all__ = ["Admin", "AdminError", "Command", "RouterView", "Text", "make_namespace"]
+__all__ = [
+    "Admin",
+    "AdminError",
+    "Command",
+    "ListenerView",
+    "RouterView",
+    "Text",
+    "address_warnings",
+    "make_namespace",
+]
 
 log = Logger()
 
@@ -69,6 +78,42 @@ class RouterView(Protocol):
     def revoke(self, user_id: int) -> defer.Deferred[int]: ...
 
     def stats(self) -> Any: ...
+
+
+class ListenerView(Protocol):
+    """What the admin shell knows of the client listener (``--listen``)."""
+
+    @property
+    def tls(self) -> bool: ...
+
+    @property
+    def port(self) -> int | None: ...
+
+
+def address_warnings(address: str, listener: ListenerView | None) -> list[str]:
+    """Lines warning that a token's ``host:port`` / ``tls:host:port`` does not
+    match the client listener: TLS or not, and the port (None: unknown)."""
+    if listener is None:
+        return []
+    warnings = []
+    wants_tls = address.startswith("tls:")
+    if wants_tls and not listener.tls:
+        warnings.append(
+            "warning: the address says tls:, but this server's client listener (--listen) "
+            "is plain TCP: the newcomer's client will fail unless a TLS proxy is in front"
+        )
+    elif listener.tls and not wants_tls:
+        warnings.append(
+            "warning: this server's client listener (--listen) speaks TLS, but the address "
+            "has no tls: in front, so the newcomer's client will not use TLS"
+        )
+    port = int(address.rpartition(":")[2])
+    if listener.port is not None and port != listener.port:
+        warnings.append(
+            f"warning: this server listens for clients on port {listener.port}, not {port}: "
+            f"the newcomer's client will fail unless a proxy or NAT forwards port {port} to it"
+        )
+    return warnings
 
 
 def format_time(unix_seconds: float) -> str:
@@ -146,7 +191,9 @@ class Admin:
     (online state, revoke, counters), ``clock`` an ``IReactorTime``.
     ``files`` names the files the server holds outside the storage's own
     inventory (the SSH host key, for instance), with a description each.
-    Every method logs who did what (``who`` is a printable admin identity).
+    ``listener`` is the client listener: ``issue()`` warns when the address
+    it is given does not match it.  Every method logs who did what (``who``
+    is a printable admin identity).
     """
 
     def __init__(
@@ -158,6 +205,7 @@ class Admin:
         data_dir: Path | None = None,
         files: Sequence[tuple[Path, str]] = (),
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
+        listener: ListenerView | None = None,
     ) -> None:
         self._storage = storage
         self._router = router
@@ -165,6 +213,7 @@ class Admin:
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._files = tuple((Path(path), text) for path, text in files)
         self._token_lifetime = token_lifetime
+        self._listener = listener
 
     # -- commands -------------------------------------------------------
 
@@ -185,13 +234,16 @@ class Admin:
                 user_id=token.user_id,
                 expires=format_time(expires_ms / 1000),
             )
+            warnings = address_warnings(address, self._listener) if address else []
+            for warning in warnings:
+                log.info("admin {admin}: {warning}", admin=str(who), warning=warning)
             return Text(
                 f"enrollment token for new user {token.user_id}\n"
                 f"single use, expires {format_time(expires_ms / 1000)} "
                 f"(in {format_duration(lifetime)}):\n"
                 f"\n  {token}\n\n"
                 "Give it to the newcomer over a channel you trust; whoever holds it "
-                "can enroll once."
+                "can enroll once." + "".join(f"\n{warning}" for warning in warnings)
             )
 
         d = create_enrollment(self._storage, now_ms, lifetime)
@@ -427,8 +479,10 @@ def make_namespace(admin: Admin, who: object) -> dict[str, Any]:
         hours unless the server was started with another), or ``hours`` (at
         most 720).  ``host`` ("chat.example:7500", or "tls:chat.example:7500"
         for a TLS listener) is appended to the token so the newcomer's
-        client knows where and how to connect.  Give the token to the
-        newcomer over a channel you trust: whoever holds it can enroll once.
+        client knows where and how to connect; a warning follows the token
+        when it is not this server's client listener (TLS or not, port).
+        Give the token to the newcomer over a channel you trust: whoever
+        holds it can enroll once.
         Example: issue("chat.example:7500")
         """
         return admin.issue(who, host, hours)

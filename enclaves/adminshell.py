@@ -3,7 +3,9 @@
 :class:`AdminManhole` is the interactive shell on a terminal (a pty):
 prompt, line editing, history.  :class:`AdminLineShell` is the same
 interpreter without a terminal (``ssh -T``, or a command given to ssh):
-plain lines in, plain text out, no escape sequences.  See docs/admin.rst.
+plain lines in, plain text out, no escape sequences.  In both, what the
+shell writes has its control characters escaped (:func:`shown`), and so has
+every line logged.  See docs/admin.rst.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from twisted.conch import manhole
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from enclaves.printable import printable
 
 __all__ = ["AdminInterpreter", "AdminLineShell", "AdminManhole"]
 
@@ -47,11 +51,21 @@ def _one_line(error: BaseException) -> str:
     return f"error: {name}: {text}" if text else f"error: {name}"
 
 
+def shown(data: str | bytes) -> str:
+    """Output of the shell as it is written: control characters but newline
+    and tab escaped (``\\x1b``), so no result or ``print()`` can send the
+    admin's terminal an escape sequence."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    return printable(data, keep="\n\t")
+
+
 def log_typed_line(identity: object, line: bytes) -> None:
-    """Log one input line of an admin, tokens masked."""
+    """Log one input line of an admin, tokens masked, control characters escaped."""
     text = mask_tokens(line.decode("utf-8", "replace"))
     if len(text) > MAX_LOGGED_LINE:
         text = text[:MAX_LOGGED_LINE] + f"... ({len(text)} characters)"
+    text = printable(text)
     if text.strip():
         log.info("admin {admin} typed: {line}", admin=str(identity), line=text)
 
@@ -71,8 +85,8 @@ def log_unexpected(identity: object, error: BaseException, failure: Failure | No
     log.error(
         "admin {admin}: unexpected error in a command: {error}",
         admin=str(identity),
-        error=mask_tokens(f"{type(error).__name__}: {error}"),
-        traceback=mask_tokens(failure.getTraceback()),
+        error=printable(mask_tokens(f"{type(error).__name__}: {error}")),
+        traceback=printable(mask_tokens(failure.getTraceback()), keep="\n"),
     )
 
 
@@ -199,7 +213,7 @@ class AdminManhole(manhole.Manhole):
 
     def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
         if self.terminal is not None:  # None once the session has ended
-            super().addOutput(data, isAsync)
+            super().addOutput(shown(data), isAsync)
 
     def log_error(self, error: BaseException, failure: Failure | None = None) -> None:
         log_unexpected(self.identity, error, failure)
@@ -229,7 +243,8 @@ class AdminLineShell(protocol.Protocol):
     included) has been written.  End of input (the client's EOF, or a
     Ctrl-D byte) ends the session once all of it is written: ``finish`` is
     called with exit status 0, or 1 if any command failed.  Output is plain
-    text with ``newline`` line ends; no prompt, no banner, no escapes.
+    text with ``newline`` line ends; no prompt, no banner, no escape
+    sequences (control characters are escaped, see :func:`shown`).
     """
 
     def __init__(
@@ -338,8 +353,7 @@ class AdminLineShell(protocol.Protocol):
     def addOutput(self, data: Any, isAsync: bool | None = None) -> None:
         if self._lost or not data:
             return
-        if not isinstance(data, bytes):
-            data = str(data).encode("utf-8")
+        data = shown(data if isinstance(data, bytes) else str(data)).encode("utf-8")
         if self._newline != b"\n":
             data = data.replace(b"\n", self._newline)
         self.transport.write(data)  # type: ignore[union-attr]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import stat
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -22,18 +23,26 @@ from twisted.conch import manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.ssh import channel as ssh_channel
-from twisted.conch.ssh import common, connection, keys, session, transport
+from twisted.conch.ssh import common, connection, keys, session, transport, userauth
 from twisted.cred import error as cred_error
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from enclaves.adminshell import AdminLineShell, AdminManhole
 from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.printable import printable
 from enclaves.server.listening import listening_service
 from enclaves.serverkey import StartupError
 
@@ -52,6 +61,32 @@ __all__ = [
 HOST_KEY_FILE = "ssh_host_ed25519_key"
 
 log = Logger()
+
+
+@implementer(ILogObserver)
+class ConchLogFilter:
+    """Where the SSH machinery's own log events go: only warnings and errors
+    pass, and their text is escaped (a client chooses some of it).
+
+    Conch logs each packet's bookkeeping (``adding 98304 to 32768 in channel
+    0``, key exchange steps, channel opens) at debug and info level: more
+    than a third of the lines of an admin session.  This shell logs what
+    matters itself (logins, refused keys, typed lines, disconnects).
+    """
+
+    def __init__(self, observer: ILogObserver = globalLogPublisher) -> None:
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level", LogLevel.info) < LogLevel.warn:
+            return
+        if event.get("log_format") is not None:
+            event = dict(event, log_format="{conch_text}", conch_text=printable(formatEvent(event)))
+        self._observer(event)
+
+
+#: The logger of every Conch class the admin shell uses (their ``_log``).
+_conch_log = Logger(observer=ConchLogFilter())
 
 
 def openssh_fingerprint(key: keys.Key) -> str:
@@ -157,6 +192,22 @@ def _refuse_writable_by_others(path: Path) -> None:
             )
 
 
+#: A public key after something else on its line: authorized_keys options.
+_KEY_AFTER_OPTIONS = re.compile(rb"(?=\s((?:ssh-|ecdsa-|sk-)\S+\s+AAAA\S+.*)$)")
+
+
+def _has_options(line: bytes) -> bool:
+    """Whether ``line`` is a public key with authorized_keys options before it
+    (``from="..."``, ``command="..."``, ``restrict``, ...)."""
+    for match in _KEY_AFTER_OPTIONS.finditer(line):
+        try:
+            if keys.Key.fromString(match.group(1)).isPublic():
+                return True
+        except Exception:  # noqa: S112 - not a key there; the line is skipped anyway
+            continue
+    return False
+
+
 def read_admin_keys(path: Path) -> AdminKeys:
     """Parse an OpenSSH authorized_keys file; lines that are not keys are skipped and logged.
 
@@ -198,6 +249,17 @@ def read_admin_keys(path: Path) -> AdminKeys:
             if not key.isPublic():
                 raise keys.BadKeyError("not a public key")
         except Exception:
+            if _has_options(line):
+                # Admitting the key without its from= or command= would give it
+                # more than it was meant to have; honouring them is not done.
+                log.warn(
+                    "admin keys {path} line {number}: authorized_keys options (from=, "
+                    "command=, restrict, ...) are not supported; the key is skipped (remove "
+                    "the options to admit it)",
+                    path=str(path),
+                    number=number,
+                )
+                continue
             log.warn(
                 "admin keys {path} line {number}: not an OpenSSH public key, skipped",
                 path=str(path),
@@ -206,6 +268,7 @@ def read_admin_keys(path: Path) -> AdminKeys:
             continue
         fields = line.split(None, 2)
         comment = fields[2].decode("utf-8", "replace").strip() if len(fields) > 2 else ""
+        comment = printable(comment)  # it is logged with each login
         comments.setdefault(key.blob(), comment)
         found.append(key)
     return AdminKeys(tuple(found), comments)
@@ -238,7 +301,8 @@ class AdminKeyChecker(SSHPublicKeyChecker):
         self._admin_keys = admin_keys
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AdminIdentity]:
-        username = credentials.username.decode("utf-8", "replace")
+        # Any bytes the client likes: logged, so escaped.
+        username = printable(credentials.username.decode("utf-8", "replace"))
         result: defer.Deferred[Any] = super().requestAvatarId(credentials)
 
         def accepted(_username: bytes) -> AdminIdentity:
@@ -381,25 +445,43 @@ class AdminSessionChannel(session.SSHSession):
     (Conch's looks one up per login, so two channels of one connection
     would share their pty and shell state.)  Its ``exec`` request does not
     log the command verbatim as Conch's does: the line shell logs each line
-    with tokens masked.
+    with tokens masked.  Its ``shell`` and ``pty-req`` requests are not
+    logged at all (Conch logs them at info level, the shell logs the login).
     """
+
+    _log = _conch_log
 
     @cached_property
     def _session(self) -> Any:
         made = self.session = self.avatar.make_session()  # type: ignore[union-attr]
         return made
 
-    def request_exec(self, data: bytes) -> int:
+    def _start(self, what: str, start: Callable[[session.SSHSessionProcessProtocol], None]) -> int:
         if self.client is not None:
             return 0
-        command = common.getNS(data)[0]
         client = session.SSHSessionProcessProtocol(self)
         try:
-            self._session.execCommand(client, command)
+            start(client)
         except Exception:
-            log.failure("admin shell: could not run a command")
+            log.failure("admin shell: could not {what}", what=what)
             return 0
         self.client = client
+        return 1
+
+    def request_exec(self, data: bytes) -> int:
+        command = common.getNS(data)[0]
+        return self._start("run a command", lambda c: self._session.execCommand(c, command))
+
+    def request_shell(self, data: bytes) -> int:
+        return self._start("open the shell", self._session.openShell)
+
+    def request_pty_req(self, data: bytes) -> int:
+        term, window_size, modes = session.parseRequest_pty_req(data)
+        try:
+            self._session.getPty(term, window_size, modes)
+        except Exception:
+            log.failure("admin shell: could not set up a terminal")
+            return 0
         return 1
 
 
@@ -409,6 +491,8 @@ MAX_CHANNELS = 8
 
 class AdminUser(manhole_ssh.TerminalUser):
     """The SSH avatar of one admin; each session channel gets ``make_session()``."""
+
+    _log = _conch_log
 
     def __init__(
         self, original: Any, identity: AdminIdentity, make_session: Callable[[], Any]
@@ -469,20 +553,39 @@ class AdminRealm:
 
 
 # Conch's defaults minus the weak: no 3DES or CBC, no MD5 or SHA-1 MACs, no
-# SHA-1 key exchanges.  OpenSSH's defaults all remain.
+# SHA-1 key exchanges.  OpenSSH's defaults all remain.  Finite-field group
+# exchange is off too: it needs a moduli file of vetted primes, which Conch
+# does not read (it would log, per connection, that it turns it off).
 SSH_CIPHERS = [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
 SSH_MACS = [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
 _WEAK_KEX = {b"diffie-hellman-group-exchange-sha1", b"diffie-hellman-group14-sha1",
              b"diffie-hellman-group1-sha1"}  # fmt: skip
+_NO_KEX = _WEAK_KEX | {b"diffie-hellman-group-exchange-sha256"}
+
+
+class AdminUserAuth(userauth.SSHUserAuthServer):
+    """Conch's user authentication, logging through :class:`ConchLogFilter`."""
+
+    _log = _conch_log
+
+
+class AdminConnection(connection.SSHConnection):
+    """Conch's connection service, logging through :class:`ConchLogFilter`."""
+
+    _log = _conch_log
 
 
 class AdminServerTransport(transport.SSHServerTransport):
     """Conch's server transport; a client's normal disconnect is not logged as an error.
 
+    Logs through :class:`ConchLogFilter`, like every Conch class of the shell.
+
     OpenSSH ends every session with DISCONNECT "disconnected by user"
     (``DISCONNECT_BY_APPLICATION``), which Conch logs at error level;
     every other reason still is.
     """
+
+    _log = _conch_log
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if reasonCode != transport.DISCONNECT_BY_APPLICATION:
@@ -491,7 +594,7 @@ class AdminServerTransport(transport.SSHServerTransport):
         log.info(
             "admin shell: SSH client {peer} disconnected ({reason})",
             peer=_peer(self),
-            reason=description.decode("utf-8", "replace")[:200],
+            reason=printable(description.decode("utf-8", "replace")[:200]),
         )
 
 
@@ -506,6 +609,9 @@ class AdminShellFactory(manhole_ssh.ConchFactory):
     and only strong algorithms."""
 
     protocol = AdminServerTransport
+    services = {b"ssh-userauth": AdminUserAuth, b"ssh-connection": AdminConnection}
+    _log = _conch_log
+    noisy = False  # no "Starting factory" / "Stopping factory" lines
 
     def __init__(self, portal: Portal, host_key: keys.Key) -> None:
         super().__init__(portal)
@@ -518,7 +624,7 @@ class AdminShellFactory(manhole_ssh.ConchFactory):
         transport.supportedCiphers = [c for c in transport.supportedCiphers if c in SSH_CIPHERS]
         transport.supportedMACs = [m for m in transport.supportedMACs if m in SSH_MACS]
         transport.supportedKeyExchanges = [
-            k for k in transport.supportedKeyExchanges if k not in _WEAK_KEX
+            k for k in transport.supportedKeyExchanges if k not in _NO_KEX
         ]
         return transport
 
@@ -548,7 +654,7 @@ def manhole_service(
     log.info(
         "admin shell on {endpoint} for {count} admin key(s); SSH host key {path} "
         "({state}), fingerprint {fingerprint}",
-        endpoint=endpoint,
+        endpoint=printable(endpoint),
         count=len(admin_keys.public_keys),
         path=str(Path(data_dir) / HOST_KEY_FILE),
         state="created now" if created else "existing",

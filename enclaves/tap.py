@@ -19,7 +19,7 @@ from enclaves.server.lifecycle import (
     DisconnectOnStop,
     FreezeStartupObjects,
 )
-from enclaves.server.listening import listening_service
+from enclaves.server.listening import ListeningService, listening_service
 from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -241,7 +241,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         sys.stderr.write(f"enclaves: error: {error}\n")
         raise SystemExit(1) from None
     listener.setServiceParent(top)
-    shell = _admin_shell(options, storage, router, key_path, reactor)
+    shell = _admin_shell(options, storage, router, key_path, reactor, listener)
     if shell is not None:
         shell.setServiceParent(top)
     FreezeStartupObjects(reactor).setServiceParent(top)
@@ -255,7 +255,12 @@ def _purge_enrollments(router: Router) -> Any:
 
 
 def _admin_shell(
-    options: Options, storage: Any, router: Any, key_path: Path, reactor: Any
+    options: Options,
+    storage: Any,
+    router: Any,
+    key_path: Path,
+    reactor: Any,
+    listener: ListeningService,
 ) -> IService | None:
     """The SSH admin shell's service, or None (with a log line saying why it is off)."""
     if options["admin-keys"] is None:
@@ -286,6 +291,7 @@ def _admin_shell(
         data_dir=data_dir,
         token_lifetime=options["token-lifetime"],
         files=files,
+        listener=listener,
     )
     try:
         return manhole_service(

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, NoReturn
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from enclaves.printable import printable
 from enclaves.serverkey import StartupError
 
 __all__ = ["ListeningService", "StartupRefused", "listening_service", "refuse_start"]
@@ -21,7 +27,9 @@ class StartupRefused(Exception):
     """Start-up stopped while twistd was starting the services; the reason is on stderr."""
 
 
-def listening_service(option: str, description: str, factory: Any, reactor: Any) -> IService:
+def listening_service(
+    option: str, description: str, factory: Any, reactor: Any
+) -> ListeningService:
     """``strports.service`` for ``option``, failing in one line that names option and endpoint.
 
     A description that does not parse (or names a certificate that cannot
@@ -29,19 +37,30 @@ def listening_service(option: str, description: str, factory: Any, reactor: Any)
     listen when twistd starts the services (port in use, no permission)
     ends start-up through :func:`refuse_start`.
     """
+    what = f"{option} {printable(description)}"  # one line, whatever was given
     try:
         listener = strports.service(description, factory, reactor=reactor)
     except Exception as error:  # the endpoint parsers raise many kinds
-        raise StartupError(f"{option} {description}: {_reason(error)}") from None
-    return ListeningService(f"{option} {description}", listener)
+        raise StartupError(f"{what}: {_parse_reason(error)}") from None
+    return ListeningService(what, listener)
 
 
 class ListeningService(MultiService):
-    """Holds one listening service; a failure to listen ends start-up in one line."""
+    """Holds one listening service; a failure to listen ends start-up in one line.
+
+    Tells what it listens on, for the admin shell's ``issue()`` to check a
+    token's address against: :attr:`tls` (an ``ssl:`` endpoint) and, once
+    listening, :attr:`port` (None before, or for a UNIX socket).
+    """
 
     def __init__(self, what: str, listener: IService) -> None:
         super().__init__()
         self._what = what
+        self.port: int | None = None
+        endpoint = getattr(listener, "endpoint", None)
+        self.tls = isinstance(endpoint, SSL4ServerEndpoint)
+        if endpoint is not None:
+            listener.endpoint = _PortRecorder(endpoint, self)  # type: ignore[attr-defined]
         listener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -51,12 +70,52 @@ class ListeningService(MultiService):
             refuse_start(f"{self._what}: cannot listen: {_reason(error)}")
 
 
+#: What the endpoint parsers say, and what the admin is told instead.
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base \d+: (.*)")
+_UNKNOWN_PARAMETER = re.compile(r"got an unexpected keyword argument (.*)")
+_UNKNOWN_TYPE = re.compile(r"Unknown endpoint type: (.*)")
+_EXAMPLE = "e.g. tcp:7500:interface=127.0.0.1 or ssl:7500:privateKey=key.pem:certKey=cert.pem"
+
+
+def _parse_reason(error: BaseException) -> str:
+    """Why an endpoint description does not parse, in the admin's words."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return printable(f"cannot read {error.filename}: {error.strerror}")
+    text = printable(" ".join(str(error).split()))
+    if match := _NOT_A_NUMBER.search(text):
+        reason = f"{match.group(1)} is not a number, and the port must be one"
+    elif match := _UNKNOWN_PARAMETER.search(text):
+        reason = f"unknown parameter {match.group(1)}"
+    elif match := _UNKNOWN_TYPE.search(text):
+        reason = f"unknown endpoint type {match.group(1)}"
+    else:
+        reason = text or type(error).__name__
+    return f"not a valid endpoint: {reason} ({_EXAMPLE})"
+
+
+@implementer(IStreamServerEndpoint)
+class _PortRecorder:
+    """An endpoint that listens as the one it wraps and notes the port it got."""
+
+    def __init__(self, endpoint: Any, service: ListeningService) -> None:
+        self._endpoint = endpoint
+        self._service = service
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self._service.port = getattr(port.getHost(), "port", None)
+            return port
+
+        listening: Deferred[IListeningPort] = self._endpoint.listen(factory)
+        return listening.addCallback(record)
+
+
 def _reason(error: BaseException) -> str:
     if isinstance(error, CannotListenError):
         cause = error.socketError
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
-    text = " ".join(str(error).split())
+    text = printable(" ".join(str(error).split()))
     return text or type(error).__name__
 
 

@@ -280,3 +280,51 @@ def test_help_lists_every_command_and_shows_each() -> None:
     with pytest.raises(AdminError, match="no command 'nope'"):
         ns["help"]("nope")
     assert repr(ns["revoke"]).startswith("revoke(user_id): Remove a user")
+
+
+@attrs.define
+class Listener:
+    tls: bool = False
+    port: int | None = 7500
+
+
+@pytest.mark.parametrize(
+    ("address", "listener", "expected"),
+    [
+        ("chat.example:7500", Listener(), []),
+        ("tls:chat.example:7500", Listener(tls=True), []),
+        ("127.0.0.1:7500", None, []),
+        ("tls:127.0.0.1:7500", Listener(), ["says tls:, but this server's client listener"]),
+        ("127.0.0.1:7500", Listener(tls=True), ["speaks TLS, but the address has no tls:"]),
+        ("127.0.0.1:7599", Listener(), ["listens for clients on port 7500, not 7599"]),
+        ("chat.example:443", Listener(port=None), []),
+        (
+            "tls:[::1]:7599",
+            Listener(),
+            ["says tls:, but", "listens for clients on port 7500, not 7599"],
+        ),
+    ],
+)
+def test_address_warnings(address: str, listener: Listener | None, expected: list[str]) -> None:
+    from enclaves.admin import address_warnings
+
+    warnings = address_warnings(address, listener)
+    assert len(warnings) == len(expected), warnings
+    for warning, part in zip(warnings, expected, strict=True):
+        assert warning.startswith("warning: ") and part in warning and "\n" not in warning
+
+
+def test_issue_for_an_address_the_server_does_not_listen_on_warns_but_issues() -> None:
+    storage = MemoryStorage()
+    clock = task.Clock()
+    admin = Admin(storage, SmallRouter(storage), clock, listener=Listener(port=7500))
+    ns = make_namespace(admin, "alice")
+    out = result(ns["issue"]("tls:127.0.0.1:7599", hours=1))
+    token = parse_token(re.search(r"enclaves1:\S+", out).group(0))
+    assert token.address == "tls:127.0.0.1:7599"
+    assert result(storage.load_user(token.user_id)).enrolling
+    lines = out.splitlines()
+    assert lines[-2].startswith("warning: the address says tls:, but this server's client")
+    assert lines[-1].startswith("warning: this server listens for clients on port 7500, not 7599")
+    matching = result(ns["issue"]("chat.example:7500"))
+    assert "warning" not in matching

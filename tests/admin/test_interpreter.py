@@ -88,3 +88,16 @@ def test_typed_lines_are_logged_with_tokens_masked() -> None:
     log = "\n".join(formatEvent(event) for event in events)
     assert 'admin admin key SHA256:x (alice@laptop) typed: x = "enclaves1:<masked>@h:1"' in log
     assert "A" * 20 not in log
+
+
+def test_on_a_terminal_results_and_prints_have_their_escapes_escaped() -> None:
+    transport, server = terminal({"colour": lambda: Text("\x1b]0;pwned\x07title\n")})
+    shown(transport)
+    type_line(server, "colour()")
+    type_line(server, 'print("\\x1b[2J")')
+    type_line(server, '"\\x1b[31m"')
+    raw = transport.value()
+    assert b"pwned" in raw and b"\x07" not in raw and b"\x1b]" not in raw
+    text = _ESCAPES.sub(b"", raw).decode()
+    assert "\\x1b]0;pwned\\x07title\n" in text
+    assert "\\x1b[2J\n" in text and "\\x1b[31m\n" in text

@@ -180,3 +180,26 @@ def test_many_waiting_lines_run_a_share_per_reactor_turn() -> None:
     assert [c.getTime() for c in clock.getDelayedCalls()] == [0]
     clock.advance(0)  # (task.Clock runs the later shares in this one advance)
     assert ran == list(range(3 * LINES_PER_TURN + 5)) and finished == [0]
+
+
+def test_escape_sequences_in_output_and_in_the_log_are_escaped() -> None:
+    """A result, a print() or an error cannot send the admin's terminal an
+    escape sequence, nor a typed line put one in the server log."""
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        shell, finished = line_shell({"slow": lambda: defer.succeed(Text("a\x1b[2Jb\nc\td"))})
+        shell.dataReceived(b'"\x1b[31mRED\x1b[0m"\n\x1b]0;pwned\x07\nprint("\\x9b1m\\r")\nslow()\n')
+        shell.end_of_input()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    out = output(shell)
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out and "\r" not in out
+    assert out.startswith("\\x1b[31mRED\\x1b[0m\nerror: ")
+    assert "\\x9b1m\\r\n" in out and out.endswith("a\\x1b[2Jb\nc\td\n")
+    assert finished == [1]
+    log = "\n".join(formatEvent(event) for event in events)
+    assert "typed: \\x1b]0;pwned\\x07" in log
+    assert "\x1b" not in log and "\x07" not in log

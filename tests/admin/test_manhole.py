@@ -154,8 +154,18 @@ def test_admin_shell_offers_no_weak_ssh_algorithms(tmp_path: Path) -> None:
     transport = factory.buildProtocol(None)
     assert transport.supportedCiphers == [b"aes256-ctr", b"aes192-ctr", b"aes128-ctr"]
     assert transport.supportedMACs == [b"hmac-sha2-512", b"hmac-sha2-384", b"hmac-sha2-256"]
-    assert b"curve25519-sha256" in transport.supportedKeyExchanges
-    assert not any(b"sha1" in k for k in transport.supportedKeyExchanges)
+    assert transport.supportedKeyExchanges == [
+        b"mlkem768x25519-sha256",
+        b"curve25519-sha256",
+        b"curve25519-sha256@libssh.org",
+        b"ecdh-sha2-nistp256",
+        b"ecdh-sha2-nistp384",
+        b"ecdh-sha2-nistp521",
+    ]
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "admin.rst").read_text().split())
+    for name in transport.supportedKeyExchanges + transport.supportedCiphers:
+        assert f"``{name.decode()}``" in docs, name  # docs/admin.rst names what is offered
+    assert "group exchange" not in docs.replace("no group exchange", "")
 
 
 def _disconnect_logged(tmp_path: Path, code: int, reason: bytes) -> list[Any]:
@@ -224,3 +234,90 @@ def test_one_admin_connection_opens_at_most_max_channels_sessions() -> None:
         user.lookupChannel(b"session", 1 << 16, 1 << 15, b"")
     del conn.channels[0]
     assert isinstance(user.lookupChannel(b"session", 1 << 16, 1 << 15, b""), AdminSessionChannel)
+
+
+def test_peer_controlled_text_is_logged_escaped(tmp_path: Path) -> None:
+    """An SSH client chooses its user name and its goodbye text: neither may
+    carry an escape sequence or a newline (a forged line) into the log."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.conch.ssh.keys import Key
+    from twisted.cred.credentials import SSHPrivateKey
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    from enclaves.manhole import AdminKeyChecker, AdminKeys
+
+    normal = _disconnect_logged(tmp_path, 11, b"bye\x1b[2J\n2030-01-01 [enclaves#info] fake")
+    text = "\n".join(formatEvent(e) for e in normal)
+    assert "disconnected (bye\\x1b[2J\\n2030-01-01 [enclaves#info] fake)" in text, text
+
+    stranger = Key(Ed25519PrivateKey.generate()).public()
+    checker = AdminKeyChecker(AdminKeys((), {}))
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        credentials = SSHPrivateKey(
+            b"ro\x1b]0;x\x07ot", b"ssh-ed25519", stranger.blob(), b"x", b"sig"
+        )
+        checker.requestAvatarId(credentials).addErrback(lambda _: None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "for user ro\\x1b]0;x\\x07ot" in text, text
+    assert "\x1b" not in text and "\x07" not in text
+    who = AdminIdentity("admin", "SHA256:x", "comment")
+    assert str(who) == "admin key SHA256:x (comment)"
+
+
+def test_conch_chatter_is_dropped_its_warnings_kept_escaped() -> None:
+    from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+
+    from enclaves.manhole import ConchLogFilter
+
+    events: list[LogEvent] = []
+    logger = Logger(
+        namespace="twisted.conch.ssh.connection", observer=ConchLogFilter(events.append)
+    )
+    logger.debug("adding {n} to {w} in channel 0", n=98304, w=32768)
+    logger.info("channel open")
+    logger.warn("other side unimplemented packet #{seqnum}", seqnum=3)
+    # Conch passes text a client chose, even as the format string itself.
+    logger.error("Unsupported key type ssh-\x1b]0;x\x07 or bad key")
+    logger.error("Unsupported key type ssh-{ or bad key")
+    assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.error, LogLevel.error]
+    text = [formatEvent(e) for e in events]
+    assert text[:2] == [
+        "other side unimplemented packet #3",
+        "Unsupported key type ssh-\\x1b]0;x\\x07 or bad key",
+    ]
+    assert "\x1b" not in text[2] and "\n" not in text[2]
+
+
+@needs_keygen
+def test_a_key_with_authorized_keys_options_is_skipped_saying_why(tmp_path: Path) -> None:
+    """from= or command= cannot be honoured: the key is not admitted without
+    them, and the log says options are the reason (not "not a key")."""
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    alice = make_key(tmp_path / "alice", "alice@laptop").with_suffix(".pub").read_text()
+    bob = make_key(tmp_path / "bob", "bob@desk").with_suffix(".pub").read_text()
+    path = tmp_path / "admin_keys"
+    path.write_text(
+        f'from="10.0.0.1",command="ssh-agent AAAAx y" {alice}'
+        f"restrict {bob}"
+        "ssh-ed25519 not-base64 broken\n"
+    )
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        admin_keys = read_admin_keys(path)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert admin_keys.public_keys == ()
+    log = "\n".join(formatEvent(event) for event in events)
+    for number in (1, 2):
+        assert (
+            f"line {number}: authorized_keys options (from=, command=, restrict, ...) are not "
+            "supported; the key is skipped (remove the options to admit it)"
+        ) in log, log
+    assert "line 3: not an OpenSSH public key, skipped" in log
+    assert "line 1: not an OpenSSH" not in log and "10.0.0.1" not in log

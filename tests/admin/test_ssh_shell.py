@@ -238,6 +238,42 @@ def test_piped_commands_without_pty_run_in_order_and_end_at_eof(shell_server: Se
     assert "SSH client 127.0.0.1:" in log and "Got remote error" not in log
 
 
+def test_escape_sequences_neither_reach_the_output_nor_the_log(shell_server: Setup) -> None:
+    """docs/admin.rst: script output has no terminal escape sequences, and a
+    typed line cannot retitle or recolour the terminal of whoever reads the log."""
+    result = _script(shell_server, b'"\x1b[31mRED\x1b[0m"\n\x1b]0;pwned\x07\n')
+    assert result.returncode == 1, result
+    out = result.stdout.decode()
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout, result.stdout
+    assert out.startswith("\\x1b[31mRED\\x1b[0m\nerror: "), out
+    log = shell_server.daemon.log_text()
+    assert "typed: \\x1b]0;pwned\\x07" in log
+    assert "\x1b" not in log and "\x07" not in log
+
+
+def test_the_log_holds_no_ssh_chatter(shell_server: Setup) -> None:
+    """Conch's debug and info lines (window sizes, key exchange steps, channel
+    opens) stay out of the log; the shell's own lines are there."""
+    shell = PtyShell(shell_server.argv("-tt"))
+    try:
+        shell.expect(r"enclaves> ")
+        shell.line("pending()")
+        shell.expect(r"pending message")
+        shell.send("\x04")
+        assert shell.wait() == 0
+    finally:
+        shell.close()
+    assert _script(shell_server, b"users()\n").returncode == 0
+    log = shell_server.daemon.log_text()
+    chatter = re.findall(
+        r"^.*\[(?:twisted\.conch[\w.]*|enclaves\.manhole\.\w+)#(?:debug|info)\].*$", log, re.M
+    )
+    assert chatter == [], chatter
+    assert "in channel" not in log and "moduli file" not in log and "Starting factory" not in log
+    assert "opened the admin shell without a terminal" in log and "typed: users()" in log
+    assert "opened the admin shell\n" in log.replace("\r", "")
+
+
 def test_ctrl_d_after_issue_still_prints_the_token(shell_server: Setup) -> None:
     """End of input right behind ``issue()`` must not lose the token it made."""
     result = _script(shell_server, b'issue("127.0.0.1:7500")\n\x04')
@@ -487,6 +523,8 @@ async def test_issued_token_enrolls_a_client_over_tcp(shell_server: Setup) -> No
         ("-o", "Ciphers=aes128-cbc,3des-cbc"),
         ("-o", "MACs=hmac-sha1,hmac-md5"),
         ("-o", "KexAlgorithms=diffie-hellman-group14-sha1,diffie-hellman-group-exchange-sha1"),
+        # Not weak, but not offered (no moduli file): docs/admin.rst says so.
+        ("-o", "KexAlgorithms=diffie-hellman-group-exchange-sha256"),
     ],
 )
 def test_weak_ssh_algorithms_refused(shell_server: Setup, options: tuple[str, str]) -> None:
@@ -508,3 +546,26 @@ def test_default_ssh_negotiates_strong_algorithms(shell_server: Setup) -> None:
     assert kex and cipher, log
     assert "sha1" not in kex.group(1)
     assert cipher.group(1).endswith("-ctr") and cipher.group(2).startswith("hmac-sha2-")
+
+
+def test_issue_warns_when_the_address_does_not_match_the_client_listener(
+    shell_server: Setup,
+) -> None:
+    """The server listens for clients on plain TCP, daemon.port: a tls: address
+    or another port still gets its token, with a warning line saying what is off."""
+    port = shell_server.daemon.port
+    other = port + 1 if port < 65535 else port - 1
+    script = f'issue("tls:127.0.0.1:{port}", hours=1)\nissue("127.0.0.1:{other}")\n'
+    script += f'issue("127.0.0.1:{port}")\n'
+    result = _script(shell_server, script.encode())
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr)
+    answers = out.split("enrollment token for new user ")[1:]
+    assert len(answers) == 3, out
+    tls, wrong_port, fine = answers
+    assert "plain TCP" in tls and "warning: the address says tls:" in tls
+    assert f"warning: this server listens for clients on port {port}, not {other}" in wrong_port
+    assert "warning" not in fine
+    ids = [int(answer.split()[0]) for answer in answers]
+    revokes = "".join(f"revoke({i})\n" for i in ids).encode()
+    assert _script(shell_server, revokes).returncode == 0

@@ -212,11 +212,13 @@ def test_endpoint_that_does_not_parse_is_a_one_line_error(tmp_path: Path, option
     )
     result = _start_refused(
         tmp_path,
-        f"{option}=nonsense:7500",
+        f"{option}=tcp:notaport",
         "--listen=tcp:0:interface=127.0.0.1" if option == "--manhole" else "--manhole=tcp:0",
         f"--admin-keys={admin_keys}",
         f"--data-dir={data_dir}",
     )
     assert result.stderr.splitlines() == [
-        f"enclaves: error: {option} nonsense:7500: Unknown endpoint type: 'nonsense'"
+        f"enclaves: error: {option} tcp:notaport: not a valid endpoint: 'notaport' is not a "
+        "number, and the port must be one (e.g. tcp:7500:interface=127.0.0.1 or "
+        "ssl:7500:privateKey=key.pem:certKey=cert.pem)"
     ]

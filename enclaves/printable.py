@@ -1,0 +1,40 @@
+"""Text made safe to write to a terminal or a log: control characters escaped.
+
+Whatever a peer (an SSH client, an admin's typed line) can put in a log line
+or in the admin shell's output goes through :func:`printable`, so that an
+escape sequence cannot recolour, retitle or rewrite the admin's terminal,
+and a carriage return or newline cannot forge a log line.
+"""
+
+from __future__ import annotations
+
+__all__ = ["printable"]
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every character that is not printable written as Python's
+    ``repr`` writes it (``\\x1b``, ``\\n``, ``\\u202e``), except those in ``keep``.
+
+    Printable means :meth:`str.isprintable`: letters, digits, punctuation,
+    symbols and the plain space, in any script.  Escaped are the C0 and C1
+    control characters (ESC, BEL, CR, newline, tab, ...), DEL, format
+    characters such as the bidirectional overrides, line and paragraph
+    separators and the other spaces.  Backslashes are left alone.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)

@@ -1,0 +1,28 @@
+"""Escaping control characters for the terminal and the log."""
+
+from __future__ import annotations
+
+import pytest
+
+from enclaves.printable import printable
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain text, é ü 漢字 ✓", "plain text, é ü 漢字 ✓"),
+        ("\x1b[31mRED\x1b[0m", "\\x1b[31mRED\\x1b[0m"),
+        ("\x1b]0;pwned\x07", "\\x1b]0;pwned\\x07"),
+        ("a\rb\nc\td", "a\\rb\\nc\\td"),
+        ("\x7f\x9b\x00", "\\x7f\\x9b\\x00"),
+        ("abc\u202edef", "abc\\u202edef"),
+        ("\U000e0041", "\\U000e0041"),
+        ("back\\slash", "back\\slash"),
+    ],
+)
+def test_control_characters_escaped_like_repr(text: str, expected: str) -> None:
+    assert printable(text) == expected
+
+
+def test_kept_characters_stay() -> None:
+    assert printable("one\ntwo\tthree\x1b", keep="\n\t") == "one\ntwo\tthree\\x1b"
