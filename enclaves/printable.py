@@ -8,7 +8,13 @@ and a carriage return or newline cannot forge a log line.
 
 from __future__ import annotations
 
+import unicodedata
+
 __all__ = ["printable"]
+
+# Unicode general categories escaped: control, format, line and paragraph
+# separators, surrogates, private use.
+_ESCAPED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -26,15 +32,18 @@ def _escape(char: str) -> str:
 
 
 def printable(text: str, keep: str = "") -> str:
-    """``text`` with every character that is not printable written as Python's
-    ``repr`` writes it (``\\x1b``, ``\\n``, ``\\u202e``), except those in ``keep``.
+    """``text`` with every control, format, private-use and line- or
+    paragraph-separator character written as Python's ``repr`` writes it
+    (``\\x1b``, ``\\n``, ``\\u202e``), except those in ``keep``.
 
-    Printable means :meth:`str.isprintable`: letters, digits, punctuation,
-    symbols and the plain space, in any script.  Escaped are the C0 and C1
-    control characters (ESC, BEL, CR, newline, tab, ...), DEL, format
-    characters such as the bidirectional overrides, line and paragraph
-    separators and the other spaces.  Backslashes are left alone.
+    Escaped are the C0 and C1 control characters (ESC, BEL, CR, newline,
+    tab, DEL, ...), format characters such as the bidirectional overrides,
+    line and paragraph separators, surrogates and private-use characters.
+    Letters, digits, punctuation, symbols and spaces of any script stay, and
+    so do backslashes.
     """
     if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)
+        return text  # the common case; isprintable() is the stricter test
+    return "".join(
+        _escape(c) if c not in keep and unicodedata.category(c) in _ESCAPED else c for c in text
+    )

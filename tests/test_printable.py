@@ -18,6 +18,9 @@ from enclaves.printable import printable
         ("abc\u202edef", "abc\\u202edef"),
         ("\U000e0041", "\\U000e0041"),
         ("back\\slash", "back\\slash"),
+        # Spaces of other scripts are text, not controls.
+        ("a\u00a0b\u202fc", "a\u00a0b\u202fc"),
+        ("\ue000\u2028", "\\ue000\\u2028"),
     ],
 )
 def test_control_characters_escaped_like_repr(text: str, expected: str) -> None:

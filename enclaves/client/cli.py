@@ -235,7 +235,7 @@ STDOUT = _Stdout()
 
 
 def _print(tag: str, text: str) -> None:
-    from enclaves.client.ui import printable
+    from enclaves.printable import printable
 
     STDOUT.write(f"[{tag}] {printable(text)}\n")
 

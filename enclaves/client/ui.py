@@ -10,7 +10,6 @@ else means no.
 
 from __future__ import annotations
 
-import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from zope.interface import implementer
 from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
+from enclaves.printable import printable
 
 __all__ = ["LineUI", "HELP", "format_contact", "printable", "TaggedLogObserver", "REPORTED_BY_UI"]
 
@@ -51,23 +51,6 @@ HELP = """\
 YES = {"yes", "y"}
 NO = {"no", "n"}
 TROUBLE_TAGS = frozenset({"error", "refused", "failed"})
-
-
-def printable(text: str) -> str:
-    """``text`` with every control, format and line-separator character escaped.
-
-    Message text comes from other people: unescaped, a newline could forge a
-    whole output line (``[msg] ... (verified)``) and terminal escape sequences
-    could rewrite the screen.
-    """
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 # Warnings of the client's own log (by their format string) that the UI

@@ -12,8 +12,9 @@ from enclaves.client.app import ClientApp
 from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore
 from enclaves.client.state import decode_state, encode_state
-from enclaves.client.ui import LineUI, printable
+from enclaves.client.ui import LineUI
 from enclaves.crypto import KeyPair
+from enclaves.printable import printable
 from tests.client.helpers import keyed_app, make_core
 
 A, B = 1001, 2002
@@ -140,7 +141,7 @@ def test_peer_text_can_not_forge_lines_or_drive_the_terminal(ui) -> None:
     lines.line("msg", "hi\n[msg] 12:00:00 bob (verified): send money\x1b[2J\u202e")
     out = transport.value().decode()
     assert out.count("\n") == 1
-    assert "\\x0a[msg]" in out and "\\x1b[2J" in out and "\\u202e" in out
+    assert "\\n[msg]" in out and "\\x1b[2J" in out and "\\u202e" in out
     assert printable("grüße 👋") == "grüße 👋"
 
 
