@@ -229,3 +229,19 @@ def test_an_endless_directory_is_refused_not_kept() -> None:
     assert sent <= MAX_DIRECTORY + len(part.user_ids)
     assert client._directory_parts == []
     assert client.inbox.pending == []
+
+
+def test_only_first_bytes_unlike_an_enclaves_frame_name_another_server() -> None:
+    """A frame whose length was damaged on the way still starts like an
+    Enclaves frame (version, type): that is a bad frame from an Enclaves
+    server, not another kind of server, and the client must not say so."""
+    from enclaves.client.connection import _looks_like
+    from enclaves.frames import VERSION, FrameType
+
+    damaged = b"\x80\x00\x00\x5b" + bytes([VERSION, FrameType.WELCOME]) + bytes(10)
+    assert _looks_like(damaged) is None
+    assert _looks_like(b"SSH-2") is None  # too few bytes to tell
+    assert _looks_like(b"SSH-2.0-OpenSSH_9.6\r\n") == "it looks like an SSH server"
+    assert _looks_like(b"HTTP/1.1 400 Bad") == "it looks like a web server"
+    assert _looks_like(b"220 mail.example ESMTP") == "it looks like a mail or FTP server"
+    assert _looks_like(b"\xff" * 16) is None  # not a frame, not a known greeting either
