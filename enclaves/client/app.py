@@ -931,6 +931,9 @@ class ClientApp:
         if not prefix or len(matches) != 1:
             raise ContactError(f"no single outbox message matches {prefix!r} (see /outbox)")
         item = self.core.retry(matches[0].msg_id)
+        # A message held for a failed save is sent by this retry, not also by
+        # the release of what was held once the retry's save succeeds.
+        self._held.pop(item.msg_id, None)
         self._apply([item], quiet=True)  # a failed save: the UI says so (is_held)
         return item
 
