@@ -700,15 +700,22 @@ class ClientApp:
     def _with_address(self, token: str) -> str:
         """An INVITE's token with this client's server address appended
         (``@host:port`` or ``@tls:host:port``, as the admin's tokens carry it),
-        so that the newcomer needs no --server."""
-        address = host_port(self.endpoint)
+        so that the newcomer needs no --server.  An address the server put in
+        the token itself (the reference server never does) is replaced: the
+        newcomer's keystore keeps it, so a server must not be able to send the
+        newcomer elsewhere under this client's name."""
+        ours = shown(self.endpoint) if host_port(self.endpoint) is not None else None
         try:
             parsed = parse_token(token)
         except TokenError:
             return token  # shown as the server sent it; enroll will say what is wrong
-        if parsed.address is not None or address is None:
-            return token
-        return str(evolve(parsed, address=shown(self.endpoint)))
+        if parsed.address is not None and parsed.address != ours:
+            self.out(
+                "warn",
+                f"the server's invitation token named the address {parsed.address!r}; "
+                + (f"replaced by {ours}, the one this client uses" if ours else "removed"),
+            )
+        return str(evolve(parsed, address=ours))
 
     def _on_error(self, message: Error) -> list[Event]:
         try:

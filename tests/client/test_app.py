@@ -432,10 +432,19 @@ def test_an_invite_token_names_the_server_and_its_expiry_has_a_date(
     shown = text.rsplit(": ", 1)[1]
     assert shown == token + suffix
     assert parse_token(shown).address == suffix[1:]
-    # A token that names its server already is shown as it came.
+    # The reference server never names an address: one the server put in is
+    # not shown as if it were this client's (the newcomer's keystore would
+    # keep it), but replaced, with a warning.
     named = token + "@other.example.org:1"
     app._handle(InviteToken(4242, int(expires * 1000), named), expires - 86400)
-    assert out[-1][1].endswith(": " + named)
+    (warn, invite) = out[-2:]
+    assert warn[0] == "warn" and "'other.example.org:1'" in warn[1]
+    assert invite[0] == "invite" and invite[1].endswith(": " + token + suffix)
+    # Its own address again: shown without a warning.
+    before = len(out)
+    app._handle(InviteToken(4242, int(expires * 1000), token + suffix), expires - 86400)
+    assert [tag for tag, _text in out[before:]] == ["invite"]
+    assert out[-1][1].endswith(": " + token + suffix)
     app.stop()
 
 
