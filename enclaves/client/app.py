@@ -240,8 +240,8 @@ class ClientApp:
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
             self._drain()
-        if not self._save():
-            self._report_lost()
+        if not self._save() and self._report_lost() and code == 0:
+            code = 1  # messages lost: not a clean end (a /quit on a terminal)
         if self._sleep is not None:
             self._sleep.cancel()
         conn, self.conn = self.conn, None
@@ -504,8 +504,9 @@ class ClientApp:
             else:
                 self._show(event)
 
-    def _report_lost(self) -> None:
-        """The last save failed: messages only memory held are lost now."""
+    def _report_lost(self) -> bool:
+        """The last save failed: messages only memory held are lost now (said;
+        True if there were any)."""
         lost = [
             short_id(entry.msg_id)
             for entry in self.core.outbox()
@@ -518,6 +519,7 @@ class ClientApp:
                 f"saved ({self.save_error}), so they were never sent; send them again once "
                 "it can be",
             )
+        return bool(lost)
 
     def unsaved_count(self) -> int:
         """Messages held for a save that failed (in memory only, never sent)."""

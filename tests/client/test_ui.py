@@ -458,3 +458,16 @@ def test_a_retry_of_a_held_message_sends_it_once(ui) -> None:
     assert app.unsaved_count() == 0 and app.pending_count() == 1
     app.conn = None
     app.stop()
+
+
+def test_a_quit_that_loses_held_messages_exits_with_status_1(ui) -> None:
+    """/quit on a terminal while a message is held for a failed save that still
+    fails: the message is reported lost, and the exit status says so (1), as
+    at the end of input."""
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+    _full_disk(app)
+    typed(lines, transport, f"/msg {B} reply")
+    out = typed(lines, transport, "/quit")
+    assert any(line.startswith("[error] 1 message(s) lost (") for line in out), out
+    assert app.outcome is not None and app.outcome[0] == 1
