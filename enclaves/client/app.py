@@ -678,6 +678,8 @@ class ClientApp:
                     self.out("warn", str(error))
                     return []
                 self._save_soon()
+                if self._listed is not None:
+                    self._listed.add(message.user_id)  # listed now: not to be unlisted
                 if previous is not None and previous.unlisted:
                     self.core.relist(message.user_id)
                     self._listed_again(message.user_id)

@@ -185,6 +185,20 @@ def test_a_contact_missing_from_the_directory_is_unlisted_until_listed_again(
     app.stop()
 
 
+def test_a_contact_named_by_joined_during_the_login_burst_stays_listed(tmp_path: Path) -> None:
+    """The user list leaves 2002 out, but the server names it (JOINED) before
+    the login burst is over: the server lists it now, so it is not marked
+    unlisted when the burst ends."""
+    app, reactor, out = start(tmp_path, keyed_with_2002())
+    app._handle(Directory((1001,)), 0.0)
+    app._handle(Joined(2002), 0.0)
+    for _ in range(20):
+        reactor.advance(0.05)
+    assert not app.core.contact(2002).unlisted
+    assert not [text for tag, text in out if tag == "removed"]
+    app.stop()
+
+
 def test_a_key_exchange_refused_for_an_unknown_user_leaves_quietly(tmp_path: Path) -> None:
     """A stored OFFER from a user revoked since is answered before the user
     list is applied; the server refuses the answer (UNKNOWN_RECIPIENT): the
