@@ -91,6 +91,16 @@ class NotAnEnclavesServer(LoginFailed):
         super().__init__(0, text)
 
 
+def _is_text(first: bytes) -> bool:
+    """Do the first bytes read as text (a greeting such as ``SSH-2.0-...`` or
+    ``HTTP/1.1 400``)?  An Enclaves frame starts with its u32 length, whose
+    first two bytes are zero (for frames under 64 KiB), and one bit flipped
+    on the way (a network attacker's) leaves one of them zero: such a frame
+    ends that connection with its own code (docs/security.rst), it is not
+    taken for another kind of server, which would end the client's run."""
+    return len(first) >= 4 and all(0x20 <= c < 0x7F for c in first[:4])
+
+
 def _looks_like(first: bytes) -> str:
     """What a server whose first bytes are ``first`` seems to be."""
     if first.startswith(b"SSH-"):
@@ -207,8 +217,8 @@ class ClientConnection(Protocol):
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
-            if first_frame and not self._frames_seen:
-                # Not one frame yet: most likely another kind of server.
+            if first_frame and not self._frames_seen and _is_text(self._first_bytes):
+                # Text before one frame: another kind of server.
                 self._not_enclaves = _looks_like(self._first_bytes)
             self._abort(Disconnected(int(error.code), f"bad frame from the server: {error}"))
             return

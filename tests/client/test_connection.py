@@ -229,3 +229,27 @@ def test_an_endless_directory_is_refused_not_kept() -> None:
     assert sent <= MAX_DIRECTORY + len(part.user_ids)
     assert client._directory_parts == []
     assert client.inbox.pending == []
+
+
+def test_a_damaged_first_frame_is_not_taken_for_another_kind_of_server() -> None:
+    """A WELCOME whose length prefix had a bit flipped (a network attacker) ends
+    the connection as FRAME_TOO_LARGE, as docs/security.rst says; only text
+    (another server's greeting) is "not an Enclaves server", which the app
+    takes as final."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from enclaves.client.connection import NotAnEnclavesServer
+
+    for first, kind, code in [
+        (b"\x80\x00\x00\x60" + b"\x01\x02" + b"\x00" * 20, LoginFailed, ErrorCode.FRAME_TOO_LARGE),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", NotAnEnclavesServer, 0),
+    ]:
+        conn = ClientConnection(1, KeyPair.generate(), clock=Clock())
+        conn.makeConnection(StringTransport())
+        failures: list[object] = []
+        conn.ready.addErrback(lambda f, into=failures: into.append(f.value))
+        conn.dataReceived(first)
+        conn.connectionLost()
+        (error,) = failures
+        assert type(error) is kind and error.code == code, error  # type: ignore[attr-defined]
