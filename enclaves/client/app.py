@@ -240,8 +240,8 @@ class ClientApp:
         if self._drain_call is not None and self._drain_call.active():
             self._drain_call.cancel()
             self._drain()
-        if not self._save():
-            self._report_lost()
+        if not self._save() and self._report_lost() and code == 0:
+            code = 1  # messages lost: not a clean end (a /quit on a terminal)
         if self._sleep is not None:
             self._sleep.cancel()
         conn, self.conn = self.conn, None
@@ -504,8 +504,9 @@ class ClientApp:
             else:
                 self._show(event)
 
-    def _report_lost(self) -> None:
-        """The last save failed: messages only memory held are lost now."""
+    def _report_lost(self) -> bool:
+        """The last save failed: messages only memory held are lost now (said;
+        True if there were any)."""
         lost = [
             short_id(entry.msg_id)
             for entry in self.core.outbox()
@@ -518,6 +519,7 @@ class ClientApp:
                 f"saved ({self.save_error}), so they were never sent; send them again once "
                 "it can be",
             )
+        return bool(lost)
 
     def unsaved_count(self) -> int:
         """Messages held for a save that failed (in memory only, never sent)."""
@@ -676,6 +678,8 @@ class ClientApp:
                     self.out("warn", str(error))
                     return []
                 self._save_soon()
+                if self._listed is not None:
+                    self._listed.add(message.user_id)  # listed now: not to be unlisted
                 if previous is not None and previous.unlisted:
                     self.core.relist(message.user_id)
                     self._listed_again(message.user_id)
@@ -700,15 +704,22 @@ class ClientApp:
     def _with_address(self, token: str) -> str:
         """An INVITE's token with this client's server address appended
         (``@host:port`` or ``@tls:host:port``, as the admin's tokens carry it),
-        so that the newcomer needs no --server."""
-        address = host_port(self.endpoint)
+        so that the newcomer needs no --server.  An address the server put in
+        the token itself (the reference server never does) is replaced: the
+        newcomer's keystore keeps it, so a server must not be able to send the
+        newcomer elsewhere under this client's name."""
+        ours = shown(self.endpoint) if host_port(self.endpoint) is not None else None
         try:
             parsed = parse_token(token)
         except TokenError:
             return token  # shown as the server sent it; enroll will say what is wrong
-        if parsed.address is not None or address is None:
-            return token
-        return str(evolve(parsed, address=shown(self.endpoint)))
+        if parsed.address is not None and parsed.address != ours:
+            self.out(
+                "warn",
+                f"the server's invitation token named the address {parsed.address!r}; "
+                + (f"replaced by {ours}, the one this client uses" if ours else "removed"),
+            )
+        return str(evolve(parsed, address=ours))
 
     def _on_error(self, message: Error) -> list[Event]:
         try:
@@ -931,6 +942,9 @@ class ClientApp:
         if not prefix or len(matches) != 1:
             raise ContactError(f"no single outbox message matches {prefix!r} (see /outbox)")
         item = self.core.retry(matches[0].msg_id)
+        # A message held for a failed save is sent by this retry, not also by
+        # the release of what was held once the retry's save succeeds.
+        self._held.pop(item.msg_id, None)
         self._apply([item], quiet=True)  # a failed save: the UI says so (is_held)
         return item
 

@@ -695,7 +695,14 @@ def _main(is_enroll: bool, args: argparse.Namespace, held: list[tuple[Path, int]
     except (UserError, KeystoreError) as error:
         sys.stderr.write(f"enclaves: error: {error}\n")
         return getattr(error, "code", 1)
-    if STDOUT.gone:
+    if STDOUT.gone:  # closed before the client connected: nothing was sent
+        if is_enroll:
+            if prepared.created:
+                prepared.path.unlink(missing_ok=True)
+                why = "the new keystore was removed"
+            else:
+                why = f"nothing was sent; {prepared.path} is kept to resume"
+            sys.stderr.write(f"enclaves: error: standard output was closed ({why})\n")
         return EXIT_OUTPUT_CLOSED
 
     from twisted.internet import reactor

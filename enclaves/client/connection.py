@@ -32,7 +32,6 @@ from twisted.python.failure import Failure
 from enclaves.crypto import KeyPair
 from enclaves.frames import (
     DEFAULT_MAX_FRAME,
-    VERSION,
     ErrorCode,
     Frame,
     FrameDecoder,
@@ -73,7 +72,6 @@ _PLAIN_KINDS = frozenset({Deliver, Accepted, Delivered})
 # must not make the client keep them without bound.  Ten times the contacts a
 # keystore holds (enclaves.client.contacts.MAX_CONTACTS); 8 MB on the wire.
 MAX_DIRECTORY = 1_000_000
-_FRAME_TYPES = frozenset(int(t) for t in FrameType)
 
 
 class LoginFailed(Exception):
@@ -93,23 +91,25 @@ class NotAnEnclavesServer(LoginFailed):
         super().__init__(0, text)
 
 
-def _looks_like(first: bytes) -> str | None:
-    """What a server whose first bytes are ``first`` seems to be, if they are
-    a known other protocol's greeting; None when they start like an Enclaves
-    frame (version and type fit: only the length or the body is bad, damage
-    on the way), are too few to tell, or are just not a frame (the bad frame
-    is then reported as such, and the client tries again later)."""
-    if len(first) < 6:
-        return None
-    if first[4] == VERSION and first[5] in _FRAME_TYPES:
-        return None
+def _is_text(first: bytes) -> bool:
+    """Do the first bytes read as text (a greeting such as ``SSH-2.0-...`` or
+    ``HTTP/1.1 400``)?  An Enclaves frame starts with its u32 length, whose
+    first two bytes are zero (for frames under 64 KiB), and one bit flipped
+    on the way (a network attacker's) leaves one of them zero: such a frame
+    ends that connection with its own code (docs/security.rst), it is not
+    taken for another kind of server, which would end the client's run."""
+    return len(first) >= 4 and all(0x20 <= c < 0x7F for c in first[:4])
+
+
+def _looks_like(first: bytes) -> str:
+    """What a server whose first bytes are ``first`` seems to be."""
     if first.startswith(b"SSH-"):
         return "it looks like an SSH server"
     if first.startswith(b"HTTP/"):
         return "it looks like a web server"
     if first[:3].isdigit() and first[3:4] in (b" ", b"-"):
         return "it looks like a mail or FTP server"  # "220 ..." greetings
-    return None
+    return "its first bytes are no Enclaves frame"
 
 
 @frozen
@@ -217,8 +217,8 @@ class ClientConnection(Protocol):
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
-            if first_frame and not self._frames_seen:
-                # Not one frame yet: perhaps another kind of server.
+            if first_frame and not self._frames_seen and _is_text(self._first_bytes):
+                # Text before one frame: another kind of server.
                 self._not_enclaves = _looks_like(self._first_bytes)
             self._abort(Disconnected(int(error.code), f"bad frame from the server: {error}"))
             return

@@ -185,6 +185,20 @@ def test_a_contact_missing_from_the_directory_is_unlisted_until_listed_again(
     app.stop()
 
 
+def test_a_contact_named_by_joined_during_the_login_burst_stays_listed(tmp_path: Path) -> None:
+    """The user list leaves 2002 out, but the server names it (JOINED) before
+    the login burst is over: the server lists it now, so it is not marked
+    unlisted when the burst ends."""
+    app, reactor, out = start(tmp_path, keyed_with_2002())
+    app._handle(Directory((1001,)), 0.0)
+    app._handle(Joined(2002), 0.0)
+    for _ in range(20):
+        reactor.advance(0.05)
+    assert not app.core.contact(2002).unlisted
+    assert not [text for tag, text in out if tag == "removed"]
+    app.stop()
+
+
 def test_a_key_exchange_refused_for_an_unknown_user_leaves_quietly(tmp_path: Path) -> None:
     """A stored OFFER from a user revoked since is answered before the user
     list is applied; the server refuses the answer (UNKNOWN_RECIPIENT): the
@@ -432,10 +446,19 @@ def test_an_invite_token_names_the_server_and_its_expiry_has_a_date(
     shown = text.rsplit(": ", 1)[1]
     assert shown == token + suffix
     assert parse_token(shown).address == suffix[1:]
-    # A token that names its server already is shown as it came.
+    # The reference server never names an address: one the server put in is
+    # not shown as if it were this client's (the newcomer's keystore would
+    # keep it), but replaced, with a warning.
     named = token + "@other.example.org:1"
     app._handle(InviteToken(4242, int(expires * 1000), named), expires - 86400)
-    assert out[-1][1].endswith(": " + named)
+    (warn, invite) = out[-2:]
+    assert warn[0] == "warn" and "'other.example.org:1'" in warn[1]
+    assert invite[0] == "invite" and invite[1].endswith(": " + token + suffix)
+    # Its own address again: shown without a warning.
+    before = len(out)
+    app._handle(InviteToken(4242, int(expires * 1000), token + suffix), expires - 86400)
+    assert [tag for tag, _text in out[before:]] == ["invite"]
+    assert out[-1][1].endswith(": " + token + suffix)
     app.stop()
 
 

@@ -231,17 +231,25 @@ def test_an_endless_directory_is_refused_not_kept() -> None:
     assert client.inbox.pending == []
 
 
-def test_only_first_bytes_unlike_an_enclaves_frame_name_another_server() -> None:
-    """A frame whose length was damaged on the way still starts like an
-    Enclaves frame (version, type): that is a bad frame from an Enclaves
-    server, not another kind of server, and the client must not say so."""
-    from enclaves.client.connection import _looks_like
-    from enclaves.frames import VERSION, FrameType
+def test_a_damaged_first_frame_is_not_taken_for_another_kind_of_server() -> None:
+    """A WELCOME whose length prefix had a bit flipped (a network attacker) ends
+    the connection as FRAME_TOO_LARGE, as docs/security.rst says; only text
+    (another server's greeting) is "not an Enclaves server", which the app
+    takes as final."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
 
-    damaged = b"\x80\x00\x00\x5b" + bytes([VERSION, FrameType.WELCOME]) + bytes(10)
-    assert _looks_like(damaged) is None
-    assert _looks_like(b"SSH-2") is None  # too few bytes to tell
-    assert _looks_like(b"SSH-2.0-OpenSSH_9.6\r\n") == "it looks like an SSH server"
-    assert _looks_like(b"HTTP/1.1 400 Bad") == "it looks like a web server"
-    assert _looks_like(b"220 mail.example ESMTP") == "it looks like a mail or FTP server"
-    assert _looks_like(b"\xff" * 16) is None  # not a frame, not a known greeting either
+    from enclaves.client.connection import NotAnEnclavesServer
+
+    for first, kind, code in [
+        (b"\x80\x00\x00\x60" + b"\x01\x02" + b"\x00" * 20, LoginFailed, ErrorCode.FRAME_TOO_LARGE),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", NotAnEnclavesServer, 0),
+    ]:
+        conn = ClientConnection(1, KeyPair.generate(), clock=Clock())
+        conn.makeConnection(StringTransport())
+        failures: list[object] = []
+        conn.ready.addErrback(lambda f, into=failures: into.append(f.value))
+        conn.dataReceived(first)
+        conn.connectionLost()
+        (error,) = failures
+        assert type(error) is kind and error.code == code, error  # type: ignore[attr-defined]

@@ -426,3 +426,48 @@ def test_the_warnings_the_ui_reports_itself_are_the_cores() -> None:
     source = Path(core.__file__).read_text()
     for text in REPORTED_BY_UI:
         assert f'"{text}"' in source, text
+
+
+def test_a_retry_of_a_held_message_sends_it_once(ui) -> None:
+    """A message held for a failed save, then /retry once space is freed: the
+    retry's save releases what was held, and the message leaves once, not
+    twice (once as "saved now", once as the retry)."""
+    from enclaves.inner import Send
+
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+    sent: list[object] = []
+
+    class Conn:
+        established = True
+        max_blob = 1 << 20
+
+        def send(self, message: object) -> None:
+            sent.append(message)
+
+    app.conn = Conn()  # type: ignore[assignment]
+    real = _full_disk(app)
+    out = typed(lines, transport, f"/msg {B} reply")
+    assert out[0].startswith("[error] id=") and app.unsaved_count() == 1
+    msg_id = out[0].split()[1].removeprefix("id=")
+    app._keystore.save = real  # type: ignore[method-assign]
+    out = typed(lines, transport, f"/retry {msg_id}")
+    sends = [m for m in sent if isinstance(m, Send)]
+    assert len(sends) == 1, out
+    assert [line.split()[0] for line in out].count("[sent]") == 1, out
+    assert app.unsaved_count() == 0 and app.pending_count() == 1
+    app.conn = None
+    app.stop()
+
+
+def test_a_quit_that_loses_held_messages_exits_with_status_1(ui) -> None:
+    """/quit on a terminal while a message is held for a failed save that still
+    fails: the message is reported lost, and the exit status says so (1), as
+    at the end of input."""
+    lines, app, transport = ui
+    typed(lines, transport, f"/verify {B} yes")
+    _full_disk(app)
+    typed(lines, transport, f"/msg {B} reply")
+    out = typed(lines, transport, "/quit")
+    assert any(line.startswith("[error] 1 message(s) lost (") for line in out), out
+    assert app.outcome is not None and app.outcome[0] == 1

@@ -350,3 +350,31 @@ def test_a_port_of_another_kind_of_server_is_named_and_not_retried(
         assert not (tmp_path / "new").exists() and not (tmp_path / "new.lock").exists()
     finally:
         server.close()
+
+
+def test_an_enroll_whose_output_is_closed_before_it_connects_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """Standard output closed from the start: the first line ("created
+    keystore") cannot be written, so enroll stops with 141 before connecting.
+    Nothing was sent with the new keystore: it is removed and standard error
+    says so, as when the output goes away later (docs/client.rst, exit 141)."""
+    token = str(EnrollmentToken(4242, KeyPair.generate(), nowhere()))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        process = track(
+            subprocess.Popen(
+                [sys.executable, "-m", "enclaves", "enroll", token,
+                 "--keystore", str(tmp_path / "ks")],
+                stdin=subprocess.PIPE, stdout=write, stderr=subprocess.PIPE,
+                env=client_env(), cwd=ROOT,
+            )
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    _, err = process.communicate(f"{PASSPHRASE}\n".encode(), timeout=60)
+    assert process.returncode == 141, err
+    assert b"Traceback" not in err
+    assert b"the new keystore was removed" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
