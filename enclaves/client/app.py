@@ -843,7 +843,7 @@ class ClientApp:
             if still and any(
                 c.user_id == user_id and not c.removed and not c.unlisted for c in known
             ):
-                self.core.mark_unlisted(user_id)
+                failed = self.core.mark_unlisted(user_id)
                 self._save_soon()
                 self.out(
                     "removed",
@@ -851,6 +851,7 @@ class ClientApp:
                     "(removed, or the server cannot read their account): nothing is sent "
                     "to them until it lists them again",
                 )
+                self._report_unsent(failed, user_id, "/retry {id} once they are listed again")
 
     def _listed_again(self, user_id: int) -> None:
         self._save_soon()
@@ -872,9 +873,20 @@ class ClientApp:
     def _removed(self, user_id: int, how: str) -> None:
         """A contact is gone for good: keep its tombstone (docs/client.rst)."""
         label = self._label(user_id)
-        self.core.remove_contact(user_id)
+        failed = self.core.remove_contact(user_id)
         self._save_soon()
         self.out("removed", f"{label} {how}")
+        self._report_unsent(failed, user_id, "it will never be delivered")
+
+    def _report_unsent(self, failed: list[bytes], user_id: int, then: str) -> None:
+        """A [failed] line for each unsent message to a contact just removed or unlisted."""
+        for msg_id in failed:
+            self.failed_this_run.add(msg_id)
+            self.out(
+                "failed",
+                f"id={short_id(msg_id)} message to {self._name(user_id)} not sent: the "
+                f"server no longer lists them; {then.format(id=short_id(msg_id))}",
+            )
 
     def _warn_removed_again(self, user_id: int) -> None:
         name = self._name(user_id)

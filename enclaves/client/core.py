@@ -355,10 +355,11 @@ class ClientCore:
                 events += self.start_kex(user_id, now)
         return events
 
-    def remove_contact(self, user_id: int) -> None:
+    def remove_contact(self, user_id: int) -> list[bytes]:
         """After REMOVED: keep a tombstone (identity key, trust, petname), delete
-        the pair keys and any exchange; unsent messages to it fail.  Every later
-        blob under this id is refused (:class:`BlobFromRemoved`)."""
+        the pair keys and any exchange; unsent messages to it fail (their ids
+        are returned).  Every later blob under this id is refused
+        (:class:`BlobFromRemoved`)."""
         contact = self._contacts.get(user_id)
         if contact is not None:
             self._put(
@@ -374,7 +375,7 @@ class ClientCore:
                 )
             )
         self._drop_sealers(user_id)
-        self._fail_outbox(user_id, "user removed")
+        return self._fail_outbox(user_id, "user removed")
 
     def relist(self, user_id: int) -> Contact:
         """The server lists ``user_id`` (DIRECTORY or JOINED): no longer unlisted."""
@@ -384,18 +385,21 @@ class ClientCore:
             contact = self._put(evolve(contact, unlisted=False))
         return contact
 
-    def mark_unlisted(self, user_id: int) -> None:
+    def mark_unlisted(self, user_id: int) -> list[bytes]:
         """The server's user list leaves ``user_id`` out: send nothing to it (its
-        unsent messages fail), delete nothing; :meth:`add_contact` undoes it."""
+        unsent messages fail: their ids are returned), delete nothing;
+        :meth:`relist` undoes it."""
         contact = self._contacts.get(user_id)
         if contact is None or contact.removed or contact.unlisted:
-            return
+            return []
         self._put(evolve(contact, unlisted=True))
-        self._fail_outbox(user_id, "not on the server's user list")
+        return self._fail_outbox(user_id, "not on the server's user list")
 
-    def _fail_outbox(self, user_id: int, reason: str) -> None:
-        """Unsent messages to ``user_id`` fail; key exchange blobs to it go (a
-        new exchange runs if it is ever reachable again)."""
+    def _fail_outbox(self, user_id: int, reason: str) -> list[bytes]:
+        """Unsent messages to ``user_id`` fail (their ids are returned); key
+        exchange blobs to it go (a new exchange runs if it is ever reachable
+        again)."""
+        failed = []
         for msg_id, entry in list(self._outbox.items()):
             if entry.recipient != user_id:
                 continue
@@ -403,6 +407,9 @@ class ClientCore:
                 del self._outbox[msg_id]
             elif entry.status == "pending":
                 self._outbox[msg_id] = evolve(entry, status="failed", reason=reason)
+                self._set_status(msg_id, "failed")
+                failed.append(msg_id)
+        return failed
 
     def drop_outbox(self, msg_id: bytes) -> None:
         """Forget an outbox entry that can never be useful (a key exchange blob
@@ -658,6 +665,8 @@ class ClientCore:
             if not candidates:
                 if blob.epoch > contact.epoch:
                     events = self._hold(contact, msg_id, raw, "no keys for its epoch yet")
+                elif blob.epoch == 0:
+                    events = [BlobDropped(sender, msg_id, "epoch 0 never has keys")]
                 else:
                     events = [BlobDropped(sender, msg_id, "epoch keys deleted")]
                 if blob.epoch == 0:  # no epoch 0 ever had keys: nothing to heal
@@ -957,6 +966,13 @@ class ClientCore:
         entry = self._outbox.get(msg_id)
         if entry is None:
             raise ContactError("no such message in the outbox")
+        contact = self._contacts.get(entry.recipient)
+        if contact is not None and contact.removed:
+            raise ContactError(f"{contact.name} was removed from the server")
+        if contact is not None and contact.unlisted:
+            raise ContactError(
+                f"{contact.name} is not on the server's user list; /retry once it lists them again"
+            )
         entry = evolve(entry, status="pending", reason=None)
         self._outbox[msg_id] = entry
         self._set_status(msg_id, "sending")

@@ -10,6 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from enclaves.client.app import ClientApp
+from enclaves.client.contacts import ContactError
 from enclaves.client.core import ClientCore, Refused, SendBlob
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
@@ -488,4 +489,45 @@ def test_a_received_message_from_another_day_is_shown_with_its_date(tmp_path: Pa
         ("msg", "2026-11-27 12:00:00 2002 (unverified): old news"),
         ("msg", "12:00:00 2002 (unverified): fresh"),
     ]
+    app.stop()
+
+
+def test_unsent_messages_to_a_contact_unlisted_or_removed_are_reported_failed(
+    tmp_path: Path,
+) -> None:
+    """Messages waiting in the outbox when a contact is unlisted (or removed)
+    fail with a [failed] line each, count for a script, and /retry of them is
+    refused until the contact is listed again."""
+    core = keyed_with_2002()
+    core.add_contact(3003)
+    waiting = core.encrypt_message(2002, "queued", 2.0, confirmed=True)
+    assert isinstance(waiting, SendBlob)
+    app, reactor, out = start(tmp_path, core)
+    out.clear()
+    app._handle(Directory((1001, 3003)), 0.0)
+    for _ in range(20):
+        reactor.advance(0.05)
+    sid = waiting.msg_id.hex()[:8]
+    assert out[1:] == [
+        (
+            "failed",
+            f"id={sid} message to 2002 not sent: the server no longer lists them; "
+            f"/retry {sid} once they are listed again",
+        )
+    ]
+    assert waiting.msg_id in app.failed_this_run
+    assert app.core.history(2002)[-1].status == "failed"
+    with pytest.raises(ContactError, match="not on the server's user list"):
+        app.core.retry(waiting.msg_id)
+    app._handle(Directory((1001, 2002, 3003)), 0.0)
+    assert app.core.retry(waiting.msg_id).msg_id == waiting.msg_id
+    # REMOVED: the same, and never retried.
+    again = app.core.encrypt_message(2002, "second", 3.0, confirmed=True)
+    assert isinstance(again, SendBlob)
+    out.clear()
+    app._handle(Removed(2002), 0.0)
+    failed = [text for tag, text in out if tag == "failed"]
+    assert len(failed) == 2 and all("it will never be delivered" in t for t in failed)
+    with pytest.raises(ContactError, match="removed"):
+        app.core.retry(again.msg_id)
     app.stop()

@@ -945,3 +945,11 @@ def test_a_receipt_naming_a_received_message_changes_nothing() -> None:
         ("out", "delivered"),
         ("in", "received"),
     ]
+
+
+def test_a_message_under_epoch_0_is_dropped_as_such() -> None:
+    """Epoch 0 never has keys: such a blob is not "under keys deleted"."""
+    _a, b, _relay = pair()
+    blob = bytes([1]) + (0).to_bytes(4, "big") + bytes(80)
+    (event,) = b.handle_blob(A, b"\x07" * 16, blob, 3.0)
+    assert event == BlobDropped(A, b"\x07" * 16, "epoch 0 never has keys")
