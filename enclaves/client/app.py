@@ -965,6 +965,7 @@ class ClientApp:
         sent once a save succeeds)."""
         if self._pending_keys is None:
             self._pending_keys = KeyPair.generate()
+        self._rotate_held = False  # sent below once saved, not also by the release
         if not self._save(quiet=True):
             self._rotate_held = True
             return False

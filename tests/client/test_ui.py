@@ -290,6 +290,34 @@ def test_a_rotate_whose_save_fails_says_so(ui) -> None:
     app.stop()
 
 
+def test_a_second_rotate_after_a_failed_save_sends_the_keys_once(ui) -> None:
+    """/rotate whose save fails, then /rotate again once space is back: one
+    ROTATE with the keys saved, not one from the release and one from the
+    command."""
+    from enclaves.inner import Rotate
+
+    lines, app, transport = ui
+    sent: list[object] = []
+
+    class Conn:
+        established = True
+        max_blob = 1 << 20
+
+        def send(self, message: object) -> None:
+            sent.append(message)
+
+    real = _full_disk(app)
+    typed(lines, transport, "/rotate")
+    app._keystore.save = real  # type: ignore[method-assign]
+    app.conn = Conn()  # type: ignore[assignment]  # connected: a held ROTATE is released
+    app._enrolled = True
+    typed(lines, transport, "/rotate")
+    rotates = [m for m in [*sent, *app._queue] if isinstance(m, Rotate)]
+    assert len(rotates) == 1 and rotates[0].enc == app._pending_keys.enc  # type: ignore[union-attr]
+    app.conn = None
+    app.stop()
+
+
 def test_sent_only_when_connected_else_queued(ui) -> None:
     """[sent] while connected; [queued] (saying why) while not."""
     lines, app, transport = ui
