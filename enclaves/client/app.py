@@ -795,9 +795,10 @@ class ClientApp:
                 "info",
                 f"{len(others)} other user(s) on this server; key exchanges started with each",
             )
-            if not self._save():
-                return []
-            self._send_events(events)
+            # Saved, then sent; a failed save holds the offers until one
+            # succeeds (or the next run sends them), and the enrollment itself
+            # is done either way.
+            self._apply(events)
             if not self.enrolled.called:
                 self.enrolled.callback(None)
             return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -530,4 +531,33 @@ def test_unsent_messages_to_a_contact_unlisted_or_removed_are_reported_failed(
     assert len(failed) == 2 and all("it will never be delivered" in t for t in failed)
     with pytest.raises(ContactError, match="removed"):
         app.core.retry(again.msg_id)
+    app.stop()
+
+
+def test_a_failed_save_at_the_first_user_list_still_ends_the_enrollment(tmp_path: Path) -> None:
+    """The first user list after the rotation starts the key exchanges; if the
+    keystore cannot be saved then, the offers wait in memory for a save (not
+    sent unsaved) and the enrollment is still reported done, instead of
+    waiting for a silence timeout that blames the server."""
+    import errno
+
+    from attrs import evolve
+
+    core = make_core(1001)
+    keystore = Keystore.create(tmp_path / "ks", "pass phrase", core.state())
+    reactor = MemoryReactorClock()
+    out: list[tuple[str, str]] = []
+    app = ClientApp(
+        reactor, keystore, evolve(core.state(), enrolled=False),
+        "tcp:host=127.0.0.1:port=7500", lambda t, x: out.append((t, x)), core=core,
+    )  # fmt: skip
+
+    def full(state: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    keystore.save = full  # type: ignore[method-assign]
+    app._handle(Directory((1001, 2002, 3003)), 0.0)
+    assert app.enrolled.called
+    assert ("error", "could not save the keystore: No space left on device") in out
+    assert len(app._held) == 2 and app._queue == deque()  # two offers, none sent unsaved
     app.stop()
