@@ -41,7 +41,7 @@ def listening_service(
     try:
         listener = strports.service(description, factory, reactor=reactor)
     except Exception as error:  # the endpoint parsers raise many kinds
-        raise StartupError(f"{what}: {_parse_reason(error)}") from None
+        raise StartupError(f"{what}: {_parse_reason(error, description)}") from None
     return ListeningService(what, listener)
 
 
@@ -74,16 +74,27 @@ class ListeningService(MultiService):
 _NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base \d+: (.*)")
 _UNKNOWN_PARAMETER = re.compile(r"got an unexpected keyword argument (.*)")
 _UNKNOWN_TYPE = re.compile(r"Unknown endpoint type: (.*)")
+_TOO_MANY_FIELDS = re.compile(
+    r"got multiple values for argument|takes from \d+ to \d+ positional arguments"
+)
 _EXAMPLE = "e.g. tcp:7500:interface=127.0.0.1 or ssl:7500:privateKey=key.pem:certKey=cert.pem"
 
 
-def _parse_reason(error: BaseException) -> str:
+def _parse_reason(error: BaseException, description: str = "") -> str:
     """Why an endpoint description does not parse, in the admin's words."""
     if isinstance(error, OSError) and error.filename and error.strerror:
         return printable(f"cannot read {error.filename}: {error.strerror}")
     text = printable(" ".join(str(error).split()))
     if match := _NOT_A_NUMBER.search(text):
-        reason = f"{match.group(1)} is not a number, and the port must be one"
+        fields = description.split(":")
+        is_port = len(fields) > 1 and match.group(1) == repr(fields[1])
+        what = "the port" if is_port else "that parameter"
+        reason = f"{match.group(1)} is not a number, and {what} must be one"
+    elif _TOO_MANY_FIELDS.search(text):
+        reason = (
+            "too many ':'-separated fields; a ':' inside a value, as in an IPv6 address, "
+            "is written '\\:' (tcp6:7500:interface=\\:\\:1)"
+        )
     elif match := _UNKNOWN_PARAMETER.search(text):
         reason = f"unknown parameter {match.group(1)}"
     elif match := _UNKNOWN_TYPE.search(text):

@@ -29,6 +29,19 @@ def test_control_characters_in_an_endpoint_are_escaped() -> None:
     [
         ("tcp:notaport", "'notaport' is not a number, and the port must be one"),
         ("tcp:7500:bogus=1", "unknown parameter 'bogus'"),
+        # A number other than the port: not blamed on the port.
+        ("tcp:7500:backlog=x", "'x' is not a number, and that parameter must be one"),
+        # An IPv6 address's colons split the description unless escaped.
+        (
+            "tcp6:7500:interface=::1",
+            "too many ':'-separated fields; a ':' inside a value, as in an IPv6 address, "
+            "is written '\\:' (tcp6:7500:interface=\\:\\:1)",
+        ),
+        (
+            "tcp:7500:100:127.0.0.1:x:y",
+            "too many ':'-separated fields; a ':' inside a value, as in an IPv6 address, "
+            "is written '\\:' (tcp6:7500:interface=\\:\\:1)",
+        ),
         ("nonsense:7500", "unknown endpoint type 'nonsense'"),
     ],
 )
@@ -38,6 +51,7 @@ def test_an_endpoint_that_does_not_parse_is_named_with_the_reason(
     message = _refusal(description, "--manhole")
     assert message.startswith(f"--manhole {description}: not a valid endpoint: {reason} (e.g. ")
     assert "invalid literal" not in message and "_parse" not in message
+    assert "positional" not in message and "multiple values" not in message
     assert "\n" not in message
 
 
