@@ -84,7 +84,7 @@ class ListenerView(Protocol):
     """What the admin shell knows of the client listener (``--listen``)."""
 
     @property
-    def tls(self) -> bool: ...
+    def tls(self) -> bool | None: ...
 
     @property
     def port(self) -> int | None: ...
@@ -92,12 +92,15 @@ class ListenerView(Protocol):
 
 def address_warnings(address: str, listener: ListenerView | None) -> list[str]:
     """Lines warning that a token's ``host:port`` / ``tls:host:port`` does not
-    match the client listener: TLS or not, and the port (None: unknown)."""
+    match the client listener: TLS or not, and the port (None: unknown, as
+    both are for a UNIX socket, which only a proxy can stand in front of)."""
     if listener is None:
         return []
     warnings = []
     wants_tls = address.startswith("tls:")
-    if wants_tls and not listener.tls:
+    if listener.tls is None:
+        pass  # a UNIX socket: what the proxy in front speaks is not known here
+    elif wants_tls and not listener.tls:
         warnings.append(
             "warning: the address says tls:, but this server's client listener (--listen) "
             "is plain TCP: the newcomer's client will fail unless a TLS proxy is in front"

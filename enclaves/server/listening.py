@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -49,7 +49,8 @@ class ListeningService(MultiService):
     """Holds one listening service; a failure to listen ends start-up in one line.
 
     Tells what it listens on, for the admin shell's ``issue()`` to check a
-    token's address against: :attr:`tls` (an ``ssl:`` endpoint) and, once
+    token's address against: :attr:`tls` (an ``ssl:`` endpoint; None for a
+    UNIX socket, behind a proxy that may speak TLS or not) and, once
     listening, :attr:`port` (None before, or for a UNIX socket).
     """
 
@@ -58,7 +59,9 @@ class ListeningService(MultiService):
         self._what = what
         self.port: int | None = None
         endpoint = getattr(listener, "endpoint", None)
-        self.tls = isinstance(endpoint, SSL4ServerEndpoint)
+        self.tls: bool | None = isinstance(endpoint, SSL4ServerEndpoint)
+        if isinstance(endpoint, UNIXServerEndpoint):
+            self.tls = None
         if endpoint is not None:
             listener.endpoint = _PortRecorder(endpoint, self)  # type: ignore[attr-defined]
         listener.setServiceParent(self)

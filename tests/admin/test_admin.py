@@ -284,7 +284,7 @@ def test_help_lists_every_command_and_shows_each() -> None:
 
 @attrs.define
 class Listener:
-    tls: bool = False
+    tls: bool | None = False
     port: int | None = 7500
 
 
@@ -298,6 +298,9 @@ class Listener:
         ("127.0.0.1:7500", Listener(tls=True), ["speaks TLS, but the address has no tls:"]),
         ("127.0.0.1:7599", Listener(), ["listens for clients on port 7500, not 7599"]),
         ("chat.example:443", Listener(port=None), []),
+        # A UNIX socket (unix:): whatever is in front of it may speak TLS or not.
+        ("tls:chat.example:443", Listener(tls=None, port=None), []),
+        ("chat.example:7500", Listener(tls=None, port=None), []),
         (
             "tls:[::1]:7599",
             Listener(),

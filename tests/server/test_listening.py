@@ -82,3 +82,8 @@ def test_the_listener_tells_its_port_once_listening_and_whether_it_is_tls(
     (tmp_path / "cert.pem").write_bytes(pem(cert))
     description = f"ssl:0:privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'}"
     assert listening_service("--listen", description, Factory(), reactor).tls is True
+    # A UNIX socket: a proxy stands in front, speaking TLS or not (unknown).
+    unix = listening_service("--listen", f"unix:{tmp_path / 's'}", Factory(), reactor)
+    assert unix.tls is None
+    unix.privilegedStartService()
+    assert unix.port is None
