@@ -16,6 +16,11 @@ __all__ = ["printable"]
 # separators, surrogates, private use.
 _ESCAPED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
 
+# Format characters that are part of ordinary text and can neither reorder
+# nor hide it: the zero-width non-joiner (Persian, Indic scripts) and joiner
+# (emoji sequences such as a family).
+_TEXT_FORMAT = frozenset("\u200c\u200d")
+
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -37,13 +42,17 @@ def printable(text: str, keep: str = "") -> str:
     (``\\x1b``, ``\\n``, ``\\u202e``), except those in ``keep``.
 
     Escaped are the C0 and C1 control characters (ESC, BEL, CR, newline,
-    tab, DEL, ...), format characters such as the bidirectional overrides,
-    line and paragraph separators, surrogates and private-use characters.
-    Letters, digits, punctuation, symbols and spaces of any script stay, and
-    so do backslashes.
+    tab, DEL, ...), format characters such as the bidirectional overrides
+    and the zero-width space, line and paragraph separators, surrogates and
+    private-use characters.  Letters, digits, punctuation, symbols and spaces
+    of any script stay, and so do backslashes and the zero-width (non-)joiner
+    that Persian text and emoji sequences need.
     """
     if text.isprintable():
         return text  # the common case; isprintable() is the stricter test
     return "".join(
-        _escape(c) if c not in keep and unicodedata.category(c) in _ESCAPED else c for c in text
+        _escape(c)
+        if c not in keep and c not in _TEXT_FORMAT and unicodedata.category(c) in _ESCAPED
+        else c
+        for c in text
     )

@@ -20,6 +20,16 @@ from enclaves.printable import printable
         ("back\\slash", "back\\slash"),
         # Spaces of other scripts are text, not controls.
         ("a\u00a0b\u202fc", "a\u00a0b\u202fc"),
+        # Joiners are text (Persian, emoji families); a zero-width space is not.
+        (
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+        ),
+        (
+            "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+            "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+        ),
+        ("a\u200bb", "a\\u200bb"),
         ("\ue000\u2028", "\\ue000\\u2028"),
     ],
 )
