@@ -475,6 +475,13 @@ class AdminSessionChannel(session.SSHSession):
     def request_shell(self, data: bytes) -> int:
         return self._start("open the shell", self._session.openShell)
 
+    def request_subsystem(self, data: bytes) -> int:
+        """No subsystems (``sftp``, which ``scp`` uses): refused, logged once
+        in our words (Conch's would log the request at info level)."""
+        name = common.getNS(data)[0].decode("utf-8", "replace")
+        log.info("admin shell: subsystem {name} refused", name=printable(name))
+        return 0
+
     def request_pty_req(self, data: bytes) -> int:
         term, window_size, modes = session.parseRequest_pty_req(data)
         try:

@@ -264,7 +264,12 @@ def test_the_log_holds_no_ssh_chatter(shell_server: Setup) -> None:
     finally:
         shell.close()
     assert _script(shell_server, b"users()\n").returncode == 0
+    sftp = subprocess.run(
+        [*shell_server.argv("-s", "-T"), "sftp"], input=b"", capture_output=True, timeout=30
+    )
+    assert sftp.returncode != 0, sftp
     log = shell_server.daemon.log_text()
+    assert "admin shell: subsystem sftp refused" in log
     chatter = re.findall(
         r"^.*\[(?:twisted\.conch[\w.]*|enclaves\.manhole\.\w+)#(?:debug|info)\].*$", log, re.M
     )
