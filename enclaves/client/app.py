@@ -213,6 +213,8 @@ class ClientApp:
         self._directory_waiters: list[Deferred[None]] = []
         self._listed: set[int] | None = None  # the user ids of the latest DIRECTORY
         self._unlisted_waiting: set[int] = set()  # left out of it; marked after the burst
+        self._resend_due = False  # the outbox goes with this session's user list
+        self._resend_skipped: set[int] = set()  # its recipients the list left out
         self._unopened_warned: dict[int, float] = {}  # sender -> last [warn] of an unopened one
         self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.invites_failed = 0  # INVITEs the server refused or never answered
@@ -415,8 +417,9 @@ class ClientApp:
             keys = self._pending_keys
             self._queue.append(Rotate(keys.enc, keys.auth))
             self.rotate_sent = True
-        if self._enrolled or self._pending_keys is None:
-            self._resend_outbox()
+        # The outbox goes once the user list is in (the server sends it
+        # first): what waits for a user it no longer lists is not sent.
+        self._resend_due = self._enrolled or self._pending_keys is None
         self._pump()
 
     def _session_ended(self, conn: ClientConnection) -> None:
@@ -431,13 +434,24 @@ class ClientApp:
                 "(the admin's users() may list an unused one)",
             )
 
-    def _resend_outbox(self) -> None:
-        # Not what only memory holds (a failed save): that goes once saved.
-        pending = [p for p in self.core.pending_sends() if p.msg_id not in self._held]
+    def _resend_outbox(self, listed: set[int], only: int | None = None) -> None:
+        """Queue the outbox again: not what only memory holds (a failed save:
+        that goes once saved), nor what waits for a user the server's list
+        leaves out (marked failed after the login burst unless a JOINED names
+        them first: then ``only`` that user's go)."""
+        pending = [
+            p
+            for p in self.core.pending_sends()
+            if p.msg_id not in self._held and (only is None or p.recipient == only)
+        ]
+        waiting = {p.recipient for p in pending if p.recipient not in listed}
+        self._resend_skipped |= waiting
+        pending = [p for p in pending if p.recipient in listed]
         if pending:
             self.out("info", f"sending {len(pending)} queued item(s) from the outbox")
         for item in pending:
             self._queue.append(Send(item.msg_id, item.recipient, item.blob))
+        self._pump()
 
     # -- saving ---------------------------------------------------------------
 
@@ -683,6 +697,11 @@ class ClientApp:
                 if previous is not None and previous.unlisted:
                     self.core.relist(message.user_id)
                     self._listed_again(message.user_id)
+                if message.user_id in self._resend_skipped:
+                    # Left out of the user list, named during the burst: its
+                    # outbox goes after all.
+                    self._resend_skipped.discard(message.user_id)
+                    self._resend_outbox({message.user_id}, only=message.user_id)
                 if previous is None:
                     self.out(
                         "joined",
@@ -787,6 +806,10 @@ class ClientApp:
         first = not self._enrolled
         if first and self._pending_keys is not None:
             return []  # the old session's answer: wait for ROTATED
+        if self._resend_due:
+            self._resend_due = False
+            self._resend_skipped = set()
+            self._resend_outbox(set(message.user_ids))
         if first:
             events = self.core.on_directory(message.user_ids, now, start_kex=True)
             self._enrolled = True

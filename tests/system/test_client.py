@@ -633,6 +633,8 @@ async def test_an_unreadable_account_unlists_a_contact_until_it_is_restored(
         backup = user_file.read_bytes()
         daemon.stop()
         a.expect(r"^\[conn\] disconnected ")
+        a.send(f"/msg {ids['b']} queued while down")
+        queued = a.expect(rf"^\[queued\] id=(\S+) to {ids['b']} ").group(1)
         damaged = bytearray(backup)
         damaged[len(damaged) // 2] ^= 0x01
         user_file.write_bytes(bytes(damaged))
@@ -642,6 +644,13 @@ async def test_an_unreadable_account_unlists_a_contact_until_it_is_restored(
             r"the server cannot read their account\)",
             timeout=20,
         )
+        # The queued message waited for the user list and was not sent to a
+        # server that does not list its recipient.
+        a.expect(
+            rf"^\[failed\] id={queued} message to {ids['b']} not sent: the server no longer "
+            rf"lists them; /retry {queued} once they are listed again$"
+        )
+        assert not a.seen(r"refused: the server has no such user"), a.output()
         a.send(f"/msg {ids['b']} while unlisted")
         a.expect(rf"^\[refused\] .*{ids['b']} is not on the server's user list")
         daemon.stop()
@@ -652,10 +661,13 @@ async def test_an_unreadable_account_unlists_a_contact_until_it_is_restored(
         user_file.chmod(0o600)
         daemon.start()
         a.expect(rf"^\[joined\] {ids['b']} is on the server's user list again$", timeout=20)
+        a.send(f"/retry {queued}")
+        a.expect(rf"^\[accepted\] id={queued} ")
         a.send(f"/msg {ids['b']} restored")  # verified: no question
         a.expect(rf"^\[sent\] id=\S+ to {ids['b']}$")
         b = chat(ks["b"])
         running.append(b)
+        b.expect(r": queued while down$")
         b.expect(r"\(verified\): restored$|\(unverified\): restored$")
         assert not b.seen(r"^\[warn\]") and not a.seen(r"^\[warn\]"), a.output() + b.output()
         assert b.quit() == 0, b.output()
