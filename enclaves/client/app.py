@@ -953,11 +953,23 @@ class ClientApp:
         self._apply([result], quiet=True)  # a failed save: the UI says so (is_held)
         return result
 
-    def rekey(self, user_id: int) -> None:
+    def rekey(self, user_id: int) -> bool:
+        """Start a key exchange; False if one is already running.  Raises
+        ContactError for a removed or unlisted contact (nothing is sent to it)."""
+        contact = self.core.contact(user_id)
+        if contact.removed:
+            raise ContactError(f"{contact.name} was removed from the server")
+        if contact.unlisted:
+            raise ContactError(
+                f"{contact.name} is not on the server's user list; key exchanges with them "
+                "pause until it lists them again"
+            )
         events = self.core.start_kex(user_id, self.now())
         if not events:
-            self.out("info", f"a key exchange with {self._name(user_id)} is already running")
+            self.out("info", f"a key exchange with {contact.name} is already running")
+            return False
         self._apply(events)
+        return True
 
     def accept_new_ik(self, user_id: int) -> None:
         self._apply(self.core.accept_new_ik(user_id, self.now()))

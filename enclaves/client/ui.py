@@ -110,6 +110,8 @@ def format_contact(contact: Contact) -> str:
     if answered and contact.pending_ik is None:
         # Exchanges we answered whose keys the contact has not yet proven.
         line += " answered=" + ",".join(f"epoch-{epoch}" for epoch in answered)
+    if contact.unlisted:
+        line += " listed=no"  # missing from the server's user list: nothing is sent
     return line
 
 
@@ -294,6 +296,13 @@ class LineUI(LineReceiver):
             if len(args) != 1:
                 raise ContactError("usage: /to WHO (or /to alone to leave the conversation)")
             contact = core.find(args[0])
+            if contact.removed or contact.unlisted:
+                raise ContactError(
+                    f"{contact.name} was removed from the server"
+                    if contact.removed
+                    else f"{contact.name} is not on the server's user list; sending is "
+                    "refused until it lists them again"
+                )
             self._to = contact.user_id
             self.line(
                 "info",
@@ -337,8 +346,8 @@ class LineUI(LineReceiver):
             if len(args) != 1:
                 raise ContactError("usage: /rekey WHO")
             contact = core.find(args[0])
-            app.rekey(contact.user_id)
-            self.line("kex", f"key exchange with {contact.name} started")
+            if app.rekey(contact.user_id):
+                self.line("kex", f"key exchange with {contact.name} started")
         elif name == "/history":
             self._history(args)
         elif name == "/outbox":

@@ -499,3 +499,28 @@ def test_a_quit_that_loses_held_messages_exits_with_status_1(ui) -> None:
     out = typed(lines, transport, "/quit")
     assert any(line.startswith("[error] 1 message(s) lost (") for line in out), out
     assert app.outcome is not None and app.outcome[0] == 1
+
+
+def test_an_unlisted_contact_is_marked_and_refused_by_to_and_rekey(ui) -> None:
+    """/contacts marks an unlisted contact; /to and /rekey refuse it (and a
+    script counts them); /rekey while one runs says so without 'started'."""
+    lines, app, transport = ui
+    app.core.mark_unlisted(B)
+    out = typed(lines, transport, "/contacts", f"/to {B}", f"/rekey {B}")
+    assert out[0].endswith(" listed=no"), out
+    assert out[1] == (
+        f"[error] {B} is not on the server's user list; sending is refused until it lists "
+        "them again"
+    )
+    assert out[2] == (
+        f"[error] {B} is not on the server's user list; key exchanges with them pause until "
+        "it lists them again"
+    )
+    app.core.relist(B)
+    out = typed(lines, transport, "/contacts", f"/rekey {B}", f"/rekey {B}")
+    assert "listed=no" not in out[0]
+    assert out[1:] == [
+        f"[kex] key exchange with {B} started",
+        f"[info] a key exchange with {B} is already running",
+    ]
+    app.stop()
