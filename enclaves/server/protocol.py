@@ -140,6 +140,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.factory.lingering.discard(self)
         self._queue = []
         if was_session:
+            self.log.info(
+                "session of user {user_id} ({peer}) ended: {why}",
+                user_id=self.user_id,
+                peer=self._peer,
+                why=reason.getErrorMessage(),
+            )
             self.factory.router.logout(self)
         self.factory.connection_lost(self)
 

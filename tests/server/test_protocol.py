@@ -646,3 +646,19 @@ def test_nothing_after_a_closing_message_in_the_same_frame_is_routed() -> None:
     assert Pong(5) not in out and Accepted(mid(2)) not in out
     assert a.closing
     assert _pending(h, B) == [mid(1)]
+
+
+def test_every_session_end_is_logged_with_its_reason(h: Harness) -> None:
+    """docs/admin.rst: the log has each closed session and why, a plain close too."""
+    from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        a = h.raw(A, h.add_user(A))
+        a.login()
+        a.lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ended = [formatEvent(e) for e in events if "ended" in e.get("log_format", "")]
+    assert len(ended) == 1 and ended[0].startswith(f"session of user {A} ("), ended
