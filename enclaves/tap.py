@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -264,6 +265,12 @@ def _admin_shell(
 ) -> IService | None:
     """The SSH admin shell's service, or None (with a log line saying why it is off)."""
     if options["admin-keys"] is None:
+        # Off, but a --manhole that does not parse is still a mistake to say now.
+        try:
+            listening_service("--manhole", options["manhole"], Factory(), reactor)
+        except StartupError as error:
+            sys.stderr.write(f"enclaves: error: {error}\n")
+            raise SystemExit(1) from None
         log.info(
             "admin shell is off: put admin SSH public keys in {path} "
             "(authorized_keys format) or start with --admin-keys FILE",

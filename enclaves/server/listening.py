@@ -41,7 +41,8 @@ def listening_service(
     try:
         listener = strports.service(description, factory, reactor=reactor)
     except Exception as error:  # the endpoint parsers raise many kinds
-        raise StartupError(f"{what}: {_parse_reason(error, description)}") from None
+        example = _MANHOLE_EXAMPLE if option == "--manhole" else _EXAMPLE
+        raise StartupError(f"{what}: {_parse_reason(error, description, example)}") from None
     return ListeningService(what, listener)
 
 
@@ -81,9 +82,10 @@ _TOO_MANY_FIELDS = re.compile(
     r"got multiple values for argument|takes from \d+ to \d+ positional arguments"
 )
 _EXAMPLE = "e.g. tcp:7500:interface=127.0.0.1 or ssl:7500:privateKey=key.pem:certKey=cert.pem"
+_MANHOLE_EXAMPLE = "e.g. tcp:7522:interface=127.0.0.1"
 
 
-def _parse_reason(error: BaseException, description: str = "") -> str:
+def _parse_reason(error: BaseException, description: str = "", example: str = _EXAMPLE) -> str:
     """Why an endpoint description does not parse, in the admin's words."""
     if isinstance(error, OSError) and error.filename and error.strerror:
         return printable(f"cannot read {error.filename}: {error.strerror}")
@@ -104,7 +106,7 @@ def _parse_reason(error: BaseException, description: str = "") -> str:
         reason = f"unknown endpoint type {match.group(1)}"
     else:
         reason = text or type(error).__name__
-    return f"not a valid endpoint: {reason} ({_EXAMPLE})"
+    return f"not a valid endpoint: {reason} ({example})"
 
 
 @implementer(IStreamServerEndpoint)

@@ -202,8 +202,14 @@ def test_manhole_port_in_use_is_a_one_line_error_and_nothing_keeps_running(
         socket.create_connection(("127.0.0.1", listen), timeout=5).close()
 
 
-@pytest.mark.parametrize("option", ["--listen", "--manhole"])
-def test_endpoint_that_does_not_parse_is_a_one_line_error(tmp_path: Path, option: str) -> None:
+@pytest.mark.parametrize(
+    ("option", "shell_on"), [("--listen", True), ("--manhole", True), ("--manhole", False)]
+)
+def test_endpoint_that_does_not_parse_is_a_one_line_error(
+    tmp_path: Path, option: str, shell_on: bool
+) -> None:
+    """Also a --manhole of a server whose admin shell is off (no admin keys):
+    the mistake shows now, not when keys are added."""
     data_dir = tmp_path / "d"
     data_dir.mkdir(mode=0o700)
     admin_keys = tmp_path / "admin_keys"
@@ -214,11 +220,15 @@ def test_endpoint_that_does_not_parse_is_a_one_line_error(tmp_path: Path, option
         tmp_path,
         f"{option}=tcp:notaport",
         "--listen=tcp:0:interface=127.0.0.1" if option == "--manhole" else "--manhole=tcp:0",
-        f"--admin-keys={admin_keys}",
+        *([f"--admin-keys={admin_keys}"] if shell_on else []),  # off: no keys file at all
         f"--data-dir={data_dir}",
+    )
+    example = (
+        "tcp:7522:interface=127.0.0.1"
+        if option == "--manhole"
+        else "tcp:7500:interface=127.0.0.1 or ssl:7500:privateKey=key.pem:certKey=cert.pem"
     )
     assert result.stderr.splitlines() == [
         f"enclaves: error: {option} tcp:notaport: not a valid endpoint: 'notaport' is not a "
-        "number, and the port must be one (e.g. tcp:7500:interface=127.0.0.1 or "
-        "ssl:7500:privateKey=key.pem:certKey=cert.pem)"
+        f"number, and the port must be one (e.g. {example})"
     ]
