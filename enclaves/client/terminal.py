@@ -273,6 +273,7 @@ class TerminalIO(Protocol):
         self._width = width
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.finished = False  # the input line is gone for good
+        self._input_ended = False  # ^D: no prompt and no more keys, output still shown
         self._reading = False
 
     def connectionMade(self) -> None:
@@ -280,6 +281,8 @@ class TerminalIO(Protocol):
         self.redraw()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._input_ended:
+            return  # after ^D the client is only finishing: keys are not read
         self._reading = True  # one redraw at the end, not one per output line
         try:
             for event in self.editor.feed(self._decoder.decode(data)):
@@ -288,7 +291,10 @@ class TerminalIO(Protocol):
                     self._write(self._line_shown(event.line) + "\r\n")
                     self.ui.lineReceived(event.line.encode("utf-8"))
                 else:
+                    self._write("\r\x1b[K")  # the prompt goes: no more input is read
+                    self._input_ended = True
                     self.ui.readConnectionLost()
+                    return
                 if self.finished:
                     return
         finally:
@@ -304,7 +310,7 @@ class TerminalIO(Protocol):
             self.redraw()
 
     def redraw(self) -> None:
-        if self.transport is not None and not self.finished:
+        if self.transport is not None and not self.finished and not self._input_ended:
             width = self._width()
             self._write(self.editor.render(_fit(self._prompt(), width), width))
 

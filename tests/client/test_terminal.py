@@ -231,6 +231,21 @@ def test_control_d_on_an_empty_line_is_the_end_of_input(term) -> None:
     assert ui.eof == [True]  # type: ignore[attr-defined]
 
 
+def test_after_the_end_of_input_no_prompt_is_drawn_and_no_key_read(term) -> None:
+    """^D while the client still finishes (waiting for the server, say): the
+    prompt goes and is not drawn again under later output lines."""
+    terminal, ui, transport = term
+    screen(transport)
+    terminal.dataReceived(b"\x04")
+    assert ui.eof == [True]  # type: ignore[attr-defined]
+    assert screen(transport).endswith("\r\x1b[K")
+    ui.line("conn", "cannot reach the server; retrying in 2 s")
+    out = screen(transport)
+    assert out == "\r\x1b[K[conn] cannot reach the server; retrying in 2 s\r\n", out
+    terminal.dataReceived(b"typed after\r\x04")
+    assert screen(transport) == "" and ui.eof == [True]  # type: ignore[attr-defined]
+
+
 def test_closing_clears_the_input_line_and_closes_standard_output(term) -> None:
     terminal, ui, transport = term
     terminal.dataReceived(b"unsent")
