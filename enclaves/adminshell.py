@@ -156,12 +156,16 @@ class AdminInterpreter(manhole.ManholeInterpreter):
             finally:
                 self._synchronous = False
         elif isinstance(obj, str):
-            self._show_text(obj)
+            self._show_text(obj, is_async=False)  # shown now: the prompt follows it
         else:
             self.write(repr(obj) + "\n")
 
-    def _show_text(self, text: str) -> None:
-        self.write(text if text.endswith("\n") else text + "\n", not self._synchronous)
+    def _show_text(self, text: str, is_async: bool | None = None) -> None:
+        """Write ``text`` as one or more lines; output that comes later than its
+        line (a Deferred's result) redraws the prompt after it."""
+        if is_async is None:
+            is_async = not self._synchronous
+        self.write(text if text.endswith("\n") else text + "\n", is_async)
 
     def _show_result(self, result: object) -> object:
         if isinstance(result, str):

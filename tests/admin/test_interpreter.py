@@ -75,6 +75,17 @@ def test_plain_values_and_text() -> None:
     assert "2\n" in shown(transport)
 
 
+def test_a_text_result_is_followed_by_one_prompt() -> None:
+    """A str result shown at once draws no extra prompt of its own (it is not
+    asynchronous output): one prompt after it, as after ``1 + 1``."""
+    transport, server = terminal({"answer": lambda: Text("plain")})
+    shown(transport)
+    for line in ("answer()", '"abc"', "1 + 1"):
+        type_line(server, line)
+        out = shown(transport)
+        assert out.count("enclaves> ") == 1, (line, out)
+
+
 def test_typed_lines_are_logged_with_tokens_masked() -> None:
     from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
