@@ -219,7 +219,7 @@ class ClientApp:
         self.invites_waiting = 0  # INVITEs sent and not yet answered
         self.invites_failed = 0  # INVITEs the server refused or never answered
         self.last_failure: str | None = None
-        self._last_heard = 0.0
+        self.last_heard = 0.0  # reactor time of the last message from the server
 
     # -- life cycle -----------------------------------------------------------
 
@@ -609,7 +609,7 @@ class ClientApp:
 
     def _on_message_for(self, conn: ClientConnection | None) -> Callable[[InnerMessage], None]:
         def on_message(message: InnerMessage) -> None:
-            self._last_heard = self.now()
+            self.last_heard = self.now()
             self._incoming.append((conn or self.conn, message))  # type: ignore[arg-type]
             if self._drain_call is None or not self._drain_call.active():
                 self._drain_call = self._reactor.callLater(0, self._drain)
@@ -890,7 +890,7 @@ class ClientApp:
         for ``quiet`` seconds (polls)."""
         deadline = self.now() + timeout
         while self.now() < deadline and not self._stopping:
-            if self.now() - self._last_heard >= quiet:
+            if self.now() - self.last_heard >= quiet:
                 return
             await deferLater(self._reactor, 0.05, lambda: None)
 
@@ -1058,7 +1058,7 @@ class ClientApp:
                 self.directory_handled
                 and self.pending_count() == 0
                 and not self.invites_waiting
-                and self.now() - self._last_heard >= quiet
+                and self.now() - self.last_heard >= quiet
             ):
                 return
             await deferLater(self._reactor, 0.05, lambda: None)

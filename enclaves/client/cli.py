@@ -181,11 +181,7 @@ def unlock(path: Path) -> tuple[Keystore, ClientState]:
     for attempt in range(1, tries + 1):
         try:
             return Keystore.unlock(path, read_passphrase("Keystore passphrase: "))
-        except BadPassphrase as e:
-            if attempt == tries:
-                raise
-            sys.stderr.write(f"enclaves: {e}; try again\n")
-        except UserError as e:  # an empty line
+        except (BadPassphrase, UserError) as e:  # UserError: an empty line
             if attempt == tries:
                 raise
             sys.stderr.write(f"enclaves: {e}; try again\n")
@@ -387,7 +383,7 @@ def _watch_silence(reactor: Any, app: ClientApp, limit: float) -> Any:
         now = app.now()
         if not since:
             since.append(now)  # connected: the clock starts
-        heard = max(since[0], app._last_heard)  # when the server last spoke
+        heard = max(since[0], app.last_heard)  # when the server last spoke
         if now - heard >= limit:
             app.stop(1, f"the server at {shown(app.endpoint)} stopped answering for {limit:g} s")
 
