@@ -103,13 +103,26 @@ def decode_body(body: bytes) -> Frame:
     """Parse one frame body; raises :class:`FrameError` for anything malformed."""
     if len(body) < 2:
         raise FrameError("frame shorter than its header")
-    if body[0] != VERSION:
-        raise FrameError(f"unsupported protocol version {body[0]}")
-    try:
-        frame_type = FrameType(body[1])
-    except ValueError:
-        raise FrameError(f"unknown frame type 0x{body[1]:02x}") from None
-    return Frame(frame_type, bytes(body[2:]))
+    return _frame(body[0], body[1], bytes(body[2:]))
+
+
+_TYPES = {int(frame_type): frame_type for frame_type in FrameType}
+_new_frame = object.__new__
+_set_type = Frame.__dict__["type"].__set__  # the slot descriptors of the frozen class
+_set_payload = Frame.__dict__["payload"].__set__
+
+
+def _frame(version: int, type_byte: int, payload: bytes) -> Frame:
+    """A :class:`Frame` from a checked header, built without attrs' frozen __init__."""
+    if version != VERSION:
+        raise FrameError(f"unsupported protocol version {version}")
+    frame_type = _TYPES.get(type_byte)
+    if frame_type is None:
+        raise FrameError(f"unknown frame type 0x{type_byte:02x}")
+    frame: Frame = _new_frame(Frame)
+    _set_type(frame, frame_type)
+    _set_payload(frame, payload)
+    return frame
 
 
 class FrameDecoder:
@@ -123,39 +136,61 @@ class FrameDecoder:
         if max_frame < 2:
             raise ValueError("max_frame must allow at least a header")
         self.max_frame = max_frame
-        self._buffer = bytearray()
+        # The start of a frame whose rest has not come yet, in the pieces it
+        # came in (joined once the whole frame is there: no quadratic copying
+        # for a frame that trickles in), their total size, and the size at
+        # which a frame (or at least its length prefix) is complete.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._need = 4
         self._failed: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held while waiting for the rest of a frame."""
-        return len(self._buffer)
+        return self._pending_size
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._failed is not None:
             raise self._failed
-        buffer = self._buffer
-        buffer += data
+        data = bytes(data)
+        if self._pending:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size < self._need:
+                return []
+            data = b"".join(self._pending)
         frames: list[Frame] = []
+        append = frames.append
+        unpack = _HEADER.unpack_from
+        limit = self.max_frame
+        available = len(data)
         offset = 0
+        need = 4
         try:
-            while len(buffer) - offset >= 4:
-                (size,) = _HEADER.unpack_from(buffer, offset)
-                if size > self.max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {size} bytes exceeds the limit of {self.max_frame}"
-                    )
+            while available - offset >= 4:
+                (size,) = unpack(data, offset)
+                if size > limit:
+                    raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {limit}")
                 end = offset + 4 + size
-                if len(buffer) < end:
+                if available < end:
+                    need = 4 + size
                     break
-                frames.append(decode_body(bytes(buffer[offset + 4 : end])))
+                if size < 2:
+                    raise FrameError("frame shorter than its header")
+                append(_frame(data[offset + 4], data[offset + 5], data[offset + 6 : end]))
                 offset = end
         except FrameError as error:
             self._failed = error
-            self._buffer = bytearray()
+            self._pending, self._pending_size = [], 0
             raise
-        if offset:
-            del buffer[:offset]
+        rest = available - offset
+        if rest:
+            self._pending = [data[offset:] if offset else data]
+        else:
+            self._pending = []
+        self._pending_size = rest
+        self._need = need
         return frames
 
 

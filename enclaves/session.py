@@ -27,6 +27,7 @@ __all__ = [
 
 _U64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IBB")
+_SEALED_AAD_PREFIX = bytes((VERSION, FrameType.SEALED))
 _SEQ_LIMIT = 1 << 64
 # Frame body overhead around the padded plaintext: version, type, seq, IV, tag.
 _OVERHEAD = 2 + 8 + BLOCK + TAG_SIZE
@@ -47,7 +48,7 @@ def max_blob_size(max_frame: int) -> int:
 
 def sealed_aad(seq: int) -> bytes:
     """``version || type || u64 seq``: what each SEALED frame's tag also covers."""
-    return bytes((VERSION, FrameType.SEALED)) + _U64.pack(seq)
+    return _SEALED_AAD_PREFIX + _U64.pack(seq)
 
 
 class SessionError(Exception):
@@ -94,8 +95,7 @@ class Session:
             raise SessionError(ErrorCode.BAD_SESSION_FRAME, "sequence numbers exhausted")
         self._send_seq = seq + 1
         seq_bytes = _U64.pack(seq)
-        aad = bytes((VERSION, FrameType.SEALED)) + seq_bytes
-        sealed = self._sealer.seal(aad, plaintext)
+        sealed = self._sealer.seal(_SEALED_AAD_PREFIX + seq_bytes, plaintext)
         body_size = 2 + 8 + len(sealed)
         return _HEADER.pack(body_size, VERSION, FrameType.SEALED) + seq_bytes + sealed
 
@@ -137,9 +137,8 @@ class Session:
                 ErrorCode.BAD_SESSION_FRAME,
                 f"sealed frame out of sequence (got {seq}, expected {self._recv_seq})",
             )
-        aad = bytes((VERSION, FrameType.SEALED)) + payload[:8]
         try:
-            plaintext = self._opener.open(aad, payload[8:])
+            plaintext = self._opener.open(_SEALED_AAD_PREFIX + payload[:8], payload[8:])
         except CryptoError:
             raise SessionError(
                 ErrorCode.BAD_SESSION_FRAME, "sealed frame failed its check"

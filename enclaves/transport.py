@@ -56,9 +56,12 @@ def write_now(transport: Any, data: bytes) -> None:
         and not getattr(transport, "_tempDataBuffer", True)
         and transport.offset == len(transport.dataBuffer)
     ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, Exception) or sent <= 0:
-            transport.write(data)  # Twisted retries, or finds the connection lost
+        try:
+            sent = transport.socket.send(data)  # tcp.Connection's own socket
+        except OSError:  # full (EAGAIN, ENOBUFS) or broken: Twisted retries, or finds it lost
+            sent = 0
+        if sent <= 0:
+            transport.write(data)
         elif sent < len(data):
             transport.write(data[sent:])
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import attrs
@@ -85,6 +86,43 @@ def test_decoder_never_raises_anything_else(data: bytes, limit: int) -> None:
         decoder.feed(data[len(data) // 2 :])
     except FrameError:
         pass
+
+
+_FRAME_LISTS = st.lists(
+    st.tuples(st.sampled_from(list(FrameType)), st.binary(max_size=300)), max_size=6
+)
+
+
+@given(_FRAME_LISTS, st.lists(st.integers(0, 2000), max_size=12))
+def test_any_split_gives_the_same_frames(
+    frames: list[tuple[FrameType, bytes]], cuts: list[int]
+) -> None:
+    """However the stream is cut into reads, the same frames come out, in order,
+    and ``buffered`` is what is left of an unfinished frame."""
+    wire = b"".join(encode_frame(kind, payload) for kind, payload in frames)
+    points = sorted({min(cut, len(wire)) for cut in cuts} | {0, len(wire)})
+    decoder = FrameDecoder(400)
+    out: list[Frame] = []
+    for start, stop in itertools.pairwise(points):
+        out += decoder.feed(bytearray(wire[start:stop]))
+        done = sum(4 + 2 + len(frame.payload) for frame in out)
+        assert decoder.buffered == stop - done
+    assert out == [Frame(kind, payload) for kind, payload in frames]
+    assert all(type(frame.payload) is bytes for frame in out)
+
+
+def test_a_frame_that_trickles_in_is_kept_in_pieces_until_whole() -> None:
+    """A frame sent a byte at a time is joined once, when it is complete (no
+    copy of the whole buffer per byte, which would be quadratic)."""
+    wire = encode_frame(FrameType.SEALED, bytes(range(256)) * 40)
+    decoder = FrameDecoder()
+    for i in range(len(wire) - 1):
+        assert decoder.feed(wire[i : i + 1]) == []
+    assert decoder.buffered == len(wire) - 1
+    # The length prefix, then one piece per byte: not one growing copy.
+    assert len(decoder._pending) == 1 + len(wire) - 1 - 4
+    assert decoder.feed(wire[-1:]) == [Frame(FrameType.SEALED, bytes(range(256)) * 40)]
+    assert decoder.buffered == 0
 
 
 # -- inner messages -----------------------------------------------------------------
