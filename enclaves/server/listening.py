@@ -71,7 +71,8 @@ class ListeningService(MultiService):
         try:
             super().privilegedStartService()
         except Exception as error:
-            refuse_start(f"{self._what}: cannot listen: {_reason(error)}")
+            reason = f"cannot listen: {_reason(error)}"
+            refuse_start(f"{self._what}: {reason}", f"{reason} ({self._what})")
 
 
 #: What the endpoint parsers say, and what the admin is told instead.
@@ -135,21 +136,24 @@ def _reason(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def refuse_start(message: str) -> NoReturn:
+def refuse_start(message: str, reason_first: str | None = None) -> NoReturn:
     """Write ``enclaves: error: MESSAGE`` to the process's stderr, then stop start-up.
 
     By now twistd has pointed ``sys.stderr`` at its log; the line goes to the
     real one, as the refusals made before the services start do, and to the
     log (a daemon's only record).  The exception raised lets twistd remove
-    its pid file and exit with status 1 (a daemonizing twistd's parent
-    prints it); its traceback is not printed.
+    its pid file and exit with status 1; its traceback is not printed.  A
+    daemonizing twistd's parent prints only the first 100 bytes of the
+    exception (the child's stderr is /dev/null by then), so it carries
+    ``reason_first``: the same words with the reason before the option and
+    endpoint, which can be long.
     """
     log.critical("start-up refused: {message}", message=message)
     stream = sys.__stderr__ or sys.stderr
     stream.write(f"enclaves: error: {message}\n")
     stream.flush()
     sys.excepthook = _quiet_about_refusals(sys.excepthook)
-    raise StartupRefused(message)
+    raise StartupRefused(reason_first or message)
 
 
 def _quiet_about_refusals(previous: Any) -> Any:

@@ -14,6 +14,7 @@ import pytest
 
 from enclaves.frames import ErrorCode, FrameDecoder, FrameType, decode_error
 from tests.daemon import Daemon, twistd_command
+from tests.system.test_client_tls import key_pem, make_ca, make_server_cert, pem
 
 pytestmark = pytest.mark.system
 
@@ -173,6 +174,41 @@ def test_listen_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
         f"enclaves: error: --listen {endpoint}: cannot listen: Address already in use"
     ]
     assert f"start-up refused: --listen {endpoint}" in (tmp_path / "twistd.log").read_text()
+
+
+def test_daemonized_refusal_shows_the_reason_within_twistds_100_bytes(tmp_path: Path) -> None:
+    """Started without -n, only twistd's parent reaches the terminal, and it
+    prints the first 100 bytes of the child's exception: the reason comes first."""
+    with _held_port() as held:
+        port = held.getsockname()[1]
+        endpoint = "ssl:{}:privateKey={}:certKey={}:interface=127.0.0.1".format(
+            port, tmp_path / "a-long-path-to-the-key.pem", tmp_path / "a-long-path-to-the-cert.pem"
+        )
+        ca_key, ca = make_ca("Enclaves test CA")
+        key, cert = make_server_cert(ca_key, ca, "localhost")
+        (tmp_path / "a-long-path-to-the-key.pem").write_bytes(key_pem(key))
+        (tmp_path / "a-long-path-to-the-cert.pem").write_bytes(pem(cert))
+        daemon = Daemon(tmp_path)
+        result = subprocess.run(
+            [
+                *twistd_command(),
+                f"--pidfile={tmp_path / 'twistd.pid'}",
+                f"--logfile={tmp_path / 'twistd.log'}",
+                "enclaves",
+                f"--listen={endpoint}",
+                f"--data-dir={tmp_path / 'd'}",
+            ],
+            cwd=tmp_path,
+            env=daemon.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result
+    assert "cannot listen: Address already in use" in result.stderr, result.stderr
+    assert not (tmp_path / "twistd.pid").exists()
+    log = (tmp_path / "twistd.log").read_text()
+    assert f"start-up refused: --listen {endpoint}: cannot listen: Address already in use" in log
 
 
 def test_manhole_port_in_use_is_a_one_line_error_and_nothing_keeps_running(
