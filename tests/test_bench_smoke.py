@@ -192,3 +192,21 @@ def test_report_targets_judge_latency_and_carry_the_same_minute_floor() -> None:
     del routing["bare_relay_half_rate"], routing["bare_relay_half_rate_bursts"]
     out = _bench_run_module().targets({"routing": {"result": routing}})
     assert "bare_relay_p99_ms" not in out["routing_p99_ms_at_half_peak"]
+
+
+def test_machine_speed_measures_both_echo_servers() -> None:
+    """bench/machine_speed.py: every figure is there and positive, and both
+    echo servers answered (a server that died would fail the round trips)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.machine_speed", "--round-trips", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["python_loop_ms"] > 0 and result["seal_open_us"] > 0
+    for server in ("twisted_echo", "epoll_echo"):
+        figures = result[server]
+        assert figures["round_trip_us"] > 0, figures
+        assert figures["server_total_us"] == pytest.approx(
+            figures["server_user_us"] + figures["server_system_us"], abs=0.2
+        )
