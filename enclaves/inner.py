@@ -39,6 +39,7 @@ __all__ = [
     "InnerMessage",
     "encode",
     "encode_all",
+    "kind_name",
     "decode_all",
 ]
 
@@ -228,6 +229,11 @@ InnerMessage = Union[  # noqa: UP007 (a runtime Union keeps __args__)
     Ping,
     Pong,
 ]
+
+
+def kind_name(message: InnerMessage) -> str:
+    """The protocol's name of ``message``'s kind (SEND, DELIVER, ...), for texts."""
+    return _fields(message)[0].name
 
 
 def _fields(message: InnerMessage) -> tuple[Kind, bytes]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from enclaves import inner
 from enclaves.crypto import KeyPair, cmac_tag, hkdf_sha256, sha256
-from enclaves.frames import ErrorCode, FrameDecoder, FrameType
+from enclaves.frames import ErrorCode, FrameDecoder, FrameType, encode_error, encode_frame
 from enclaves.handshake import (
     AUTH_FAILED_TEXT,
     ClientHandshake,
@@ -64,6 +64,29 @@ def test_vectors_follow_the_spec_formulas(vec: dict[str, Any]) -> None:
         ec.exchange(es.public_key()) + k_u.enc + k_u.auth, transcript, b"enclaves/v1/session", 128
     )
     assert okm == b"".join(_h(vec, n) for n in ("c2s_enc", "c2s_auth", "s2c_enc", "s2c_auth"))
+    assert _h(vec, "shared_secret") == ec.exchange(es.public_key())
+    assert _h(vec, "transcript_hash") == transcript
+    # The IV of each sealed frame sits after length, version, type and seq.
+    for frames, ivs in (("c2s_frames", "c2s_ivs"), ("s2c_frames", "s2c_ivs")):
+        assert [bytes.fromhex(f)[14:30].hex() for f in vec[frames]] == vec[ivs]
+
+
+def test_negative_vectors(vec: dict[str, Any]) -> None:
+    """A flipped HELLO tag gets exactly the vector's ERROR frame; a flipped
+    ciphertext bit does not open."""
+    hello, bad = _h(vec, "hello_frame"), _h(vec, "bad_tag_hello_frame")
+    assert len(bad) == len(hello) and bad[:-1] == hello[:-1] and bad[-1] == hello[-1] ^ 1
+    server = ServerHandshake(nonce=_h(vec, "ns"), ephemeral=_h(vec, "es_private"))
+    server.receive_hello(bad[6:])
+    with pytest.raises(HandshakeError) as refused:
+        server.authenticate(UserRecord(vec["user_id"], _k_u(vec)))
+    error = refused.value
+    assert encode_frame(FrameType.ERROR, encode_error(error.code, error.text)) == _h(
+        vec, "auth_failed_frame"
+    )
+    (frame,) = FrameDecoder().feed(_h(vec, "tampered_c2s_frame"))
+    with pytest.raises(SessionError):
+        Session(_keys(vec), "server", 65536).open(frame.payload)
 
 
 def test_machines_reproduce_the_vectors(vec: dict[str, Any]) -> None:

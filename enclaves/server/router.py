@@ -45,6 +45,7 @@ from enclaves.inner import (
     checked_delivered,
     decode_all,
     encode,
+    kind_name,
     split_directory,
 )
 from enclaves.server.limits import TokenBucket
@@ -494,7 +495,7 @@ class Router:
         elif isinstance(message, Invite):
             self._invite(state)
         else:
-            peer.close(ErrorCode.BAD_MESSAGE, f"a client may not send {type(message).__name__}")
+            peer.close(ErrorCode.BAD_MESSAGE, f"a client may not send {kind_name(message)}")
 
     def _route(self, state: _Online, send: Send) -> None:
         sender = state.peer.user_id

@@ -643,6 +643,8 @@ def test_nothing_after_a_closing_message_in_the_same_frame_is_routed() -> None:
     a.send(Send(mid(1), B, b"before"), Deliver(mid(9), B, b"x"), Send(mid(2), B, b"after"), Ping(5))
     out = a.received()
     assert _codes(out) == [ErrorCode.BAD_MESSAGE]
+    # The text names the kind as the spec does, not a class of the code.
+    assert [m.text for m in out if isinstance(m, Error)] == ["a client may not send DELIVER"]
     assert Pong(5) not in out and Accepted(mid(2)) not in out
     assert a.closing
     assert _pending(h, B) == [mid(1)]
