@@ -16,7 +16,8 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from attrs import evolve
@@ -76,6 +77,7 @@ from enclaves.token import TokenError, parse_token
 __all__ = [
     "Output",
     "ClientApp",
+    "NotSaved",
     "short_id",
     "clock_text",
     "date_text",
@@ -127,6 +129,16 @@ FATAL_TEXT = {
 def short_id(msg_id: bytes) -> str:
     """The first 8 hex digits of a message id, as shown to the user."""
     return msg_id.hex()[:8]
+
+
+class NotSaved(Exception):
+    """A command's change was undone: the keystore could not be saved with it."""
+
+    def __init__(self, not_done: str, reason: str | None) -> None:
+        super().__init__(
+            f"{not_done}: could not save the keystore ({reason}); nothing changed: try "
+            "again once it can be saved"
+        )
 
 
 class _Fatal(Exception):
@@ -955,7 +967,8 @@ class ClientApp:
 
     def rekey(self, user_id: int) -> bool:
         """Start a key exchange; False if one is already running.  Raises
-        ContactError for a removed or unlisted contact (nothing is sent to it)."""
+        ContactError for a removed or unlisted contact (nothing is sent to it),
+        :class:`NotSaved` if it could not be saved (none is started)."""
         contact = self.core.contact(user_id)
         if contact.removed:
             raise ContactError(f"{contact.name} was removed from the server")
@@ -964,26 +977,43 @@ class ClientApp:
                 f"{contact.name} is not on the server's user list; key exchanges with them "
                 "pause until it lists them again"
             )
-        events = self.core.start_kex(user_id, self.now())
+        with self._decision(f"key exchange with {contact.name} not started"):
+            events = self.core.start_kex(user_id, self.now())
         if not events:
             self.out("info", f"a key exchange with {contact.name} is already running")
             return False
-        self._apply(events)
+        self._send_events(events)
         return True
 
     def accept_new_ik(self, user_id: int) -> None:
-        self._apply(self.core.accept_new_ik(user_id, self.now()))
+        with self._decision(f"new identity key of {self._name(user_id)} not accepted"):
+            events = self.core.accept_new_ik(user_id, self.now())
+        self._send_events(events)
 
     def import_ik(self, user_id: int, text: str) -> None:
-        self._apply(self.core.import_ik(user_id, text, self.now()))
+        with self._decision(f"identity key of {self._name(user_id)} not imported"):
+            events = self.core.import_ik(user_id, text, self.now())
+        self._send_events(events)
 
     def verify(self, user_id: int) -> None:
-        self.core.verify(user_id)
-        self._save()
+        with self._decision(f"{self._name(user_id)} not verified"):
+            self.core.verify(user_id)
 
     def set_petname(self, user_id: int, petname: str | None) -> None:
-        self.core.set_petname(user_id, petname)
-        self._save()
+        with self._decision(f"{user_id} not named {petname}"):
+            self.core.set_petname(user_id, petname)
+
+    @contextmanager
+    def _decision(self, not_done: str) -> Iterator[None]:
+        """Save the user's change made in this block (a name, a trust level, a
+        key exchange) before anything is shown or sent.  If the save fails the
+        change is undone and :class:`NotSaved` raised: no restart takes back a
+        change the user was told of.  An unchanged state needs no save."""
+        before = self.core.checkpoint()
+        yield
+        if self.core.state() != before.state and not self._save(quiet=True):
+            self.core.rollback(before)
+            raise NotSaved(not_done, self.save_error)
 
     def retry(self, prefix: str) -> SendBlob:
         matches = [e for e in self.core.outbox() if e.msg_id.hex().startswith(prefix.lower())]

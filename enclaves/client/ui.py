@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
+from enclaves.client.app import QUEUED_WHY, ClientApp, NotSaved, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 from enclaves.printable import printable
@@ -257,7 +257,7 @@ class LineUI(LineReceiver):
                 self._send(self._to, line)
             else:
                 self.line("error", "not in a conversation: /to WHO first, or /msg WHO TEXT")
-        except ContactError as e:
+        except (ContactError, NotSaved) as e:
             self.line("error", str(e))
 
     def ask(self, tag: str, question: str, then: Callable[[bool], None]) -> None:

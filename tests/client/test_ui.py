@@ -11,11 +11,11 @@ from twisted.internet.testing import StringTransport
 from enclaves.client.app import ClientApp
 from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore
-from enclaves.client.state import decode_state, encode_state
+from enclaves.client.state import ClientState, decode_state, encode_state
 from enclaves.client.ui import LineUI
 from enclaves.crypto import KeyPair
 from enclaves.printable import printable
-from tests.client.helpers import keyed_app, make_core
+from tests.client.helpers import keyed_app, make_core, saves_fail
 
 A, B = 1001, 2002
 
@@ -316,6 +316,90 @@ def test_a_second_rotate_after_a_failed_save_sends_the_keys_once(ui) -> None:
     assert len(rotates) == 1 and rotates[0].enc == app._pending_keys.enc  # type: ignore[union-attr]
     app.conn = None
     app.stop()
+
+
+NOT_SAVED = (
+    "could not save the keystore (File too large); nothing changed: try again once it can be saved"
+)
+
+
+def _on_disk(tmp_path: Path) -> ClientState:
+    return Keystore.unlock(tmp_path / "ks", "pass phrase")[1]
+
+
+def _forge_key_change(app: ClientApp) -> None:
+    """B's identity key "changes": an OFFER under another key (as a server can
+    write), saved with B's decision pending."""
+    from enclaves.client import kex
+    from enclaves.crypto import x25519_public
+
+    fake = kex.Entropy().x25519()
+    offer = kex.make_offer(kex.Identity(B, fake, x25519_public(fake)), 2, kex.Entropy(), 0.0)
+    app._apply(app.core.handle_blob(B, b"F" * 16, offer.blob, 1.0))
+    app._save()
+    assert app.core.contact(B).pending_ik is not None
+
+
+@pytest.mark.parametrize(
+    ("commands", "not_done", "key_changed"),
+    [
+        ([f"/name {B} bob"], f"{B} not named bob", False),
+        ([f"/verify {B}", "yes"], f"{B} not verified", False),
+        ([f"/import {B} KNOWN"], f"identity key of {B} not imported", False),
+        ([f"/import {B} KNOWN"], f"identity key of {B} not imported", True),
+        ([f"/accept {B} yes"], f"new identity key of {B} not accepted", True),
+        ([f"/rekey {B}"], f"key exchange with {B} not started", False),
+    ],
+    ids=["name", "verify", "import", "import-rejecting-a-false-change", "accept", "rekey"],
+)
+def test_a_change_whose_save_fails_is_not_made(
+    ui, tmp_path: Path, commands: list[str], not_done: str, key_changed: bool
+) -> None:
+    """A name, a trust change, an accepted or imported key, a rekey: done only
+    if saved.  A failed save (for real: a file size limit) leaves memory and
+    disk as they were, with one [error] line instead of the success line, so
+    that no restart takes back a change the user was told of.  The periodic
+    save retry says when saving works again; then the command works."""
+    from enclaves.client.contacts import encode_ik
+
+    lines, app, transport = ui
+    known = encode_ik(app.core.contact(B).ik)
+    commands = [c.replace("KNOWN", known) for c in commands]
+    if key_changed:
+        _forge_key_change(app)
+    before, on_disk = app.core.state(), _on_disk(tmp_path)
+    with saves_fail():
+        out = typed(lines, transport, *commands)
+    assert [line for line in out if not line.startswith(("[safety] ", "[confirm] "))] == [
+        f"[error] {not_done}: {NOT_SAVED}"
+    ]
+    assert app.core.state() == before and _on_disk(tmp_path) == on_disk
+    transport.clear()
+    app._tick()  # the periodic retry of a failed save
+    assert transport.value().decode().splitlines() == ["[info] the keystore could be saved again"]
+    out = typed(lines, transport, *commands)
+    assert not any(line.startswith("[error] ") for line in out)
+    assert _on_disk(tmp_path) != on_disk
+    app.stop()
+
+
+def test_a_script_whose_import_could_not_be_saved_exits_1(tmp_path: Path) -> None:
+    """An /import whose save fails counts as a command not done: the script
+    exits with status 1 (the import was not made)."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+    from enclaves.client.contacts import Trust, encode_ik
+
+    lines, app, transport = script_ui(tmp_path)
+    app.connected_once = app.directory_handled = True
+    with saves_fail():
+        typed(lines, transport, f"/import {B} {encode_ik(app.core.contact(B).ik)}")
+        ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()
+    assert "[error] 1 command(s) not done (see the [error] and [refused] lines)" in out
+    assert app.outcome is not None and app.outcome[0] == 1
+    assert _on_disk(tmp_path).contacts[B].trust is Trust.UNVERIFIED
 
 
 def test_sent_only_when_connected_else_queued(ui) -> None:
