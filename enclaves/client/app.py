@@ -202,7 +202,6 @@ class ClientApp:
         # Sends whose save failed: in memory only, so they may not leave yet
         # ("save, then send"); they go once a save succeeds, or are lost.
         self._held: dict[bytes, Send] = {}
-        self._rotate_held = False  # the same for a /rotate's new keys
         # Messages reported [failed] during this run (a script's exit status
         # counts those still failed at its end: a stale refusal of a message
         # accepted since does not count).
@@ -425,7 +424,7 @@ class ClientApp:
         self.connected_once = True
         self._queue.clear()
         self.out("conn", f"connected as {self.core.user_id}")
-        if self._pending_keys is not None and not self._rotate_held:
+        if self._pending_keys is not None:
             keys = self._pending_keys
             self._queue.append(Rotate(keys.enc, keys.auth))
             self.rotate_sent = True
@@ -498,12 +497,6 @@ class ClientApp:
         """After a successful save: what was held for it is on disk now, so it
         may leave (or, when stopping, waits in the outbox for the next run)."""
         held, self._held = self._held, {}
-        rotate, self._rotate_held = self._rotate_held, False
-        keys_go = self._pending_keys is not None and self.conn is not None
-        if rotate and keys_go and not self._stopping:
-            assert self._pending_keys is not None
-            self._enqueue(Rotate(self._pending_keys.enc, self._pending_keys.auth))
-            self.rotate_sent = True
         for send in held.values():
             entry = self._outbox_entry(send.msg_id)
             if entry is None or entry.status != "pending":
@@ -1006,13 +999,16 @@ class ClientApp:
     @contextmanager
     def _decision(self, not_done: str) -> Iterator[None]:
         """Save the user's change made in this block (a name, a trust level, a
-        key exchange) before anything is shown or sent.  If the save fails the
-        change is undone and :class:`NotSaved` raised: no restart takes back a
-        change the user was told of.  An unchanged state needs no save."""
-        before = self.core.checkpoint()
+        key exchange, new server keys) before anything is shown or sent.  If
+        the save fails the change is undone and :class:`NotSaved` raised: no
+        restart takes back a change the user was told of.  An unchanged state
+        needs no save."""
+        before, keys = self.core.checkpoint(), self._pending_keys
         yield
-        if self.core.state() != before.state and not self._save(quiet=True):
+        changed = self.core.state() != before.state or self._pending_keys is not keys
+        if changed and not self._save(quiet=True):
             self.core.rollback(before)
+            self._pending_keys = keys
             raise NotSaved(not_done, self.save_error)
 
     def retry(self, prefix: str) -> SendBlob:
@@ -1026,18 +1022,14 @@ class ClientApp:
         self._apply([item], quiet=True)  # a failed save: the UI says so (is_held)
         return item
 
-    def rotate(self) -> bool:
-        """Send new keys once they are saved; False: the save failed (they are
-        sent once a save succeeds)."""
-        if self._pending_keys is None:
-            self._pending_keys = KeyPair.generate()
-        self._rotate_held = False  # sent below once saved, not also by the release
-        if not self._save(quiet=True):
-            self._rotate_held = True
-            return False
+    def rotate(self) -> None:
+        """Make new keys (unless a rotation is pending), save them, then send
+        them; :class:`NotSaved` if they could not be saved (none are made)."""
+        with self._decision("keys not replaced"):
+            if self._pending_keys is None:
+                self._pending_keys = KeyPair.generate()
         keys = self._pending_keys
         self._enqueue(Rotate(keys.enc, keys.auth))
-        return True
 
     def invite(self) -> bool:
         """Ask for a newcomer's token; False (and nothing sent) while offline."""
