@@ -206,20 +206,6 @@ def test_import_of_the_known_key_rejects_a_false_key_change(tmp_path: Path) -> N
     app.stop()
 
 
-def _full_disk(app: ClientApp) -> object:
-    """Make the app's saves fail as on a full disk (the tests may run as root,
-    for whom a read-only directory is no obstacle); returns the real save."""
-    import errno
-
-    real = app._keystore.save
-
-    def full(state: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    app._keystore.save = full  # type: ignore[method-assign]
-    return real
-
-
 def script_ui(tmp_path: Path) -> tuple[LineUI, ClientApp, StringTransport]:
     lines = LineUI(quit_waits=True)
     transport = StringTransport()
@@ -231,20 +217,18 @@ def test_a_message_whose_save_fails_is_not_called_sent_and_goes_once_saved(ui, t
     """Save, then send: a /msg whose save fails says so (not [sent]); it is held
     in memory and leaves once a later save succeeds (space freed meanwhile)."""
     lines, app, transport = ui
-    real = _full_disk(app)
-    out = typed(lines, transport, f"/msg {B} reply", "yes")
-    assert out[0].startswith("[confirm] ")
-    assert len(out) == 2 and out[1].startswith("[error] id=")
-    assert out[1].endswith(
-        f" to {B} not sent: could not save the keystore (No space left on device); it is "
-        "kept in memory only and sent once a save succeeds (free some space); quitting "
-        "before then loses it"
-    )
-    assert app.unsaved_count() == 1 and app.pending_count() == 0
-    assert (
-        "(in memory only: the keystore could not be saved)" in typed(lines, transport, "/outbox")[0]
-    )
-    app._keystore.save = real  # type: ignore[method-assign]
+    with saves_fail():
+        out = typed(lines, transport, f"/msg {B} reply", "yes")
+        assert out[0].startswith("[confirm] ")
+        assert len(out) == 2 and out[1].startswith("[error] id=")
+        assert out[1].endswith(
+            f" to {B} not sent: could not save the keystore (File too large); it is kept in "
+            "memory only and sent once a save succeeds (free some space); quitting before "
+            "then loses it"
+        )
+        assert app.unsaved_count() == 1 and app.pending_count() == 0
+        outbox = typed(lines, transport, "/outbox")
+        assert "(in memory only: the keystore could not be saved)" in outbox[0]
     transport.clear()
     app._tick()  # the periodic retry of a failed save
     out = transport.value().decode().splitlines()
@@ -265,15 +249,15 @@ def test_a_held_message_is_reported_lost_at_the_end_and_counted_once(tmp_path) -
     from enclaves.client.cli import _finish
 
     lines, app, transport = script_ui(tmp_path)
-    _full_disk(app)
     app.connected_once = app.directory_handled = True
-    app._save()  # a background save fails too: said, but no command
-    typed(lines, transport, f"/msg {B} reply", "yes")
-    transport.clear()
-    ensureDeferred(_finish(app, lines, 15.0, []))
+    with saves_fail():
+        app._save()  # a background save fails too: said, but no command
+        typed(lines, transport, f"/msg {B} reply", "yes")
+        transport.clear()
+        ensureDeferred(_finish(app, lines, 15.0, []))
     out = transport.value().decode().splitlines()[1:]  # after "[info] end of input: ..."
     assert out[0] == "[error] 1 command(s) not done (see the [error] and [refused] lines)"
-    assert out[1] == "[error] could not save the keystore: No space left on device"
+    assert out[1] == "[error] could not save the keystore: File too large"
     assert out[2].startswith("[error] 1 message(s) lost (")
     assert "never sent" in out[2] and not any("kept in the outbox" in line for line in out)
     assert app.outcome is not None and app.outcome[0] == 1
@@ -556,11 +540,10 @@ def test_a_retry_of_a_held_message_sends_it_once(ui) -> None:
             sent.append(message)
 
     app.conn = Conn()  # type: ignore[assignment]
-    real = _full_disk(app)
-    out = typed(lines, transport, f"/msg {B} reply")
+    with saves_fail():
+        out = typed(lines, transport, f"/msg {B} reply")
     assert out[0].startswith("[error] id=") and app.unsaved_count() == 1
     msg_id = out[0].split()[1].removeprefix("id=")
-    app._keystore.save = real  # type: ignore[method-assign]
     out = typed(lines, transport, f"/retry {msg_id}")
     sends = [m for m in sent if isinstance(m, Send)]
     assert len(sends) == 1, out
@@ -576,9 +559,9 @@ def test_a_quit_that_loses_held_messages_exits_with_status_1(ui) -> None:
     at the end of input."""
     lines, app, transport = ui
     typed(lines, transport, f"/verify {B} yes")
-    _full_disk(app)
-    typed(lines, transport, f"/msg {B} reply")
-    out = typed(lines, transport, "/quit")
+    with saves_fail():
+        typed(lines, transport, f"/msg {B} reply")
+        out = typed(lines, transport, "/quit")
     assert any(line.startswith("[error] 1 message(s) lost (") for line in out), out
     assert app.outcome is not None and app.outcome[0] == 1
 
