@@ -16,7 +16,8 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from attrs import evolve
@@ -76,6 +77,7 @@ from enclaves.token import TokenError, parse_token
 __all__ = [
     "Output",
     "ClientApp",
+    "NotSaved",
     "short_id",
     "clock_text",
     "date_text",
@@ -127,6 +129,16 @@ FATAL_TEXT = {
 def short_id(msg_id: bytes) -> str:
     """The first 8 hex digits of a message id, as shown to the user."""
     return msg_id.hex()[:8]
+
+
+class NotSaved(Exception):
+    """A command's change was undone: the keystore could not be saved with it."""
+
+    def __init__(self, not_done: str, reason: str | None) -> None:
+        super().__init__(
+            f"{not_done}: could not save the keystore ({reason}); nothing changed: try "
+            "again once it can be saved"
+        )
 
 
 class _Fatal(Exception):
@@ -190,7 +202,6 @@ class ClientApp:
         # Sends whose save failed: in memory only, so they may not leave yet
         # ("save, then send"); they go once a save succeeds, or are lost.
         self._held: dict[bytes, Send] = {}
-        self._rotate_held = False  # the same for a /rotate's new keys
         # Messages reported [failed] during this run (a script's exit status
         # counts those still failed at its end: a stale refusal of a message
         # accepted since does not count).
@@ -413,7 +424,7 @@ class ClientApp:
         self.connected_once = True
         self._queue.clear()
         self.out("conn", f"connected as {self.core.user_id}")
-        if self._pending_keys is not None and not self._rotate_held:
+        if self._pending_keys is not None:
             keys = self._pending_keys
             self._queue.append(Rotate(keys.enc, keys.auth))
             self.rotate_sent = True
@@ -486,12 +497,6 @@ class ClientApp:
         """After a successful save: what was held for it is on disk now, so it
         may leave (or, when stopping, waits in the outbox for the next run)."""
         held, self._held = self._held, {}
-        rotate, self._rotate_held = self._rotate_held, False
-        keys_go = self._pending_keys is not None and self.conn is not None
-        if rotate and keys_go and not self._stopping:
-            assert self._pending_keys is not None
-            self._enqueue(Rotate(self._pending_keys.enc, self._pending_keys.auth))
-            self.rotate_sent = True
         for send in held.values():
             entry = self._outbox_entry(send.msg_id)
             if entry is None or entry.status != "pending":
@@ -955,7 +960,8 @@ class ClientApp:
 
     def rekey(self, user_id: int) -> bool:
         """Start a key exchange; False if one is already running.  Raises
-        ContactError for a removed or unlisted contact (nothing is sent to it)."""
+        ContactError for a removed or unlisted contact (nothing is sent to it),
+        :class:`NotSaved` if it could not be saved (none is started)."""
         contact = self.core.contact(user_id)
         if contact.removed:
             raise ContactError(f"{contact.name} was removed from the server")
@@ -964,26 +970,46 @@ class ClientApp:
                 f"{contact.name} is not on the server's user list; key exchanges with them "
                 "pause until it lists them again"
             )
-        events = self.core.start_kex(user_id, self.now())
+        with self._decision(f"key exchange with {contact.name} not started"):
+            events = self.core.start_kex(user_id, self.now())
         if not events:
             self.out("info", f"a key exchange with {contact.name} is already running")
             return False
-        self._apply(events)
+        self._send_events(events)
         return True
 
     def accept_new_ik(self, user_id: int) -> None:
-        self._apply(self.core.accept_new_ik(user_id, self.now()))
+        with self._decision(f"new identity key of {self._name(user_id)} not accepted"):
+            events = self.core.accept_new_ik(user_id, self.now())
+        self._send_events(events)
 
     def import_ik(self, user_id: int, text: str) -> None:
-        self._apply(self.core.import_ik(user_id, text, self.now()))
+        with self._decision(f"identity key of {self._name(user_id)} not imported"):
+            events = self.core.import_ik(user_id, text, self.now())
+        self._send_events(events)
 
     def verify(self, user_id: int) -> None:
-        self.core.verify(user_id)
-        self._save()
+        with self._decision(f"{self._name(user_id)} not verified"):
+            self.core.verify(user_id)
 
     def set_petname(self, user_id: int, petname: str | None) -> None:
-        self.core.set_petname(user_id, petname)
-        self._save()
+        with self._decision(f"{user_id} not named {petname}"):
+            self.core.set_petname(user_id, petname)
+
+    @contextmanager
+    def _decision(self, not_done: str) -> Iterator[None]:
+        """Save the user's change made in this block (a name, a trust level, a
+        key exchange, new server keys) before anything is shown or sent.  If
+        the save fails the change is undone and :class:`NotSaved` raised: no
+        restart takes back a change the user was told of.  An unchanged state
+        needs no save."""
+        before, keys = self.core.checkpoint(), self._pending_keys
+        yield
+        changed = self.core.state() != before.state or self._pending_keys is not keys
+        if changed and not self._save(quiet=True):
+            self.core.rollback(before)
+            self._pending_keys = keys
+            raise NotSaved(not_done, self.save_error)
 
     def retry(self, prefix: str) -> SendBlob:
         matches = [e for e in self.core.outbox() if e.msg_id.hex().startswith(prefix.lower())]
@@ -996,18 +1022,14 @@ class ClientApp:
         self._apply([item], quiet=True)  # a failed save: the UI says so (is_held)
         return item
 
-    def rotate(self) -> bool:
-        """Send new keys once they are saved; False: the save failed (they are
-        sent once a save succeeds)."""
-        if self._pending_keys is None:
-            self._pending_keys = KeyPair.generate()
-        self._rotate_held = False  # sent below once saved, not also by the release
-        if not self._save(quiet=True):
-            self._rotate_held = True
-            return False
+    def rotate(self) -> None:
+        """Make new keys (unless a rotation is pending), save them, then send
+        them; :class:`NotSaved` if they could not be saved (none are made)."""
+        with self._decision("keys not replaced"):
+            if self._pending_keys is None:
+                self._pending_keys = KeyPair.generate()
         keys = self._pending_keys
         self._enqueue(Rotate(keys.enc, keys.auth))
-        return True
 
     def invite(self) -> bool:
         """Ask for a newcomer's token; False (and nothing sent) while offline."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from attrs import evolve, field, frozen
 from twisted.logger import Logger
@@ -58,6 +58,7 @@ __all__ = [
     "BlobFromRemoved",
     "Event",
     "Refused",
+    "Checkpoint",
     "ClientCore",
 ]
 
@@ -209,6 +210,15 @@ Event = (
 
 
 @frozen
+class Checkpoint:
+    """What :meth:`ClientCore.rollback` puts back: the state, and the times of
+    the last self-healing offers (kept in memory only)."""
+
+    state: ClientState
+    last_heal: Mapping[int, float] = field(repr=False)
+
+
+@frozen
 class Refused:
     """:meth:`ClientCore.encrypt_message` did not send.
 
@@ -245,6 +255,11 @@ class ClientCore:
         self._grace = grace
         self._kex_timeout = kex_timeout
         self._kex_max_offers = kex_max_offers
+        self._load(state)
+        self._last_heal: dict[int, float] = {}  # in memory: a restart may heal once more
+
+    def _load(self, state: ClientState) -> None:
+        """Take ``state`` as the core's own (at start, and by :meth:`rollback`)."""
         self.user_id = state.user_id
         self.server_keys = state.server_keys
         self.endpoint = state.endpoint
@@ -259,7 +274,6 @@ class ClientCore:
             k: list(v) for k, v in state.history.items()
         }
         self._sealers: dict[tuple[int, int], tuple[KeyPair, Sealer]] = {}
-        self._last_heal: dict[int, float] = {}  # in memory: a restart may heal once more
 
     def __repr__(self) -> str:
         return f"<ClientCore user {self.user_id}>"
@@ -291,6 +305,16 @@ class ClientCore:
             seen=tuple(self._seen),
             history={k: tuple(v) for k, v in self._history.items() if v},
         )
+
+    def checkpoint(self) -> Checkpoint:
+        """The core as it is now, for :meth:`rollback`."""
+        return Checkpoint(self.state(), dict(self._last_heal))
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Put the core back as it was at ``checkpoint``: undoes a change that
+        the keystore could not be saved with."""
+        self._load(checkpoint.state)
+        self._last_heal = dict(checkpoint.last_heal)
 
     def set_server_keys(self, keys: KeyPair) -> None:
         """After ROTATED: the new user-server key pair."""

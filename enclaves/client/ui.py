@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
-from enclaves.client.app import QUEUED_WHY, ClientApp, clock_text, short_id
+from enclaves.client.app import QUEUED_WHY, ClientApp, NotSaved, clock_text, short_id
 from enclaves.client.contacts import Contact, ContactError, Trust
 from enclaves.client.core import Refused
 from enclaves.printable import printable
@@ -257,7 +257,7 @@ class LineUI(LineReceiver):
                 self._send(self._to, line)
             else:
                 self.line("error", "not in a conversation: /to WHO first, or /msg WHO TEXT")
-        except ContactError as e:
+        except (ContactError, NotSaved) as e:
             self.line("error", str(e))
 
     def ask(self, tag: str, question: str, then: Callable[[bool], None]) -> None:
@@ -374,14 +374,8 @@ class LineUI(LineReceiver):
             else:
                 self.line("error", "not connected to the server; try /invite again later")
         elif name == "/rotate":
-            if app.rotate():
-                self.line("info", "asked the server to replace your keys")
-            else:
-                self.line(
-                    "error",
-                    f"keys not replaced yet: could not save the keystore ({app.save_error}); "
-                    "the new keys go to the server once a save succeeds",
-                )
+            app.rotate()
+            self.line("info", "asked the server to replace your keys")
         elif name == "/help":
             for help_line in HELP.splitlines():
                 self.line("help", help_line)

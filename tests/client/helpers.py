@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from enclaves.client import kex
@@ -66,6 +70,26 @@ class Relay:
 
     def of(self, user_id: int, kind: type) -> list[Event]:
         return [e for e in self.events[user_id] if isinstance(e, kind)]
+
+
+# Bytes a file may grow to while saves fail: less than a keystore's header.
+SAVE_FAILS_BEYOND = 16
+
+
+@contextmanager
+def saves_fail() -> Iterator[None]:
+    """Every keystore save in this block fails for real: the kernel refuses to
+    grow any file of this process beyond :data:`SAVE_FAILS_BEYOND` bytes
+    (RLIMIT_FSIZE: ``OSError`` EFBIG, "File too large", with SIGXFSZ ignored),
+    which the tests can do as root too (permission bits do not stop root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (SAVE_FAILS_BEYOND, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def keyed_app(tmp_path: Any, ui: Any, user_id: int = 1001, peer: int = 2002) -> Any:

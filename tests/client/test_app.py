@@ -16,7 +16,7 @@ from enclaves.client.core import ClientCore, Refused, SendBlob
 from enclaves.client.keystore import Keystore
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
 from enclaves.inner import Accepted, Delivered, Directory, Error, Joined, Ping, Pong, Removed
-from tests.client.helpers import Relay, make_core
+from tests.client.helpers import Relay, make_core, saves_fail
 
 
 def start(
@@ -326,30 +326,22 @@ def test_a_server_ping_is_answered_after_what_came_before_it_is_saved(tmp_path: 
 
 
 def test_no_pong_while_what_came_before_is_only_in_memory(tmp_path: Path) -> None:
-    """A failed save (a full disk; simulated: the tests run as root, for whom
-    permissions do not fail) leaves a PING unanswered until a save succeeds,
-    even if something else cancelled the scheduled save meanwhile."""
-    import errno
-
+    """A failed save (for real: a file size limit) leaves a PING unanswered
+    until a save succeeds, even if something else cancelled the scheduled
+    save meanwhile."""
     core = keyed_with_2002()
     sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
     core.on_accepted(sent.msg_id)
     app, reactor, _out = start(tmp_path, core)
     conn = _Conn(tmp_path / "ks", sent.msg_id)
     deliver = app._on_message_for(conn)  # type: ignore[arg-type]
-    real_save = app._keystore.save
-
-    def full_disk(state: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    app._keystore.save = full_disk  # type: ignore[method-assign]
-    deliver(Delivered(sent.msg_id))
-    reactor.advance(0)
-    app._save()  # some other direct save fails too, and cancels the scheduled one
-    deliver(Ping(1))
-    reactor.advance(0)
+    with saves_fail():
+        deliver(Delivered(sent.msg_id))
+        reactor.advance(0)
+        app._save()  # some other direct save fails too, and cancels the scheduled one
+        deliver(Ping(1))
+        reactor.advance(0)
     assert conn.sent == []
-    app._keystore.save = real_save  # type: ignore[method-assign]
     deliver(Ping(2))
     reactor.advance(0)
     assert conn.sent == [(Pong(2), "delivered")]
@@ -539,8 +531,6 @@ def test_a_failed_save_at_the_first_user_list_still_ends_the_enrollment(tmp_path
     keystore cannot be saved then, the offers wait in memory for a save (not
     sent unsaved) and the enrollment is still reported done, instead of
     waiting for a silence timeout that blames the server."""
-    import errno
-
     from attrs import evolve
 
     core = make_core(1001)
@@ -552,12 +542,9 @@ def test_a_failed_save_at_the_first_user_list_still_ends_the_enrollment(tmp_path
         "tcp:host=127.0.0.1:port=7500", lambda t, x: out.append((t, x)), core=core,
     )  # fmt: skip
 
-    def full(state: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    keystore.save = full  # type: ignore[method-assign]
-    app._handle(Directory((1001, 2002, 3003)), 0.0)
+    with saves_fail():
+        app._handle(Directory((1001, 2002, 3003)), 0.0)
     assert app.enrolled.called
-    assert ("error", "could not save the keystore: No space left on device") in out
+    assert ("error", "could not save the keystore: File too large") in out
     assert len(app._held) == 2 and app._queue == deque()  # two offers, none sent unsaved
     app.stop()

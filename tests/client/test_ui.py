@@ -11,11 +11,11 @@ from twisted.internet.testing import StringTransport
 from enclaves.client.app import ClientApp
 from enclaves.client.endpoint import EndpointError, normalise, shown
 from enclaves.client.keystore import Keystore
-from enclaves.client.state import decode_state, encode_state
+from enclaves.client.state import ClientState, decode_state, encode_state
 from enclaves.client.ui import LineUI
 from enclaves.crypto import KeyPair
 from enclaves.printable import printable
-from tests.client.helpers import keyed_app, make_core
+from tests.client.helpers import keyed_app, make_core, saves_fail
 
 A, B = 1001, 2002
 
@@ -206,20 +206,6 @@ def test_import_of_the_known_key_rejects_a_false_key_change(tmp_path: Path) -> N
     app.stop()
 
 
-def _full_disk(app: ClientApp) -> object:
-    """Make the app's saves fail as on a full disk (the tests may run as root,
-    for whom a read-only directory is no obstacle); returns the real save."""
-    import errno
-
-    real = app._keystore.save
-
-    def full(state: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    app._keystore.save = full  # type: ignore[method-assign]
-    return real
-
-
 def script_ui(tmp_path: Path) -> tuple[LineUI, ClientApp, StringTransport]:
     lines = LineUI(quit_waits=True)
     transport = StringTransport()
@@ -231,20 +217,18 @@ def test_a_message_whose_save_fails_is_not_called_sent_and_goes_once_saved(ui, t
     """Save, then send: a /msg whose save fails says so (not [sent]); it is held
     in memory and leaves once a later save succeeds (space freed meanwhile)."""
     lines, app, transport = ui
-    real = _full_disk(app)
-    out = typed(lines, transport, f"/msg {B} reply", "yes")
-    assert out[0].startswith("[confirm] ")
-    assert len(out) == 2 and out[1].startswith("[error] id=")
-    assert out[1].endswith(
-        f" to {B} not sent: could not save the keystore (No space left on device); it is "
-        "kept in memory only and sent once a save succeeds (free some space); quitting "
-        "before then loses it"
-    )
-    assert app.unsaved_count() == 1 and app.pending_count() == 0
-    assert (
-        "(in memory only: the keystore could not be saved)" in typed(lines, transport, "/outbox")[0]
-    )
-    app._keystore.save = real  # type: ignore[method-assign]
+    with saves_fail():
+        out = typed(lines, transport, f"/msg {B} reply", "yes")
+        assert out[0].startswith("[confirm] ")
+        assert len(out) == 2 and out[1].startswith("[error] id=")
+        assert out[1].endswith(
+            f" to {B} not sent: could not save the keystore (File too large); it is kept in "
+            "memory only and sent once a save succeeds (free some space); quitting before "
+            "then loses it"
+        )
+        assert app.unsaved_count() == 1 and app.pending_count() == 0
+        outbox = typed(lines, transport, "/outbox")
+        assert "(in memory only: the keystore could not be saved)" in outbox[0]
     transport.clear()
     app._tick()  # the periodic retry of a failed save
     out = transport.value().decode().splitlines()
@@ -265,35 +249,23 @@ def test_a_held_message_is_reported_lost_at_the_end_and_counted_once(tmp_path) -
     from enclaves.client.cli import _finish
 
     lines, app, transport = script_ui(tmp_path)
-    _full_disk(app)
     app.connected_once = app.directory_handled = True
-    app._save()  # a background save fails too: said, but no command
-    typed(lines, transport, f"/msg {B} reply", "yes")
-    transport.clear()
-    ensureDeferred(_finish(app, lines, 15.0, []))
+    with saves_fail():
+        app._save()  # a background save fails too: said, but no command
+        typed(lines, transport, f"/msg {B} reply", "yes")
+        transport.clear()
+        ensureDeferred(_finish(app, lines, 15.0, []))
     out = transport.value().decode().splitlines()[1:]  # after "[info] end of input: ..."
     assert out[0] == "[error] 1 command(s) not done (see the [error] and [refused] lines)"
-    assert out[1] == "[error] could not save the keystore: No space left on device"
+    assert out[1] == "[error] could not save the keystore: File too large"
     assert out[2].startswith("[error] 1 message(s) lost (")
     assert "never sent" in out[2] and not any("kept in the outbox" in line for line in out)
     assert app.outcome is not None and app.outcome[0] == 1
 
 
-def test_a_rotate_whose_save_fails_says_so(ui) -> None:
-    lines, app, transport = ui
-    _full_disk(app)
-    out = typed(lines, transport, "/rotate")
-    assert out == [
-        "[error] keys not replaced yet: could not save the keystore (No space left on "
-        "device); the new keys go to the server once a save succeeds"
-    ]
-    app.stop()
-
-
-def test_a_second_rotate_after_a_failed_save_sends_the_keys_once(ui) -> None:
+def test_a_second_rotate_after_a_failed_save_sends_the_keys_once(ui, tmp_path: Path) -> None:
     """/rotate whose save fails, then /rotate again once space is back: one
-    ROTATE with the keys saved, not one from the release and one from the
-    command."""
+    ROTATE, with the keys saved."""
     from enclaves.inner import Rotate
 
     lines, app, transport = ui
@@ -306,16 +278,110 @@ def test_a_second_rotate_after_a_failed_save_sends_the_keys_once(ui) -> None:
         def send(self, message: object) -> None:
             sent.append(message)
 
-    real = _full_disk(app)
-    typed(lines, transport, "/rotate")
-    app._keystore.save = real  # type: ignore[method-assign]
-    app.conn = Conn()  # type: ignore[assignment]  # connected: a held ROTATE is released
+    with saves_fail():
+        typed(lines, transport, "/rotate")
+    app.conn = Conn()  # type: ignore[assignment]
     app._enrolled = True
     typed(lines, transport, "/rotate")
     rotates = [m for m in [*sent, *app._queue] if isinstance(m, Rotate)]
-    assert len(rotates) == 1 and rotates[0].enc == app._pending_keys.enc  # type: ignore[union-attr]
+    saved = _on_disk(tmp_path).pending_server_keys
+    assert len(rotates) == 1 and saved is not None and rotates[0].enc == saved.enc
     app.conn = None
     app.stop()
+
+
+NOT_SAVED = (
+    "could not save the keystore (File too large); nothing changed: try again once it can be saved"
+)
+
+
+def _on_disk(tmp_path: Path) -> ClientState:
+    return Keystore.unlock(tmp_path / "ks", "pass phrase")[1]
+
+
+def _forge_key_change(app: ClientApp) -> None:
+    """B's identity key "changes": an OFFER under another key (as a server can
+    write), saved with B's decision pending."""
+    from enclaves.client import kex
+    from enclaves.crypto import x25519_public
+
+    fake = kex.Entropy().x25519()
+    offer = kex.make_offer(kex.Identity(B, fake, x25519_public(fake)), 2, kex.Entropy(), 0.0)
+    app._apply(app.core.handle_blob(B, b"F" * 16, offer.blob, 1.0))
+    app._save()
+    assert app.core.contact(B).pending_ik is not None
+
+
+@pytest.mark.parametrize(
+    ("commands", "not_done", "key_changed"),
+    [
+        ([f"/name {B} bob"], f"{B} not named bob", False),
+        ([f"/verify {B}", "yes"], f"{B} not verified", False),
+        ([f"/import {B} KNOWN"], f"identity key of {B} not imported", False),
+        ([f"/import {B} KNOWN"], f"identity key of {B} not imported", True),
+        ([f"/accept {B} yes"], f"new identity key of {B} not accepted", True),
+        ([f"/rekey {B}"], f"key exchange with {B} not started", False),
+        (["/rotate"], "keys not replaced", False),
+    ],
+    ids=[
+        "name",
+        "verify",
+        "import",
+        "import-rejecting-a-false-change",
+        "accept",
+        "rekey",
+        "rotate",
+    ],
+)
+def test_a_change_whose_save_fails_is_not_made(
+    ui, tmp_path: Path, commands: list[str], not_done: str, key_changed: bool
+) -> None:
+    """A name, a trust change, an accepted or imported key, a rekey, new server
+    keys: done only if saved.  A failed save (for real: a file size limit)
+    leaves memory and disk as they were, with one [error] line instead of the
+    success line, so that no restart takes back a change the user was told
+    of.  The periodic save retry says when saving works again; then the
+    command works."""
+    from enclaves.client.contacts import encode_ik
+
+    lines, app, transport = ui
+    known = encode_ik(app.core.contact(B).ik)
+    commands = [c.replace("KNOWN", known) for c in commands]
+    if key_changed:
+        _forge_key_change(app)
+    before, on_disk = app.state(), _on_disk(tmp_path)
+    with saves_fail():
+        out = typed(lines, transport, *commands)
+    assert [line for line in out if not line.startswith(("[safety] ", "[confirm] "))] == [
+        f"[error] {not_done}: {NOT_SAVED}"
+    ]
+    assert app.state() == before and _on_disk(tmp_path) == on_disk
+    transport.clear()
+    app._tick()  # the periodic retry of a failed save
+    assert transport.value().decode().splitlines() == ["[info] the keystore could be saved again"]
+    out = typed(lines, transport, *commands)
+    assert not any(line.startswith("[error] ") for line in out)
+    assert _on_disk(tmp_path) != on_disk
+    app.stop()
+
+
+def test_a_script_whose_import_could_not_be_saved_exits_1(tmp_path: Path) -> None:
+    """An /import whose save fails counts as a command not done: the script
+    exits with status 1 (the import was not made)."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+    from enclaves.client.contacts import Trust, encode_ik
+
+    lines, app, transport = script_ui(tmp_path)
+    app.connected_once = app.directory_handled = True
+    with saves_fail():
+        typed(lines, transport, f"/import {B} {encode_ik(app.core.contact(B).ik)}")
+        ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()
+    assert "[error] 1 command(s) not done (see the [error] and [refused] lines)" in out
+    assert app.outcome is not None and app.outcome[0] == 1
+    assert _on_disk(tmp_path).contacts[B].trust is Trust.UNVERIFIED
 
 
 def test_sent_only_when_connected_else_queued(ui) -> None:
@@ -474,11 +540,10 @@ def test_a_retry_of_a_held_message_sends_it_once(ui) -> None:
             sent.append(message)
 
     app.conn = Conn()  # type: ignore[assignment]
-    real = _full_disk(app)
-    out = typed(lines, transport, f"/msg {B} reply")
+    with saves_fail():
+        out = typed(lines, transport, f"/msg {B} reply")
     assert out[0].startswith("[error] id=") and app.unsaved_count() == 1
     msg_id = out[0].split()[1].removeprefix("id=")
-    app._keystore.save = real  # type: ignore[method-assign]
     out = typed(lines, transport, f"/retry {msg_id}")
     sends = [m for m in sent if isinstance(m, Send)]
     assert len(sends) == 1, out
@@ -494,9 +559,9 @@ def test_a_quit_that_loses_held_messages_exits_with_status_1(ui) -> None:
     at the end of input."""
     lines, app, transport = ui
     typed(lines, transport, f"/verify {B} yes")
-    _full_disk(app)
-    typed(lines, transport, f"/msg {B} reply")
-    out = typed(lines, transport, "/quit")
+    with saves_fail():
+        typed(lines, transport, f"/msg {B} reply")
+        out = typed(lines, transport, "/quit")
     assert any(line.startswith("[error] 1 message(s) lost (") for line in out), out
     assert app.outcome is not None and app.outcome[0] == 1
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from enclaves.crypto import KeyPair
@@ -36,13 +37,20 @@ async def new_tokens(daemon: Daemon, count: int, lifetime: float = 3600) -> list
 
 
 class Client:
-    """One client process; every stdout line is collected by a reader thread."""
+    """One client process; every stdout line is collected by a reader thread.
+    ``wrapper`` runs it under another command (``nsenter ...``)."""
 
-    def __init__(self, argv: list[str], stdin_text: str = "", cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        stdin_text: str = "",
+        cwd: Path | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.argv = argv
         self.process = track(
             subprocess.Popen(
-                [sys.executable, "-m", "enclaves", *argv],
+                [*wrapper, sys.executable, "-m", "enclaves", *argv],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
