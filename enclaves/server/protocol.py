@@ -30,7 +30,7 @@ from enclaves.frames import (
 )
 from enclaves.handshake import HandshakeError, ServerHandshake
 from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping
-from enclaves.server.limits import FailureLimiter
+from enclaves.server.limits import FailureLimiter, source_key
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
@@ -57,6 +57,18 @@ _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "closed",
 )
 
+# Why the server itself may end a connection before its session is live; none
+# of these is the peer's failed handshake (docs/protocol.rst, "Limits").
+_NOT_A_FAILED_HANDSHAKE = frozenset(
+    {
+        ErrorCode.SERVER_BUSY,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.STORAGE_FAILED,
+        ErrorCode.TOKEN_EXPIRED,
+    }
+)
+
 
 class ServerProtocol(Protocol, TimeoutMixin):
     """One client connection: handshake, then a sealed session bound to the router.
@@ -67,6 +79,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
     A verified HELLO proves nothing (it can be a replay): the session goes live
     (router login, REPLACED of an older session, pending delivery) only when the
     client's first SEALED frame opens, which proves it holds the session keys.
+
+    A connection that leaves the handshake any other way is a failed handshake
+    for its source's backoff (:class:`~enclaves.server.limits.FailureLimiter`):
+    refused (bad HELLO, bad first SEALED frame, bad frame), timed out, or gone
+    after sending anything — unless the server ended it for a reason of its
+    own (``_NOT_A_FAILED_HANDSHAKE``) or the peer left without a byte (a port
+    probe).
     """
 
     log = Logger()
@@ -84,6 +103,8 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._live = False
         self._paused = False
         self._linger: Any = None
+        self._handshaking = False  # accepted, and not yet live nor ended
+        self._heard = False  # the peer sent at least one byte
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -115,11 +136,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 f"too many failed handshakes from your address; retry in {int(wait) + 1} s",
             )
             return
+        self._handshaking = True
         self.setTimeout(factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _CLOSED:
             return
+        self._heard = self._heard or bool(data)
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
@@ -133,6 +156,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         was_session = self._live
+        # Gone during the handshake: a failure if it had sent anything (a
+        # HELLO replayed for its WELCOME, then dropped, is one).
+        self._handshake_over(failed=self._heard)
         self._state = _CLOSED
         self.setTimeout(None)
         if self._linger is not None and self._linger.active():
@@ -195,7 +221,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             user_id = self._handshake.receive_hello(payload)
         except HandshakeError as error:
-            self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.fail(error.code, error.text)
             return
         self._state = _LOOKUP
@@ -214,7 +239,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             welcome, keys = self._handshake.authenticate(record)
         except HandshakeError as error:
-            factory.limiter.failed(self._host, factory.clock.seconds())
             self.fail(error.code, error.text)
             return
         assert record is not None
@@ -235,6 +259,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def _go_live(self) -> None:
         """The first SEALED frame opened: the peer has the keys; log in."""
         assert self._record is not None
+        self._handshake_over(failed=False)
         self._state = _SESSION
         self._live = True
         self.setTimeout(self.factory.idle_timeout / 2)
@@ -246,8 +271,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             messages = self._session.open(payload)
         except SessionError as error:
-            if self._state == _PROVING:
-                self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.close(error.code, error.text)
             return
         if self._state == _PROVING:
@@ -255,6 +278,27 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._pinged = False
         self.resetTimeout()
         self.factory.router.messages_received(self, messages)
+
+    def _handshake_over(self, failed: bool) -> None:
+        """The connection leaves the handshake (live, refused, timed out or gone);
+        a failure counts against its source's backoff, once."""
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        if not failed:
+            return
+        factory = self.factory
+        now = factory.clock.seconds()
+        was_blocked = factory.limiter.blocked_for(self._host, now) > 0
+        factory.limiter.failed(self._host, now)
+        wait = factory.limiter.blocked_for(self._host, now)
+        if wait > 0 and not was_blocked:
+            self.log.info(
+                "too many failed handshakes from {source}: refusing its connections "
+                "for {seconds} s",
+                source=source_key(self._host),
+                seconds=round(wait, 1),
+            )
 
     # -- output -----------------------------------------------------------------------
 
@@ -303,6 +347,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         an honest client learns the real reason; it tells a replayer nothing.
         """
         if self._state == _PROVING and self._session is not None:
+            self._handshake_over(failed=code not in _NOT_A_FAILED_HANDSHAKE)
             self.log.info(
                 "dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text
             )
@@ -330,6 +375,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         """Before a session: an ERROR frame, a log line, and a dropped connection."""
         if self._state == _CLOSED:
             return
+        self._handshake_over(failed=code not in _NOT_A_FAILED_HANDSHAKE)
         self.log.info("dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text)
         self._write(encode_frame(FrameType.ERROR, encode_error(code, text)))
         self._drop()
@@ -345,6 +391,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             write_now(self.transport, data)
 
     def _drop(self) -> None:
+        self._handshake_over(failed=True)  # e.g. the peer sent an ERROR frame
         if self._live:
             # Detach now, so nothing more is routed to this session.
             self.factory.router.logout(self)

@@ -1,0 +1,142 @@
+"""Connections that never log in: what counts as a failed handshake (docs/protocol.rst,
+"Limits"), over the deterministic harness (StringTransport, task.Clock)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from enclaves.crypto import KeyPair
+from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
+from enclaves.inner import Directory, Error
+from tests.server.harness import Harness, RawClient
+
+A, B = 11, 22
+ATTACKER = "198.51.100.7"
+ELSEWHERE = "203.0.113.9"
+FREE = 5  # FailureLimiter's default: failures before any backoff
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+def _outer_code(client: RawClient) -> int:
+    return client.outer_error()[0]
+
+
+def _sealed_codes(client: RawClient) -> list[int]:
+    return [m.code for m in client.received() if isinstance(m, Error)]
+
+
+def test_handshake_timeouts_count_as_failed_handshakes() -> None:
+    """Six connections that time out, three before and three after WELCOME:
+    the seventh from that address is refused RATE_LIMITED; others are not."""
+    h = Harness(handshake_timeout=10)
+    ka = h.add_user(A)
+    for n in range(FREE + 1):
+        c = h.raw(A, ka, host=ATTACKER)
+        if n % 2:
+            c.welcome()  # WELCOME, then never a SEALED frame
+        h.clock.advance(10)
+        if n % 2:
+            assert _sealed_codes(c) == [ErrorCode.HANDSHAKE_TIMEOUT]
+        else:
+            assert _outer_code(c) == ErrorCode.HANDSHAKE_TIMEOUT
+        c.lose()
+    assert _outer_code(h.raw(A, ka, host=ATTACKER)) == ErrorCode.RATE_LIMITED
+    assert h.raw(A, ka, host=ELSEWHERE).login() == [Directory((A,))]
+
+
+def test_replayed_hello_then_close_is_rate_limited(h: Harness) -> None:
+    """A captured HELLO replayed over and over (each costs the server an X25519
+    and an HKDF): WELCOME, then the replayer closes, or sends anything but a
+    SEALED frame that opens.  Each round is a failed handshake, so after the
+    free ones the address is refused before the HELLO is read; the user
+    logs in from elsewhere, and from that address once the backoff is over."""
+    ka = h.add_user(A)
+    hello = h.raw(A, ka, host=ELSEWHERE).handshake.hello_frame()  # "captured"
+    endings = [
+        lambda c: None,  # just close
+        lambda c: c.write(encode_frame(FrameType.ERROR, encode_error(ErrorCode.BAD_FRAME, "x"))),
+        lambda c: c.write(hello),  # a second HELLO: BAD_FRAME
+        lambda c: c.write(encode_frame(FrameType.SEALED, bytes(56))),  # does not open
+        lambda c: None,
+        lambda c: None,
+    ]
+    for ending in endings:
+        replayer = h.raw(A, ka, host=ATTACKER)
+        replayer.write(hello)
+        assert [f.type for f in replayer.frames()] == [FrameType.WELCOME]
+        ending(replayer)
+        replayer.lose()
+    refused = h.raw(A, ka, host=ATTACKER)
+    refused.write(hello)
+    code, text = refused.outer_error()
+    assert code == ErrorCode.RATE_LIMITED and "retry in" in text
+    assert not h.router.is_online(A)
+    assert h.raw(A, ka, host=ELSEWHERE).login() == [Directory((A,))]
+    h.clock.advance(2)  # the sixth failure blocks for 1 s
+    assert h.raw(A, ka, host=ATTACKER).login() == [Directory((A,))]
+
+
+def test_a_hello_abandoned_during_the_user_lookup_counts(h: Harness) -> None:
+    """Gone while the server still looks the user up: the lookup's answer is
+    dropped, and the abandoned handshake still counts."""
+    h.add_user(A)
+    h.storage.load_user = lambda user_id: Deferred()  # type: ignore[method-assign]
+    for _ in range(FREE + 1):
+        c = h.raw(A, KeyPair.generate(), host=ATTACKER)
+        c.write(c.handshake.hello_frame())
+        c.lose()
+    assert _outer_code(h.raw(A, KeyPair.generate(), host=ATTACKER)) == ErrorCode.RATE_LIMITED
+
+
+def test_an_honest_client_that_loses_its_network_is_not_locked_out(h: Harness) -> None:
+    """Up to five handshakes cut off (after HELLO or WELCOME, or timed out) cost
+    nothing; connections closed before sending a byte (port probes, load
+    balancer checks) never count, nor do refusals of the server's own
+    (shutting down, an expired token)."""
+    ka, kb = h.add_user(A), h.add_user(B, enrolling_for=-1)
+    for _ in range(20):
+        h.raw(A, ka).lose()  # a probe: connect, close
+    cut = h.raw(A, ka)
+    cut.welcome()
+    cut.lose()  # the network went, just after WELCOME
+    timed_out = h.raw(A, ka)
+    timed_out.write(timed_out.handshake.hello_frame()[:10])
+    h.clock.advance(h.factory.handshake_timeout)
+    assert _outer_code(timed_out) == ErrorCode.HANDSHAKE_TIMEOUT
+    expired = h.raw(B, kb)
+    expired.write(expired.handshake.hello_frame())
+    assert _outer_code(expired) == ErrorCode.TOKEN_EXPIRED
+    stopping = h.raw(A, ka)
+    stopping.welcome()
+    h.factory.disconnect_all()
+    assert _sealed_codes(stopping) == [ErrorCode.SHUTTING_DOWN]
+    for _ in range(FREE - 2):
+        again = h.raw(A, ka)
+        again.welcome()
+        again.lose()
+    assert h.factory.limiter.blocked_for("192.0.2.1", h.clock.seconds()) == 0
+    assert h.raw(A, ka).login() == [Directory((A,))]
+
+
+def test_the_start_of_a_backoff_is_logged_once(h: Harness) -> None:
+    """Eight handshakes fail at once (all opened before the first failed): the
+    sixth starts the backoff and is logged, the next two only extend it."""
+    clients = [h.raw(A, KeyPair.generate(), host=ATTACKER) for _ in range(FREE + 3)]
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for c in clients:
+            c.write(c.handshake.hello_frame())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if "too many failed" in e.get("log_format", "")]
+    assert lines == [
+        f"too many failed handshakes from {ATTACKER}: refusing its connections for 1.0 s"
+    ]
+    assert h.factory.limiter.blocked_for(ATTACKER, h.clock.seconds()) == 4
