@@ -40,14 +40,29 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_HANDSHAKES_PER_ADDRESS",
     "ServerFactory",
     "ServerProtocol",
+    "default_handshakes_per_address",
 ]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 300
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_LINGERING = 256  # closed connections at once waiting (<= 2 s) for the peer
+DEFAULT_MAX_HANDSHAKES_PER_ADDRESS = 32
+
+HANDSHAKES_PER_ADDRESS_TEXT = (
+    "too many connections from your address are logging in at once; retry shortly"
+)
+
+
+def default_handshakes_per_address(max_connections: int) -> int:
+    """Connections not yet logged in one source may hold when no option says:
+    32, or a quarter of ``max_connections`` if that is less (at least 1), so
+    that one address never holds most of a small server's slots."""
+    return max(1, min(DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, max_connections // 4))
+
 
 _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "handshake",
@@ -80,6 +95,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
     (router login, REPLACED of an older session, pending delivery) only when the
     client's first SEALED frame opens, which proves it holds the session keys.
 
+    Until it is live (or closed) a connection counts against its source's
+    share of handshakes (``ServerFactory.max_handshakes_per_address``, keyed
+    by :func:`~enclaves.server.limits.source_key`); one over it is refused
+    ``RATE_LIMITED`` at once.  Live sessions do not count: many users behind
+    one NAT are fine.
+
     A connection that leaves the handshake any other way is a failed handshake
     for its source's backoff (:class:`~enclaves.server.limits.FailureLimiter`):
     refused (bad HELLO, bad first SEALED frame, bad frame), timed out, or gone
@@ -103,7 +124,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._live = False
         self._paused = False
         self._linger: Any = None
-        self._handshaking = False  # accepted, and not yet live nor ended
+        # Its source (a key of ServerFactory.handshaking) while the connection
+        # is accepted and neither live nor ended.
+        self._source: str | None = None
         self._heard = False  # the peer sent at least one byte
 
     def __repr__(self) -> str:
@@ -136,7 +159,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
                 f"too many failed handshakes from your address; retry in {int(wait) + 1} s",
             )
             return
-        self._handshaking = True
+        self._source = factory.handshake_started(self._host)
+        if self._source is None:
+            self.fail(ErrorCode.RATE_LIMITED, HANDSHAKES_PER_ADDRESS_TEXT)
+            return
         self.setTimeout(factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -281,13 +307,15 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def _handshake_over(self, failed: bool) -> None:
         """The connection leaves the handshake (live, refused, timed out or gone);
-        a failure counts against its source's backoff, once."""
-        if not self._handshaking:
-            return
-        self._handshaking = False
-        if not failed:
+        it leaves its source's share of handshakes, and a failure counts against
+        the source's backoff, once."""
+        if self._source is None:
             return
         factory = self.factory
+        factory.handshake_ended(self._source)
+        self._source = None
+        if not failed:
+            return
         now = factory.clock.seconds()
         was_blocked = factory.limiter.blocked_for(self._host, now) > 0
         factory.limiter.failed(self._host, now)
@@ -444,6 +472,7 @@ class ServerFactory(Factory):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         limiter: FailureLimiter | None = None,
         max_lingering: int = DEFAULT_MAX_LINGERING,
+        max_handshakes_per_address: int | None = None,
     ) -> None:
         self.router = router
         self.storage = storage
@@ -453,6 +482,12 @@ class ServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.limiter = limiter if limiter is not None else FailureLimiter()
+        if max_handshakes_per_address is None:
+            max_handshakes_per_address = default_handshakes_per_address(max_connections)
+        self.max_handshakes_per_address = max_handshakes_per_address
+        # source_key -> its connections not yet live (nor closed); an entry goes
+        # with its last connection, so this never outgrows the connections.
+        self.handshaking: dict[str, int] = {}
         self.protocols: set[ServerProtocol] = set()
         self.lingering: set[ServerProtocol] = set()  # closed, waiting for the peer's close
         self.max_lingering = max_lingering
@@ -475,6 +510,23 @@ class ServerFactory(Factory):
                 # A bug in one session must not stall the output of the others.
                 self.log.failure("flushing output for user {user_id}", user_id=protocol.user_id)
                 protocol._drop()
+
+    def handshake_started(self, host: str) -> str | None:
+        """Count a new connection from ``host`` as handshaking; its source key,
+        or None if that source already has its share."""
+        source = source_key(host)
+        count = self.handshaking.get(source, 0)
+        if count >= self.max_handshakes_per_address:
+            return None
+        self.handshaking[source] = count + 1
+        return source
+
+    def handshake_ended(self, source: str) -> None:
+        count = self.handshaking[source] - 1
+        if count:
+            self.handshaking[source] = count
+        else:
+            del self.handshaking[source]
 
     def connection_made(self, protocol: ServerProtocol) -> None:
         self.protocols.add(protocol)

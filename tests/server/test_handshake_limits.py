@@ -1,5 +1,6 @@
-"""Connections that never log in: what counts as a failed handshake (docs/protocol.rst,
-"Limits"), over the deterministic harness (StringTransport, task.Clock)."""
+"""Connections that never log in (docs/protocol.rst, "Limits"): what counts as a
+failed handshake, and each address's share of connections not logged in yet;
+over the deterministic harness (StringTransport, task.Clock)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from enclaves.crypto import KeyPair
 from enclaves.frames import ErrorCode, FrameType, encode_error, encode_frame
-from enclaves.inner import Directory, Error
+from enclaves.inner import Directory, Error, Ping
+from enclaves.server.protocol import (
+    DEFAULT_MAX_CONNECTIONS,
+    HANDSHAKES_PER_ADDRESS_TEXT,
+    default_handshakes_per_address,
+)
 from tests.server.harness import Harness, RawClient
 
 A, B = 11, 22
@@ -140,3 +146,93 @@ def test_the_start_of_a_backoff_is_logged_once(h: Harness) -> None:
         f"too many failed handshakes from {ATTACKER}: refusing its connections for 1.0 s"
     ]
     assert h.factory.limiter.blocked_for(ATTACKER, h.clock.seconds()) == 4
+
+
+# -- the share of handshakes per address ----------------------------------------------
+
+
+def _refused_for_its_share(client: RawClient) -> bool:
+    return client.outer_error() == (ErrorCode.RATE_LIMITED, HANDSHAKES_PER_ADDRESS_TEXT)
+
+
+def test_the_default_share_is_32_or_a_quarter_of_the_connections() -> None:
+    assert default_handshakes_per_address(DEFAULT_MAX_CONNECTIONS) == 32
+    assert default_handshakes_per_address(40) == 10
+    assert default_handshakes_per_address(2) == 1
+    assert Harness().factory.max_handshakes_per_address == 32
+    assert Harness(max_connections=40).factory.max_handshakes_per_address == 10
+    assert Harness(max_handshakes_per_address=7).factory.max_handshakes_per_address == 7
+
+
+def test_one_address_cannot_hold_the_slots_with_connections_that_never_log_in() -> None:
+    """--max-connections=40: one address holds at most 10 connections that are
+    not logged in — silent, mid-HELLO, waiting for the user lookup, or past
+    WELCOME — and the eleventh is refused RATE_LIMITED at once, which is not a
+    failed handshake.  Everyone else still gets in; and the address itself
+    again once its connections have gone."""
+    h = Harness(max_connections=40)
+    ka = h.add_user(A)
+    held = [h.raw(A, ka, host=ATTACKER) for _ in range(7)]  # silent
+    held[0].write(held[0].handshake.hello_frame()[:20])  # mid-HELLO
+    waiting = Deferred[None]()
+    h.storage.load_user = lambda user_id: waiting  # type: ignore[method-assign]
+    for _ in range(2):
+        looking_up = h.raw(A, ka, host=ATTACKER)
+        looking_up.write(looking_up.handshake.hello_frame())
+        held.append(looking_up)
+    del h.storage.load_user
+    proving = h.raw(A, ka, host=ATTACKER)
+    proving.welcome()  # a replayed HELLO would get this far
+    held.append(proving)
+    assert len(held) == 10 and not any(c.closing for c in held)
+    for _ in range(3):
+        over = h.raw(A, ka, host=ATTACKER)
+        assert _refused_for_its_share(over)
+        over.lose()
+    assert h.factory.limiter.blocked_for(ATTACKER, h.clock.seconds()) == 0
+    assert len(h.factory.protocols) == 10  # the refused hold no slot
+    assert h.raw(A, ka, host=ELSEWHERE).login() == [Directory((A,))]
+    for c in held[:FREE]:
+        c.lose()
+    assert h.raw(A, ka, host=ATTACKER).login()[:1] == [Directory((A,))]
+    for c in held[FREE:]:
+        c.lose()
+    assert h.factory.handshaking == {}  # the table keeps no address with none
+
+
+def test_many_users_behind_one_nat_log_in_and_stay_online() -> None:
+    """Live sessions do not count against the share: 60 users behind one
+    address (an office NAT) are all online together, with a share of 4; a
+    fifth connection still logging in at once is refused, and gets in once
+    one of the four has logged in."""
+    h = Harness(max_handshakes_per_address=4)
+    office = "192.0.2.50"
+    keys = {uid: h.add_user(uid) for uid in range(100, 160)}
+    for uid, k in keys.items():
+        h.raw(uid, k, host=office).login()
+    assert h.router.online_users() == sorted(keys)
+    late = {uid: h.add_user(uid) for uid in range(200, 205)}
+    arriving = [h.raw(uid, k, host=office) for uid, k in list(late.items())[:4]]
+    for c in arriving[:2]:
+        c.welcome()
+    fifth = h.raw(204, late[204], host=office)
+    assert _refused_for_its_share(fifth)
+    fifth.lose()
+    arriving[0].send(Ping(1))  # now live: its place is free
+    everyone = Directory(tuple(sorted([*keys, *late])))
+    assert h.raw(204, late[204], host=office).login() == [everyone]
+    assert len(h.router.online_users()) == 62
+
+
+def test_an_ipv6_64_shares_one_share_and_ipv4_mapped_is_ipv4() -> None:
+    """IPv6 is counted per /64 (one subscriber usually holds a whole /64, so
+    per address would be no limit), like the failed-handshake backoff; an
+    IPv4-mapped IPv6 address counts as its IPv4 address."""
+    h = Harness(max_handshakes_per_address=2)
+    ka = h.add_user(A)
+    h.raw(A, ka, host="2001:db8:0:1::1"), h.raw(A, ka, host="2001:db8:0:1:ffff::2")
+    assert _refused_for_its_share(h.raw(A, ka, host="2001:db8:0:1:1234:5678:9abc:def0"))
+    assert h.raw(A, ka, host="2001:db8:0:2::1").login() == [Directory((A,))]
+    h.raw(A, ka, host="192.0.2.9"), h.raw(A, ka, host="192.0.2.9")
+    assert _refused_for_its_share(h.raw(A, ka, host="::ffff:192.0.2.9"))
+    assert h.factory.handshaking == {"2001:db8:0:1::/64": 2, "192.0.2.9": 2}
