@@ -150,10 +150,12 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         factory.connection_made(self)
         if len(factory.protocols) > factory.max_connections:
+            factory.router.connection_refused("busy")
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
             return
         wait = factory.limiter.blocked_for(self._host, factory.clock.seconds())
         if wait > 0:
+            factory.router.connection_refused("backoff")
             self.fail(
                 ErrorCode.RATE_LIMITED,
                 f"too many failed handshakes from your address; retry in {int(wait) + 1} s",
@@ -161,6 +163,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             return
         self._source = factory.handshake_started(self._host)
         if self._source is None:
+            factory.router.connection_refused("share")
             self.fail(ErrorCode.RATE_LIMITED, HANDSHAKES_PER_ADDRESS_TEXT)
             return
         self.setTimeout(factory.handshake_timeout)

@@ -236,3 +236,27 @@ def test_an_ipv6_64_shares_one_share_and_ipv4_mapped_is_ipv4() -> None:
     h.raw(A, ka, host="192.0.2.9"), h.raw(A, ka, host="192.0.2.9")
     assert _refused_for_its_share(h.raw(A, ka, host="::ffff:192.0.2.9"))
     assert h.factory.handshaking == {"2001:db8:0:1::/64": 2, "192.0.2.9": 2}
+
+
+def test_refused_connections_are_counted_for_the_admin() -> None:
+    """stats() counts each kind of refusal at connection time (the admin
+    shell's "connections refused")."""
+    h = Harness(max_connections=4, max_handshakes_per_address=2)
+    held = [h.raw(A, KeyPair.generate(), host=ATTACKER) for _ in range(2)]
+    over = h.raw(A, KeyPair.generate(), host=ATTACKER)
+    assert _refused_for_its_share(over)
+    over.lose()
+    for _ in range(FREE + 1):
+        bad = h.raw(A, KeyPair.generate(), host=ELSEWHERE)
+        bad.write(bad.handshake.hello_frame())
+        bad.lose()
+    blocked = h.raw(A, KeyPair.generate(), host=ELSEWHERE)
+    assert _outer_code(blocked) == ErrorCode.RATE_LIMITED
+    blocked.lose()
+    held += [h.raw(A, KeyPair.generate(), host="192.0.2.77") for _ in range(2)]
+    busy = h.raw(A, KeyPair.generate(), host="192.0.2.78")
+    assert _outer_code(busy) == ErrorCode.SERVER_BUSY
+    busy.lose()
+    stats = h.router.stats()
+    assert (stats.refused_busy, stats.refused_backoff, stats.refused_share) == (1, 1, 1)
+    assert stats.connections == 4 and not any(c.closing for c in held)
