@@ -60,7 +60,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="enclaves-join-") as tmp:
         work = Path(tmp)
-        daemon = Daemon(work, f"--message-rate={args.message_rate}", "--max-connections=100000")
+        daemon = Daemon(
+            work,
+            f"--message-rate={args.message_rate}",
+            "--max-connections=100000",
+            # Every bench client connects from 127.0.0.1: no per-address share.
+            "--max-handshakes-per-address=100000",
+        )
         users_path = work / "users.json"
         make_users(daemon.data_dir, existing, [newcomer], users_path)
         daemon.start(timeout=60)

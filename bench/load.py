@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             work,
             f"--message-rate={args.message_rate}",
             "--max-connections=100000",
+            # Every bench client connects from 127.0.0.1: no per-address share.
+            "--max-handshakes-per-address=100000",
             f"--max-pending={max(1000, 4 * args.messages * args.contacts)}",
         )
         users_path = work / "users.json"

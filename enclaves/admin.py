@@ -68,6 +68,9 @@ class ServerStatsView(Protocol):
     messages_delivered: int
     started_at: float
     notices_kept: int
+    refused_busy: int
+    refused_backoff: int
+    refused_share: int
 
 
 class RouterView(Protocol):
@@ -380,6 +383,13 @@ class Admin:
         rows = [
             ["connections", str(stats.connections)],
             ["sessions", str(stats.sessions)],
+            [
+                "connections refused",
+                f"{stats.refused_busy + stats.refused_backoff + stats.refused_share}: "
+                f"{stats.refused_busy} server full, "
+                f"{stats.refused_backoff} backing off, "
+                f"{stats.refused_share} over the per-address share",
+            ],
             ["messages routed", str(stats.messages_routed)],
             ["messages stored", str(stats.messages_stored)],
             ["messages delivered", str(stats.messages_delivered)],

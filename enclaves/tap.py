@@ -25,6 +25,7 @@ from enclaves.server.protocol import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
     ServerFactory,
 )
 from enclaves.server.router import DEFAULT_MAX_ENROLLMENTS, DEFAULT_MESSAGE_RATE, Router
@@ -97,6 +98,15 @@ class Options(usage.Options):
             DEFAULT_MAX_CONNECTIONS,
             "Most client connections at once; more get SERVER_BUSY.",
             _positive_int("max-connections", 1, 1_000_000),
+        ],
+        [
+            "max-handshakes-per-address",
+            None,
+            None,
+            "Most connections from one address (IPv6: one /64) not logged in yet; "
+            f"more get RATE_LIMITED (default: {DEFAULT_MAX_HANDSHAKES_PER_ADDRESS}, "
+            "or a quarter of --max-connections if less)",
+            _positive_int("max-handshakes-per-address", 1, 1_000_000),
         ],
         [
             "handshake-timeout",
@@ -232,6 +242,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=options["max-connections"],
         handshake_timeout=options["handshake-timeout"],
         idle_timeout=options["idle-timeout"],
+        max_handshakes_per_address=options["max-handshakes-per-address"],
     )
     # Stopped before storage (services stop in reverse order): clients hear
     # SHUTTING_DOWN and in-flight messages reach storage first.

@@ -26,7 +26,7 @@ def test_manhole_help_and_docs_name_both_ways_to_turn_it_on() -> None:
     assert "--admin-keys FILE, or DATA-DIR/admin_keys" in manhole[3]
     docs = (Path(__file__).parent.parent / "docs" / "admin.rst").read_text()
     (row,) = [i for i, line in enumerate(docs.splitlines()) if line.startswith("``--manhole``")]
-    cells = " ".join(line[51:] for line in docs.splitlines()[row : row + 3])
+    cells = " ".join(line[58:] for line in docs.splitlines()[row : row + 3])
     assert "``--admin-keys`` or ``DATA-DIR/admin_keys``" in " ".join(cells.split())
 
 
@@ -83,3 +83,16 @@ def test_the_server_freezes_its_start_up_objects_once_the_reactor_runs(tmp_path:
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_max_handshakes_per_address_defaults_to_the_factory_rule() -> None:
+    """Not given, it is None: ServerFactory then takes 32, or a quarter of
+    --max-connections if less (docs/admin.rst)."""
+    options = Options()
+    options.parseOptions([])
+    assert options["max-handshakes-per-address"] is None
+    options = Options()
+    options.parseOptions(["--max-handshakes-per-address=500"])
+    assert options["max-handshakes-per-address"] == 500
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--max-handshakes-per-address=0"])

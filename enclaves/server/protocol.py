@@ -30,7 +30,7 @@ from enclaves.frames import (
 )
 from enclaves.handshake import HandshakeError, ServerHandshake
 from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping
-from enclaves.server.limits import FailureLimiter
+from enclaves.server.limits import FailureLimiter, source_key
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
@@ -40,14 +40,29 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_HANDSHAKES_PER_ADDRESS",
     "ServerFactory",
     "ServerProtocol",
+    "default_handshakes_per_address",
 ]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10
 DEFAULT_IDLE_TIMEOUT = 300
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_MAX_LINGERING = 256  # closed connections at once waiting (<= 2 s) for the peer
+DEFAULT_MAX_HANDSHAKES_PER_ADDRESS = 32
+
+HANDSHAKES_PER_ADDRESS_TEXT = (
+    "too many connections from your address are logging in at once; retry shortly"
+)
+
+
+def default_handshakes_per_address(max_connections: int) -> int:
+    """Connections not yet logged in one source may hold when no option says:
+    32, or a quarter of ``max_connections`` if that is less (at least 1), so
+    that one address never holds most of a small server's slots."""
+    return max(1, min(DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, max_connections // 4))
+
 
 _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "handshake",
@@ -55,6 +70,18 @@ _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "proving",  # WELCOME sent; live only once a SEALED frame opens with the keys
     "session",
     "closed",
+)
+
+# Why the server itself may end a connection before its session is live; none
+# of these is the peer's failed handshake (docs/protocol.rst, "Limits").
+_NOT_A_FAILED_HANDSHAKE = frozenset(
+    {
+        ErrorCode.SERVER_BUSY,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.STORAGE_FAILED,
+        ErrorCode.TOKEN_EXPIRED,
+    }
 )
 
 
@@ -67,6 +94,19 @@ class ServerProtocol(Protocol, TimeoutMixin):
     A verified HELLO proves nothing (it can be a replay): the session goes live
     (router login, REPLACED of an older session, pending delivery) only when the
     client's first SEALED frame opens, which proves it holds the session keys.
+
+    Until it is live (or closed) a connection counts against its source's
+    share of handshakes (``ServerFactory.max_handshakes_per_address``, keyed
+    by :func:`~enclaves.server.limits.source_key`); one over it is refused
+    ``RATE_LIMITED`` at once.  Live sessions do not count: many users behind
+    one NAT are fine.
+
+    A connection that leaves the handshake any other way is a failed handshake
+    for its source's backoff (:class:`~enclaves.server.limits.FailureLimiter`):
+    refused (bad HELLO, bad first SEALED frame, bad frame), timed out, or gone
+    after sending anything — unless the server ended it for a reason of its
+    own (``_NOT_A_FAILED_HANDSHAKE``) or the peer left without a byte (a port
+    probe).
     """
 
     log = Logger()
@@ -84,6 +124,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._live = False
         self._paused = False
         self._linger: Any = None
+        # Its source (a key of ServerFactory.handshaking) while the connection
+        # is accepted and neither live nor ended.
+        self._source: str | None = None
+        self._heard = False  # the peer sent at least one byte
 
     def __repr__(self) -> str:
         return f"<ServerProtocol {self._peer} user={self.user_id} {self._state}>"
@@ -106,20 +150,28 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         factory.connection_made(self)
         if len(factory.protocols) > factory.max_connections:
+            factory.router.connection_refused("busy")
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
             return
         wait = factory.limiter.blocked_for(self._host, factory.clock.seconds())
         if wait > 0:
+            factory.router.connection_refused("backoff")
             self.fail(
                 ErrorCode.RATE_LIMITED,
                 f"too many failed handshakes from your address; retry in {int(wait) + 1} s",
             )
+            return
+        self._source = factory.handshake_started(self._host)
+        if self._source is None:
+            factory.router.connection_refused("share")
+            self.fail(ErrorCode.RATE_LIMITED, HANDSHAKES_PER_ADDRESS_TEXT)
             return
         self.setTimeout(factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _CLOSED:
             return
+        self._heard = self._heard or bool(data)
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
@@ -133,6 +185,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         was_session = self._live
+        # Gone during the handshake: a failure if it had sent anything (a
+        # HELLO replayed for its WELCOME, then dropped, is one).
+        self._handshake_over(failed=self._heard)
         self._state = _CLOSED
         self.setTimeout(None)
         if self._linger is not None and self._linger.active():
@@ -195,7 +250,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             user_id = self._handshake.receive_hello(payload)
         except HandshakeError as error:
-            self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.fail(error.code, error.text)
             return
         self._state = _LOOKUP
@@ -214,7 +268,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             welcome, keys = self._handshake.authenticate(record)
         except HandshakeError as error:
-            factory.limiter.failed(self._host, factory.clock.seconds())
             self.fail(error.code, error.text)
             return
         assert record is not None
@@ -235,6 +288,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def _go_live(self) -> None:
         """The first SEALED frame opened: the peer has the keys; log in."""
         assert self._record is not None
+        self._handshake_over(failed=False)
         self._state = _SESSION
         self._live = True
         self.setTimeout(self.factory.idle_timeout / 2)
@@ -246,8 +300,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
         try:
             messages = self._session.open(payload)
         except SessionError as error:
-            if self._state == _PROVING:
-                self.factory.limiter.failed(self._host, self.factory.clock.seconds())
             self.close(error.code, error.text)
             return
         if self._state == _PROVING:
@@ -255,6 +307,29 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._pinged = False
         self.resetTimeout()
         self.factory.router.messages_received(self, messages)
+
+    def _handshake_over(self, failed: bool) -> None:
+        """The connection leaves the handshake (live, refused, timed out or gone);
+        it leaves its source's share of handshakes, and a failure counts against
+        the source's backoff, once."""
+        if self._source is None:
+            return
+        factory = self.factory
+        factory.handshake_ended(self._source)
+        self._source = None
+        if not failed:
+            return
+        now = factory.clock.seconds()
+        was_blocked = factory.limiter.blocked_for(self._host, now) > 0
+        factory.limiter.failed(self._host, now)
+        wait = factory.limiter.blocked_for(self._host, now)
+        if wait > 0 and not was_blocked:
+            self.log.info(
+                "too many failed handshakes from {source}: refusing its connections "
+                "for {seconds} s",
+                source=source_key(self._host),
+                seconds=round(wait, 1),
+            )
 
     # -- output -----------------------------------------------------------------------
 
@@ -303,6 +378,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         an honest client learns the real reason; it tells a replayer nothing.
         """
         if self._state == _PROVING and self._session is not None:
+            self._handshake_over(failed=code not in _NOT_A_FAILED_HANDSHAKE)
             self.log.info(
                 "dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text
             )
@@ -330,6 +406,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
         """Before a session: an ERROR frame, a log line, and a dropped connection."""
         if self._state == _CLOSED:
             return
+        self._handshake_over(failed=code not in _NOT_A_FAILED_HANDSHAKE)
         self.log.info("dropping {peer}: {code} {text}", peer=self._peer, code=code.name, text=text)
         self._write(encode_frame(FrameType.ERROR, encode_error(code, text)))
         self._drop()
@@ -345,6 +422,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             write_now(self.transport, data)
 
     def _drop(self) -> None:
+        self._handshake_over(failed=True)  # e.g. the peer sent an ERROR frame
         if self._live:
             # Detach now, so nothing more is routed to this session.
             self.factory.router.logout(self)
@@ -397,6 +475,7 @@ class ServerFactory(Factory):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         limiter: FailureLimiter | None = None,
         max_lingering: int = DEFAULT_MAX_LINGERING,
+        max_handshakes_per_address: int | None = None,
     ) -> None:
         self.router = router
         self.storage = storage
@@ -406,6 +485,12 @@ class ServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.limiter = limiter if limiter is not None else FailureLimiter()
+        if max_handshakes_per_address is None:
+            max_handshakes_per_address = default_handshakes_per_address(max_connections)
+        self.max_handshakes_per_address = max_handshakes_per_address
+        # source_key -> its connections not yet live (nor closed); an entry goes
+        # with its last connection, so this never outgrows the connections.
+        self.handshaking: dict[str, int] = {}
         self.protocols: set[ServerProtocol] = set()
         self.lingering: set[ServerProtocol] = set()  # closed, waiting for the peer's close
         self.max_lingering = max_lingering
@@ -428,6 +513,23 @@ class ServerFactory(Factory):
                 # A bug in one session must not stall the output of the others.
                 self.log.failure("flushing output for user {user_id}", user_id=protocol.user_id)
                 protocol._drop()
+
+    def handshake_started(self, host: str) -> str | None:
+        """Count a new connection from ``host`` as handshaking; its source key,
+        or None if that source already has its share."""
+        source = source_key(host)
+        count = self.handshaking.get(source, 0)
+        if count >= self.max_handshakes_per_address:
+            return None
+        self.handshaking[source] = count + 1
+        return source
+
+    def handshake_ended(self, source: str) -> None:
+        count = self.handshaking[source] - 1
+        if count:
+            self.handshaking[source] = count
+        else:
+            del self.handshaking[source]
 
     def connection_made(self, protocol: ServerProtocol) -> None:
         self.protocols.add(protocol)

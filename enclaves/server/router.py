@@ -92,6 +92,13 @@ class ServerStats:
     taken_at: float = field(factory=time.time)
     #: DELIVERED and per-message ERRORs kept on disk for a sender who was offline.
     notices_kept: int = 0
+    #: Connections refused as soon as they were made, since start: the server
+    #: was full (SERVER_BUSY), the address was backing off after failed
+    #: handshakes, or it had its share of connections not logged in yet
+    #: (both RATE_LIMITED).
+    refused_busy: int = 0
+    refused_backoff: int = 0
+    refused_share: int = 0
 
     @property
     def uptime(self) -> float:
@@ -189,6 +196,7 @@ class Router:
         self.messages_stored = 0
         self.messages_delivered = 0
         self.notices_kept = 0
+        self.refused = {"busy": 0, "backoff": 0, "share": 0}
         self.started_at = float(self.clock.seconds())
 
     # -- admin surface ------------------------------------------------------------
@@ -211,6 +219,9 @@ class Router:
             started_at=self.started_at,
             taken_at=float(self.clock.seconds()),
             notices_kept=self.notices_kept,
+            refused_busy=self.refused["busy"],
+            refused_backoff=self.refused["backoff"],
+            refused_share=self.refused["share"],
         )
 
     def revoke(self, user_id: int) -> Deferred[int]:
@@ -259,6 +270,12 @@ class Router:
 
     def connection_closed(self) -> None:
         self.connections -= 1
+
+    def connection_refused(self, why: str) -> None:
+        """Count a connection refused when it was made: ``why`` is ``"busy"``
+        (the server is full), ``"backoff"`` (its address failed too many
+        handshakes) or ``"share"`` (its address has its share of handshakes)."""
+        self.refused[why] += 1
 
     def login(self, peer: Peer, record: UserRecord) -> None:
         """A session authenticated as ``record``; a previous one is REPLACED."""

@@ -28,6 +28,9 @@ class Stats:
     messages_stored: int = 4
     messages_delivered: int = 6
     notices_kept: int = 2
+    refused_busy: int = 1
+    refused_backoff: int = 20
+    refused_share: int = 300
     started_at: float = NOW - 93784
 
     @property
@@ -244,6 +247,7 @@ def test_stats() -> None:
     assert [" ".join(line.split()) for line in lines] == [
         "connections 3",
         "sessions 2",
+        "connections refused 321: 1 server full, 20 backing off, 300 over the per-address share",
         "messages routed 10",
         "messages stored 4",
         "messages delivered 6",

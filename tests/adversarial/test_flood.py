@@ -1,9 +1,11 @@
-"""Many connections at once: slowloris, a handshake flood, random garbage, all from loopback.
+"""Many connections at once: slowloris, idle sockets, a handshake flood, random
+garbage, all from loopback.
 
 Every loop here is bounded in count and time.  The failed-handshake limiter
-is per source address and every attacking socket comes from 127.0.0.1, so
-the honest pair logs in from 127.0.0.2 (Linux routes all of 127/8 to lo):
-a different address, as an honest user elsewhere on the Internet would have.
+and the share of handshakes are per source address and the attacking sockets
+come from 127.0.0.1 (the slowloris from several 127.0.3.x), so the honest pair
+logs in from 127.0.0.2 (Linux routes all of 127/8 to lo): a different
+address, as an honest user elsewhere on the Internet would have.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ class Attacker(Protocol):
         return [decode_error(f.payload)[0] for f in frames]
 
 
-async def attack(port: int, count: int, make: type[Attacker] | object) -> list[Attacker]:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+async def attack(
+    port: int, count: int, make: type[Attacker] | object, source: str = "127.0.0.1"
+) -> list[Attacker]:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
     attackers = [make() for _ in range(count)]  # type: ignore[operator]
     await gatherResults([connectProtocol(endpoint, a) for a in attackers])
     return attackers
@@ -91,18 +95,25 @@ def bad_hello() -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> None:
-    """The attacker opens more sockets than there are connection slots, each
-    dribbling a HELLO one byte every 0.2 s.  Those beyond the limit get
-    SERVER_BUSY at once; while the rest hold the slots an honest login gets
-    SERVER_BUSY (the accepted cost); dribbling does not extend the deadline, so
-    within the handshake timeout every one is told HANDSHAKE_TIMEOUT and
-    closed, and honest users connect and chat again."""
+    """An attacker with several addresses opens more sockets than there are
+    connection slots, each dribbling a HELLO one byte every 0.2 s, no more
+    from one address than its share of handshakes (a quarter of the slots).
+    Those beyond the limit get SERVER_BUSY at once; while the rest hold the
+    slots an honest login gets SERVER_BUSY (the accepted cost); dribbling does
+    not extend the deadline, so within the handshake timeout every one is
+    told HANDSHAKE_TIMEOUT and closed, and honest users connect and chat again."""
     slots, extra, timeout = 40, 10, 5
+    share = slots // 4  # the default share of handshakes per address
     live = await Live(
         tmp_path, f"--max-connections={slots}", f"--handshake-timeout={timeout}"
     ).start()
     started = time.monotonic()
-    dribblers = await attack(live.port, slots + extra, lambda: Attacker(dribble=bad_hello()))
+    sources = iter(f"127.0.3.{n}" for n in range(1, 200))
+    dribblers = []
+    for _ in range((slots + extra) // share):
+        dribblers += await attack(
+            live.port, share, lambda: Attacker(dribble=bad_hello()), next(sources)
+        )
     # Those beyond the limit are refused at once.  (A connection of our own
     # closing at the same moment can make one more refused: top up until
     # every slot is held.)
@@ -114,7 +125,9 @@ async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> N
         if len(dribblers) - closed >= slots:
             break
         more = slots - (len(dribblers) - closed)
-        dribblers += await attack(live.port, more, lambda: Attacker(dribble=bad_hello()))
+        dribblers += await attack(
+            live.port, more, lambda: Attacker(dribble=bad_hello()), next(sources)
+        )
     probed = time.monotonic() - started
     with pytest.raises(LoginFailed) as busy:
         await live.login(A, bind=HONEST)
@@ -129,13 +142,64 @@ async def test_slowloris_is_reaped_by_the_handshake_timeout(tmp_path: Path) -> N
     live.stop()
 
 
+async def _settled(attackers: list[Attacker]) -> list[Attacker]:
+    """Those still open once refusals (which come at once) stop arriving."""
+    closed = -1
+    while closed != sum(a.closed.called for a in attackers):
+        closed = sum(a.closed.called for a in attackers)
+        await deferLater(reactor, 0.3)
+    return [a for a in attackers if not a.closed.called]
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_from_one_address_cannot_fill_the_server(tmp_path: Path) -> None:
+    """With --max-connections=40 the attacker opens 45 sockets from 127.0.0.1
+    and never sends a byte (a slowloris of idle sockets).  One address may
+    hold only its share of connections not logged in (a quarter of the
+    slots, 10): the other 35 are refused RATE_LIMITED at once.  While the 10
+    are held, the honest pair from 127.0.0.2 logs in and chats — before, the
+    45 filled the server and every other user got SERVER_BUSY.  The 10 then
+    time out, HANDSHAKE_TIMEOUT, and those timeouts are failed handshakes:
+    127.0.0.1 is then refused at connection time, told how long to wait."""
+    slots, sockets, timeout = 40, 45, 5
+    share = slots // 4
+    live = await Live(
+        tmp_path, f"--max-connections={slots}", f"--handshake-timeout={timeout}"
+    ).start()
+    idle = await attack(live.port, sockets, Attacker)
+    held = await _settled(idle)
+    # The start-up probe's connection may still have held a place: top up.
+    for _ in range(5):
+        if len(held) >= share:
+            break
+        idle += await attack(live.port, share - len(held), Attacker)
+        held = await _settled(idle)
+    assert len(held) == share, (len(held), [a.error_codes() for a in idle])
+    refused = [a.error_codes() for a in idle if a.closed.called]
+    assert len(refused) >= sockets - share
+    assert refused == [[ErrorCode.RATE_LIMITED]] * len(refused)
+    await live.check(bind=HONEST)  # while the attacker's 10 are still held
+    assert not any(a.closed.called for a in held)
+    await gatherResults([a.closed for a in held]).addTimeout(timeout + 5, reactor)
+    assert [a.error_codes() for a in held] == [[ErrorCode.HANDSHAKE_TIMEOUT]] * share
+    with pytest.raises(LoginFailed) as backing_off:
+        await live.login(A)
+    assert backing_off.value.code == ErrorCode.RATE_LIMITED
+    assert "failed handshakes" in backing_off.value.text
+    log = live.log_text()
+    assert "too many failed handshakes from 127.0.0.1: refusing its connections" in log
+    assert "RATE_LIMITED too many connections from your address are logging in" in log
+    live.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_handshake_flood_from_one_address(tmp_path: Path) -> None:
     """The attacker opens 300 sockets at once from 127.0.0.1, each with a HELLO that
     fails (random ids and tags, some for real users).  Each is answered
-    AUTH_FAILED or, once the address is blocked, RATE_LIMITED at once, and
-    closed; none hangs.  Once the address is blocked, a second wave of 50 is
-    refused RATE_LIMITED before any HELLO is read.  Honest users elsewhere
+    AUTH_FAILED or, once the address is blocked or over its share of
+    handshakes, RATE_LIMITED at once, and closed; none hangs.  Once the
+    address is blocked, a second wave of 50 is refused RATE_LIMITED before
+    any HELLO is read.  Honest users elsewhere
     (127.0.0.2) log in and chat; the real user A is not locked out.  Only
     127.0.0.1 itself must wait: an honest user sharing the attacker's address
     is rate limited too."""

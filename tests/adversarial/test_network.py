@@ -134,20 +134,23 @@ async def test_a_bit_flip_in_any_field_ends_only_that_connection(tmp_path: Path)
     await proxy.listen()
     b = await live.login(B)
     try:
-        for name, offset, mask, code in HELLO_FLIPS:
+        # Every tampered handshake is a failed one for the source's rate limit
+        # (a refused HELLO, a WELCOME the client drops, a first SEALED frame
+        # that does not open): each case comes from its own address.
+        for i, (name, offset, mask, code) in enumerate(HELLO_FLIPS):
+            proxy.source = f"127.0.2.{i + 1}"
             proxy.edit = flip(C2S, 0, offset, mask)
             with pytest.raises(LoginFailed) as refused:
                 await live.login(A, port=proxy.port)
             assert refused.value.code == code, name
-        for name, offset, mask, code in WELCOME_FLIPS:
+        for i, (name, offset, mask, code) in enumerate(WELCOME_FLIPS):
+            proxy.source = f"127.0.3.{i + 1}"
             proxy.edit = flip(S2C, 0, offset, mask)
             with pytest.raises(LoginFailed) as refused:
                 await live.login(A, port=proxy.port)
             assert refused.value.code == code, name
         sent = []
         for i, (name, offset, mask, code) in enumerate(SEALED_FLIPS):
-            # A first SEALED frame that does not open is a failed handshake for
-            # the source's rate limit: each case comes from its own address.
             proxy.source = f"127.0.1.{i + 1}"
             proxy.edit = flip(C2S, 1, offset, mask)  # A's first SEALED: the login PING
             a = await live.login(A, port=proxy.port)

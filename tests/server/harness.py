@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -52,7 +52,8 @@ class RawClient:
 
     def __init__(self, harness: Harness, user_id: int, keys: KeyPair, host: str) -> None:
         self.harness = harness
-        addr = IPv4Address("TCP", host, next(_ports))
+        kind = IPv6Address if ":" in host else IPv4Address
+        addr = kind("TCP", host, next(_ports))
         self.proto: ServerProtocol = harness.factory.buildProtocol(addr)
         self.transport = StringTransport(peerAddress=addr)
         self.proto.makeConnection(self.transport)
