@@ -41,7 +41,7 @@ import struct
 import time
 from typing import Any
 
-from enclaves.frames import FrameDecoder, FrameType, encode_frame
+from enclaves.frames import MAX_FRAME, FrameDecoder, FrameType, encode_frame
 from enclaves.handshake import ClientHandshake
 from enclaves.inner import Deliver, Ping, decode_all
 from enclaves.session import Session
@@ -59,7 +59,7 @@ class Conn:
     def __init__(self, sock: socket.socket, session: Session | None) -> None:
         self.sock = sock
         self.session = session
-        self.decoder = FrameDecoder(1 << 20)
+        self.decoder = FrameDecoder(MAX_FRAME)
         self.pending = bytearray()  # what the kernel did not take yet
         self.partner: Conn | None = None  # a receiver's sender
         self.recipient = 0  # a sender's receiver id
@@ -106,12 +106,12 @@ def _connect(port: int, mode: str, user_id: int, keys: Any) -> Conn:
         (welcome, *_rest) = _read_frames_blocking(conn)
         if welcome.type is not FrameType.WELCOME:
             raise ConnectionError(f"login of {user_id} refused: {welcome.type.name}")
-        conn.session = Session(handshake.receive_welcome(welcome.payload), "client", 65536)
+        conn.session = Session(handshake.receive_welcome(welcome.payload), "client", MAX_FRAME)
         sock.sendall(conn.session.seal([Ping(1)]))  # the server goes live on it
     else:
         from bench.relay import bench_keys
 
-        session = Session(bench_keys(user_id), "client", 1 << 20) if mode == "naive" else None
+        session = Session(bench_keys(user_id), "client", MAX_FRAME) if mode == "naive" else None
         conn = Conn(sock, session)
         sock.sendall(encode_frame(FrameType.HELLO, struct.pack(">Q", user_id)))
     sock.setblocking(False)

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from enclaves import inner
 from enclaves.crypto import KeyPair, sha256
-from enclaves.frames import FrameDecoder, FrameType, encode_frame
+from enclaves.frames import MAX_FRAME, FrameDecoder, FrameType, encode_frame
 from enclaves.handshake import SessionKeys
 from enclaves.session import Session
 
@@ -35,7 +35,7 @@ class RelayProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)  # as the Enclaves server does
-        self.decoder = FrameDecoder(1 << 20)
+        self.decoder = FrameDecoder(MAX_FRAME)
         self.user_id = 0
         self.session: Session | None = None
 
@@ -45,7 +45,7 @@ class RelayProtocol(Protocol):
                 (self.user_id,) = struct.unpack(">Q", frame.payload)
                 self.factory.online[self.user_id] = self
                 if self.factory.mode == "naive":
-                    self.session = Session(bench_keys(self.user_id), "server", 1 << 20)
+                    self.session = Session(bench_keys(self.user_id), "server", MAX_FRAME)
                 continue
             if self.session is None:
                 messages = inner.decode_all(frame.payload)

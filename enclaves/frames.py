@@ -3,6 +3,11 @@
 A frame is ``u32 N || body`` with ``body = u8 version || u8 type || payload``.
 :class:`FrameDecoder` enforces the size limit from the length prefix alone, so
 an oversize frame is refused before a byte of its body is buffered.
+
+:data:`MAX_FRAME` is the protocol's limit on ``N`` in both directions: no
+conforming peer sends a larger frame and every peer accepts frames up to it
+(docs/protocol.rst, "Frames").  A server's ``--max-frame`` may only lower what
+it *sends*; it never lowers what it accepts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from attrs import frozen
 
 __all__ = [
     "VERSION",
+    "MAX_FRAME",
     "DEFAULT_MAX_FRAME",
     "FrameType",
     "ErrorCode",
@@ -28,7 +34,10 @@ __all__ = [
 ]
 
 VERSION = 1
-DEFAULT_MAX_FRAME = 65536
+#: The protocol's frame limit (largest ``N``), the same for every peer.
+MAX_FRAME = 65536
+#: The default of the server's ``--max-frame`` (the largest frame it sends).
+DEFAULT_MAX_FRAME = MAX_FRAME
 _HEADER = struct.Struct(">I")
 _MAX_ERROR_TEXT = 1024
 
@@ -132,7 +141,7 @@ class FrameDecoder:
     the connection must be dropped.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         if max_frame < 2:
             raise ValueError("max_frame must allow at least a header")
         self.max_frame = max_frame

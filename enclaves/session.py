@@ -5,6 +5,11 @@ with this side's direction keys and opens incoming SEALED payloads with the
 other's, each direction numbering its frames from 0.  Queued messages are
 coalesced into as few sealed frames as the frame limit allows, so the crypto
 cost is per write, not per message.
+
+A session's ``max_frame`` is the largest frame *it sends* (the server's
+``--max-frame``; the protocol's :data:`~enclaves.frames.MAX_FRAME` for a
+client).  What it accepts is the decoder's business, and is always
+:data:`~enclaves.frames.MAX_FRAME`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import struct
 from collections.abc import Iterable
 
 from enclaves.crypto import BLOCK, TAG_SIZE, CryptoError, StreamSealer
-from enclaves.frames import VERSION, ErrorCode, FrameType
+from enclaves.frames import MAX_FRAME, VERSION, ErrorCode, FrameType
 from enclaves.handshake import SessionKeys
 from enclaves.inner import InnerError, InnerMessage, decode_all, encode
 
@@ -46,6 +51,10 @@ def max_blob_size(max_frame: int) -> int:
     return max(max_inner_size(max_frame) - _SEND_OVERHEAD, 0)
 
 
+# What the protocol's largest frame carries: no inner message may be larger.
+_PROTOCOL_MAX_INNER = max_inner_size(MAX_FRAME)
+
+
 def sealed_aad(seq: int) -> bytes:
     """``version || type || u64 seq``: what each SEALED frame's tag also covers."""
     return _SEALED_AAD_PREFIX + _U64.pack(seq)
@@ -65,7 +74,9 @@ class Session:
 
     __slots__ = ("_max_inner", "_opener", "_recv_seq", "_sealer", "_send_seq", "max_frame")
 
-    def __init__(self, keys: SessionKeys, side: str, max_frame: int) -> None:
+    def __init__(self, keys: SessionKeys, side: str, max_frame: int = MAX_FRAME) -> None:
+        if max_frame > MAX_FRAME or max_inner_size(max_frame) <= 0:
+            raise ValueError(f"max_frame must fit a frame and be at most {MAX_FRAME}")
         if side == "client":
             send, recv = keys.c2s, keys.s2c
         elif side == "server":
@@ -87,8 +98,12 @@ class Session:
         return max_blob_size(self.max_frame)
 
     def seal_frame(self, plaintext: bytes) -> bytes:
-        """One whole SEALED frame (length prefix included) carrying ``plaintext``."""
-        if len(plaintext) > self._max_inner:
+        """One whole SEALED frame (length prefix included) carrying ``plaintext``.
+
+        ``plaintext`` may exceed this session's ``max_frame`` up to the
+        protocol's limit: see :meth:`seal`.
+        """
+        if len(plaintext) > _PROTOCOL_MAX_INNER:
             raise ValueError("plaintext does not fit one frame")
         seq = self._send_seq
         if seq + 1 >= _SEQ_LIMIT:
@@ -102,8 +117,13 @@ class Session:
     def seal(self, messages: Iterable[InnerMessage]) -> bytes:
         """Coalesce ``messages`` into as few SEALED frames as fit; returns the wire bytes.
 
-        A single message too large for one frame raises ``ValueError`` (callers
-        refuse such blobs up front with MESSAGE_TOO_LARGE).
+        Frames are filled up to ``max_frame`` and never beyond.  One message
+        too large for that but within the protocol's
+        :data:`~enclaves.frames.MAX_FRAME` (on a server, a stored message
+        accepted under an earlier, larger ``--max-frame``) goes alone in a
+        frame of its own: every peer accepts that.  A message too large for
+        any frame raises ``ValueError`` (callers refuse such blobs up front
+        with MESSAGE_TOO_LARGE).
         """
         limit = self._max_inner
         raws = [encode(message) for message in messages]
@@ -112,12 +132,20 @@ class Session:
         whole = b"".join(raws)
         if len(whole) <= limit:  # the usual case: one frame
             return self.seal_frame(whole)
+        if max(map(len, raws)) > _PROTOCOL_MAX_INNER:
+            # Before any frame is sealed: no sequence number is spent on output
+            # the caller then drops.
+            raise ValueError("inner message does not fit one frame")
         out: list[bytes] = []
         chunk: list[bytes] = []
         size = 0
         for raw in raws:
             if len(raw) > limit:
-                raise ValueError("inner message does not fit one frame")
+                if chunk:
+                    out.append(self.seal_frame(b"".join(chunk)))
+                    chunk, size = [], 0
+                out.append(self.seal_frame(raw))
+                continue
             if size + len(raw) > limit:
                 out.append(self.seal_frame(b"".join(chunk)))
                 chunk, size = [], 0

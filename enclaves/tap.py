@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from enclaves.admin import Admin, make_namespace
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME
-from enclaves.frames import DEFAULT_MAX_FRAME
+from enclaves.frames import DEFAULT_MAX_FRAME, MAX_FRAME
 from enclaves.server.lifecycle import (
     CleanExitOnSignals,
     DisconnectOnStop,
@@ -75,8 +75,9 @@ class Options(usage.Options):
             "max-frame",
             None,
             DEFAULT_MAX_FRAME,
-            "Largest frame accepted, in bytes.",
-            _positive_int("max-frame", MIN_MAX_FRAME, 16 * 1024 * 1024),
+            "Largest frame sent, in bytes; bounds the largest message taken "
+            "(frames up to 65536, the protocol's limit, are always accepted).",
+            _positive_int("max-frame", MIN_MAX_FRAME, MAX_FRAME),
         ],
         [
             "manhole",

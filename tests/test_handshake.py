@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from enclaves import inner
 from enclaves.crypto import KeyPair, cmac_tag, hkdf_sha256, sha256
-from enclaves.frames import ErrorCode, FrameDecoder, FrameType, encode_error, encode_frame
+from enclaves.frames import (
+    MAX_FRAME,
+    ErrorCode,
+    FrameDecoder,
+    FrameType,
+    encode_error,
+    encode_frame,
+)
 from enclaves.handshake import (
     AUTH_FAILED_TEXT,
     ClientHandshake,
@@ -231,9 +238,30 @@ def test_coalescing_within_the_frame_limit() -> None:
     assert received == messages
     big = inner.Send(bytes(16), 7, bytes(max_blob_size(1024)))
     assert server.open(_payloads(client.seal([big]), 1024)[0]) == [big]
-    with pytest.raises(ValueError):
-        client.seal([inner.Send(bytes(16), 7, bytes(max_blob_size(1024) + 1))])
     assert max_inner_size(1024) % 16 == 15
+
+
+def test_a_message_above_the_send_limit_goes_alone_within_the_protocol_limit() -> None:
+    """``max_frame`` bounds coalescing; one message larger than it (a server's
+    stored message accepted under a larger --max-frame) is sealed alone in a
+    frame of at most MAX_FRAME, never with others; beyond MAX_FRAME nothing is
+    sealed and no sequence number is spent."""
+    client, server = _sessions(4096)
+    small = [inner.Send(bytes([i]) * 16, 7, bytes(1000)) for i in range(3)]
+    big = inner.Send(bytes(16), 7, bytes(max_blob_size(4096) + 1))
+    wire = client.seal([*small, big, *small])
+    sizes = [len(p) + 2 for p in _payloads(wire, MAX_FRAME)]  # + version and type
+    assert len(sizes) == 3 and sizes[1] > 4096 >= max(sizes[0], sizes[2])
+    assert [m for p in _payloads(wire, MAX_FRAME) for m in server.open(p)] == [*small, big, *small]
+    largest = inner.Send(bytes(16), 7, bytes(max_blob_size(MAX_FRAME)))
+    (payload,) = _payloads(client.seal([largest]), MAX_FRAME)
+    assert server.open(payload) == [largest]
+    with pytest.raises(ValueError):
+        client.seal([*small, inner.Send(bytes(16), 7, bytes(max_blob_size(MAX_FRAME) + 1))])
+    ping = client.seal([inner.Ping(1)])
+    assert server.open(_payloads(ping)[0]) == [inner.Ping(1)]  # no seq spent above
+    with pytest.raises(ValueError):
+        _sessions(MAX_FRAME + 1)
 
 
 def test_replay_reorder_and_forgery_end_the_session() -> None:

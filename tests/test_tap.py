@@ -35,7 +35,9 @@ def test_missing_explicit_admin_keys_is_a_usage_error(tmp_path: Path) -> None:
         Options().parseOptions([f"--admin-keys={tmp_path / 'nope'}"])
 
 
-@pytest.mark.parametrize("value", ["12", "1024", "4095", "abc", "99999999999"])
+@pytest.mark.parametrize(
+    "value", ["12", "1024", "4095", "65537", "131072", "16777216", "abc", "99999999999"]
+)
 def test_max_frame_bounds(value: str) -> None:
     with pytest.raises(usage.UsageError):
         Options().parseOptions([f"--max-frame={value}"])

@@ -103,12 +103,12 @@ UNOPENED_WARN_INTERVAL = 600.0
 # Why a [queued] message did not leave at once.
 QUEUED_WHY = "not connected; goes when the connection is back"
 
-# Plain words for the server's per-message refusals.
+# Plain words for the server's per-message refusals (MESSAGE_TOO_LARGE names
+# the server's limit: see ClientApp._on_error).
 REFUSAL_TEXT = {
     ErrorCode.UNKNOWN_RECIPIENT: "the server has no such user (removed?)",
     ErrorCode.QUOTA_EXCEEDED: "the recipient's mailbox on the server is full",
     ErrorCode.STORAGE_FAILED: "the server could not store it",
-    ErrorCode.MESSAGE_TOO_LARGE: "it is larger than the server accepts",
     ErrorCode.ENROLLMENT_REQUIRED: "enrollment is not complete yet",
 }
 
@@ -579,9 +579,11 @@ class ClientApp:
         while self._queue and self._tokens >= 1:
             message = self._queue.popleft()
             if isinstance(message, Send) and len(message.blob) > conn.max_blob:
-                self.core.on_refused(message.msg_id, "too large for this server")
+                # Beyond what one frame of the protocol carries: no server takes it.
+                why = f"too large to send ({len(message.blob)} bytes; at most {conn.max_blob})"
+                self.core.on_refused(message.msg_id, why)
                 self.failed_this_run.add(message.msg_id)
-                self.out("failed", f"id={short_id(message.msg_id)}: too large for this server")
+                self.out("failed", f"id={short_id(message.msg_id)}: {why}")
                 continue
             conn.send(message)
             self._tokens -= 1
@@ -791,15 +793,21 @@ class ClientApp:
             log.info("key exchange blob to unknown user {peer} dropped", peer=entry.recipient)
             return []
         reason = REFUSAL_TEXT.get(code, f"{name}: {message.text}") if code else name
+        if code is ErrorCode.MESSAGE_TOO_LARGE:
+            # The server's limit (its --max-frame) is in its text; the same
+            # blob would be refused again, so it is not offered for /retry.
+            said = f": {message.text}" if message.text else ""
+            reason = f"too large for this server{said} (this one is {len(entry.blob)} bytes)"
         self.core.on_refused(message.msg_id, reason)
         self._save_soon()
         what = "message" if entry.kind == "message" else "key exchange"
         self.failed_this_run.add(message.msg_id)
-        again = (
-            ""  # the recipient is gone: sending again cannot help
-            if code is ErrorCode.UNKNOWN_RECIPIENT
-            else f"; /retry {short_id(message.msg_id)} sends it again"
-        )
+        if code is ErrorCode.UNKNOWN_RECIPIENT:
+            again = ""  # the recipient is gone: sending again cannot help
+        elif code is ErrorCode.MESSAGE_TOO_LARGE:
+            again = "; send it in shorter parts" if entry.kind == "message" else ""
+        else:
+            again = f"; /retry {short_id(message.msg_id)} sends it again"
         self.out(
             "failed",
             f"id={short_id(message.msg_id)} {what} to {self._name(entry.recipient)} refused: "

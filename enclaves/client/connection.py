@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from enclaves.crypto import KeyPair
 from enclaves.frames import (
-    DEFAULT_MAX_FRAME,
+    MAX_FRAME,
     ErrorCode,
     Frame,
     FrameDecoder,
@@ -157,7 +157,7 @@ class ClientConnection(Protocol):
         keys: KeyPair,
         *,
         clock: Any = None,
-        max_frame: int = DEFAULT_MAX_FRAME,
+        max_frame: int = MAX_FRAME,
         on_message: Callable[[InnerMessage], None] | None = None,
         handshake: ClientHandshake | None = None,
         hand_over_pings: bool = False,
@@ -168,12 +168,16 @@ class ClientConnection(Protocol):
         self.hand_over_pings = hand_over_pings
         self._handshake = handshake or ClientHandshake(user_id, keys)
         self._clock = clock
+        if max_frame > MAX_FRAME:
+            raise ValueError(f"max_frame {max_frame} is above the protocol's {MAX_FRAME}")
+        #: The largest frame sent (coalescing stops there); frames up to the
+        #: protocol's MAX_FRAME are accepted whatever it is.
         self.max_frame = max_frame
         self.on_message = on_message
         self.inbox: DeferredQueue[InnerMessage] = DeferredQueue()
         self.ready: Deferred[ClientConnection] = Deferred()
         self.closed: Deferred[Disconnected] = Deferred()
-        self._decoder = FrameDecoder(max_frame)
+        self._decoder = FrameDecoder(MAX_FRAME)
         self._session: Session | None = None
         self._queue: list[InnerMessage] = []
         self._flush_call: Any = None
@@ -191,7 +195,8 @@ class ClientConnection(Protocol):
 
     @property
     def max_blob(self) -> int:
-        """The largest e2e blob one SEND can carry with this frame limit."""
+        """The largest e2e blob one SEND can carry with this frame limit (a
+        server may take less: it refuses a larger one with MESSAGE_TOO_LARGE)."""
         return max_blob_size(self.max_frame)
 
     @property
@@ -396,7 +401,7 @@ def connect(
     user_id: int,
     keys: KeyPair,
     *,
-    max_frame: int = DEFAULT_MAX_FRAME,
+    max_frame: int = MAX_FRAME,
     on_message: Callable[[InnerMessage], None] | None = None,
     timeout: float = 30.0,
     hand_over_pings: bool = False,

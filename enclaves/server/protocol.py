@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from enclaves.frames import (
     DEFAULT_MAX_FRAME,
+    MAX_FRAME,
     ErrorCode,
     Frame,
     FrameDecoder,
@@ -143,7 +144,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self._host = getattr(peer, "host", str(peer))
         self._peer = str(getattr(peer, "host", peer)) + ":" + str(getattr(peer, "port", ""))
-        self._decoder = FrameDecoder(factory.max_frame)
+        # Every peer accepts frames up to the protocol's limit, whatever
+        # --max-frame says: that bounds only what this server sends.
+        self._decoder = FrameDecoder(MAX_FRAME)
         self._handshake = ServerHandshake()
         # Backpressure: the transport pauses us when its write buffer is full,
         # and we stop reading from this client until it drains.
@@ -477,9 +480,12 @@ class ServerFactory(Factory):
         max_lingering: int = DEFAULT_MAX_LINGERING,
         max_handshakes_per_address: int | None = None,
     ) -> None:
+        if max_frame > MAX_FRAME:
+            raise ValueError(f"max_frame {max_frame} is above the protocol's {MAX_FRAME}")
         self.router = router
         self.storage = storage
         self.clock = clock
+        #: The largest frame this server sends (--max-frame); it accepts MAX_FRAME.
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from enclaves.crypto import KeyPair
 from enclaves.enrollment import DEFAULT_TOKEN_LIFETIME, create_enrollment
-from enclaves.frames import DEFAULT_MAX_FRAME, ErrorCode
+from enclaves.frames import DEFAULT_MAX_FRAME, MAX_FRAME, ErrorCode
 from enclaves.inner import (
     NO_MSG_ID,
     Accepted,
@@ -142,6 +142,11 @@ class _Online:
     sent_files: set[int] = field(factory=set)
 
 
+# The largest blob whose DELIVER fits a frame every client accepts.  One stored
+# under a larger --max-frame than now goes alone in a frame up to this size
+# (enclaves.session.Session.seal).
+_MAX_DELIVERABLE = max_blob_size(MAX_FRAME)
+
 # The ERROR a sender gets for an accepted message deleted unread by a revocation.
 REVOKED_UNREAD = "the recipient was revoked before reading it"
 
@@ -178,6 +183,9 @@ class Router:
         self.allow_invites = allow_invites
         self.token_lifetime = token_lifetime
         self.max_inflight = max(max_inflight, 2)
+        if max_frame > MAX_FRAME:
+            raise ValueError(f"max_frame {max_frame} is above the protocol's {MAX_FRAME}")
+        # The largest blob taken: its DELIVER must fit a frame this server sends.
         self.max_blob = min(max_blob_size(max_frame), int(storage.max_pending_bytes))
         self.max_frame = max_frame
         self.max_enrollments = max_enrollments
@@ -520,7 +528,7 @@ class Router:
             state.peer.send(
                 _error(
                     ErrorCode.MESSAGE_TOO_LARGE,
-                    f"messages are limited to {self.max_blob} bytes",
+                    f"this server takes messages of at most {self.max_blob} bytes, encrypted",
                     send.msg_id,
                 )
             )
@@ -608,6 +616,19 @@ class Router:
             if item.file_id in state.sent_files:
                 return
             state.sent_files.add(item.file_id)
+            if len(item.blob) > _MAX_DELIVERABLE:
+                # Only a server once run with a --max-frame above the protocol's
+                # limit stored these: no client can take its DELIVER.  Sending
+                # it would end the session at every login; it stays on disk.
+                self.log.error(
+                    "stored message {file_id} for {user_id} is {size} bytes, more than "
+                    "one frame can carry ({limit}); kept on disk, not delivered",
+                    file_id=item.file_id,
+                    user_id=state.peer.user_id,
+                    size=len(item.blob),
+                    limit=_MAX_DELIVERABLE,
+                )
+                return
         waiting = state.inflight.get(item.msg_id)
         if waiting is not None:  # the same msg_id is already out: one ack settles both
             waiting.append(item)

@@ -262,6 +262,38 @@ def test_an_error_kept_for_later_marks_the_outbox_message_failed(tmp_path: Path)
     app.stop()
 
 
+def test_a_message_too_large_for_the_server_fails_with_its_limit_and_is_not_resent(
+    tmp_path: Path,
+) -> None:
+    """A server's --max-frame may take less than the client sends: the refusal
+    names the server's limit and this message's size, offers no /retry (the
+    same blob would be refused again), and the message is not resent at the
+    next login."""
+    core = keyed_with_2002()
+    sent = core.encrypt_message(2002, "x" * 20_000, 2.0, confirmed=True)
+    app, _reactor, out = start(tmp_path, core)
+    out.clear()
+    text = "this server takes messages of at most 16306 bytes, encrypted"
+    app._handle(Error(int(ErrorCode.MESSAGE_TOO_LARGE), sent.msg_id, text), 3.0)
+    (entry,) = app.core.outbox()
+    size = len(sent.blob)
+    assert size > 20_000
+    assert (entry.status, entry.reason) == (
+        "failed",
+        f"too large for this server: {text} (this one is {size} bytes)",
+    )
+    assert out == [
+        (
+            "failed",
+            f"id={sent.msg_id.hex()[:8]} message to 2002 refused: too large for this server: "
+            f"{text} (this one is {size} bytes); send it in shorter parts",
+        )
+    ]
+    assert app.core.pending_sends() == []  # nothing to send again after a reconnect
+    assert app.core.history(2002)[-1].status == "failed"
+    app.stop()
+
+
 def test_a_repeated_refusal_never_fails_a_message_accepted_since(tmp_path: Path) -> None:
     """A kept ERROR may come again (its PONG was lost); the message was retried
     and accepted meanwhile: it stays accepted. Only UNKNOWN_RECIPIENT (the

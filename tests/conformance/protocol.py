@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 VERSION = 1
-DEFAULT_MAX_FRAME = 65536  # "Frames": --max-frame, default 65536
+DEFAULT_MAX_FRAME = 65536  # "Frames": the protocol's frame limit, the same both ways
 MAX_ERROR_TEXT = 1024
 
 

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from enclaves.crypto import KeyPair
-from enclaves.frames import Frame, FrameDecoder, FrameType, decode_error
+from enclaves.frames import MAX_FRAME, Frame, FrameDecoder, FrameType, decode_error
 from enclaves.handshake import ClientHandshake
 from enclaves.inner import InnerMessage, Ping, Pong
 from enclaves.server.protocol import ServerFactory, ServerProtocol
@@ -58,7 +58,8 @@ class RawClient:
         self.transport = StringTransport(peerAddress=addr)
         self.proto.makeConnection(self.transport)
         self.handshake = ClientHandshake(user_id, keys)
-        self.decoder = FrameDecoder(1 << 24)
+        # What every client accepts: a larger frame from the server fails the test.
+        self.decoder = FrameDecoder(MAX_FRAME)
         self.session: Session | None = None
         self.lost = False
 

@@ -527,6 +527,60 @@ async def test_refused_message_is_kept_as_failed_and_can_be_retried(tmp_path: Pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_message_too_large_for_a_small_max_frame_fails_alone(tmp_path: Path) -> None:
+    """A server at --max-frame=16384 against the client, which coalesces up to
+    65,536 bytes and sends messages of up to 32 KiB of text: a message whose
+    DELIVER would not fit the server's frames fails with a line naming the
+    server's limit; the session stays, the messages around it arrive (even
+    coalesced into one frame above 16,384), and nothing is sent again after a
+    restart.  Before, the oversize frame ended the session (FRAME_TOO_LARGE)
+    and the client, resending its outbox, was ended again at every login."""
+    daemon = Daemon(tmp_path, "--max-frame", "16384")
+    running: list[Client] = []
+    try:
+        ks, ids, a, b = await chatting_pair(tmp_path, daemon, running)
+        bob = ids["b"]
+        a.send(f"/verify {bob} yes")
+        a.send(f"/msg {bob} before")
+        a.expect(rf"^\[sent\] id=[0-9a-f]{{8}} to {bob}$")
+        b.expect(r": before$")
+        a.send(f"/msg {bob} {'x' * 20_000}")
+        too_large = a.expect(rf"^\[sent\] id=([0-9a-f]{{8}}) to {bob}$").group(1)
+        a.expect(
+            rf"^\[failed\] id={too_large} message to {bob} refused: too large for this server: "
+            r"this server takes messages of at most 16306 bytes, encrypted "
+            r"\(this one is \d+ bytes\); send it in shorter parts$"
+        )
+        # Eight 4,000-byte messages in one write: the client coalesces what it
+        # has queued up to 65,536 bytes a frame, above the server's 16,384.
+        a.send("\n".join(f"/msg {bob} {n}{'y' * 4000}" for n in range(8)))
+        a.send(f"/msg {bob} {'z' * 16_000}")  # fits the server's frames: delivered
+        a.send(f"/msg {bob} after")
+        for n in range(8):
+            b.expect(rf": {n}y{{4000}}$")
+        b.expect(r": z{16000}$")
+        b.expect(r": after$")
+        assert not b.seen(r": x{20000}$")
+        assert not a.seen(r"^\[conn\] disconnected"), a.output()
+        # A restart sends nothing again: the refused message stays failed.
+        assert a.quit() == 1  # a message was refused this run
+        running.remove(a)
+        a = chat(ks["a"])
+        running.append(a)
+        a.send("/outbox")
+        a.expect(rf"^\[outbox\] id={too_large} message to \d+ failed: too large for this server")
+        time.sleep(1)
+        assert not a.seen(r"queued item\(s\) from the outbox"), a.output()
+        assert "FRAME_TOO_LARGE" not in daemon.log_text()
+        for client in running:
+            assert client.quit() == 0, client.output()
+    finally:
+        for client in running:
+            client.kill()
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest_twisted.ensureDeferred
 async def test_recipient_killed_mid_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     running: list[Client] = []

@@ -165,6 +165,22 @@ def _start_refused(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[st
     return result
 
 
+@pytest.mark.parametrize("value", ["131072", "65537"])
+def test_max_frame_above_the_protocol_limit_is_refused_at_start_up(
+    tmp_path: Path, value: str
+) -> None:
+    """No client takes a frame above 65,536 bytes, so a server that would send
+    one is not started; refused like every out-of-range number (twistd's usage
+    check), before anything is created."""
+    data_dir = tmp_path / "d"
+    result = _start_refused(tmp_path, f"--max-frame={value}", f"--data-dir={data_dir}")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1].endswith(
+        "Parameter type enforcement failed: max-frame must be between 4096 and 65536"
+    ), result
+    assert not data_dir.exists()
+
+
 def test_listen_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with _held_port() as held:
         port = held.getsockname()[1]
