@@ -261,6 +261,22 @@ def test_resend_after_a_stored_message_was_deleted_by_revocation() -> None:
     assert a.received() == [Error(int(ErrorCode.UNKNOWN_RECIPIENT), mid(1), "no such user")]
 
 
+def test_sends_before_the_one_over_the_rate_are_stored_once_across_the_resend() -> None:
+    """MESSAGE_RATE ends the session in the middle of a frame: the SENDs before
+    the one over the rate were routed, and the ACCEPTED of those still being
+    stored is lost with the session (docs/protocol.rst, "Limits").  The
+    client resends them; the copies answer them."""
+    h, storage = harness(message_rate=3)
+    a2 = sent_while_held(h, storage, 1, 2, 3, 4, stored=True)  # the 4th is over the rate
+    assert copies(h) == [mid(1), mid(2), mid(3)]
+    h.clock.advance(1)
+    a2.send(*(Send(mid(n), B, b"m%d" % n) for n in (1, 2, 3)))
+    h.clock.advance(1)
+    a2.send(Send(mid(4), B, b"m4"))
+    assert a2.received() == [Accepted(mid(n)) for n in (1, 2, 3, 4)]
+    assert copies(h) == [mid(1), mid(2), mid(3), mid(4)]
+
+
 def _resend_waiting_for_login(h: Harness, storage: HeldStores) -> tuple[RawClient, RawClient]:
     """B is logging in (waiting for a store of C's); A's message and, after A
     reconnected, its resend both wait for B's session to be ready."""
