@@ -527,7 +527,11 @@ class Router:
 
     def _offer(self, state: _Online, item: _Item) -> None:
         """Deliver now if the window allows, else leave the message to storage."""
-        if item.file_id is None and self._is_resend(state, item):
+        if (
+            item.file_id is None
+            and (self._storing_messages or item.msg_id in state.inflight)
+            and self._is_resend(state, item)
+        ):
             return
         if not state.ready:
             state.backlog.append(item)
@@ -686,27 +690,35 @@ class Router:
         items = state.inflight.pop(msg_id, None)
         if not items:
             return  # a duplicate or stray RECEIVED is harmless
-        if len(items) == 1:
-            self._settle(items[0].sender, msg_id, items)
+        if len(items) > 1:
+            self._acknowledge_copies(msg_id, items)
         else:
-            # One answer per message: the copies of one sender's message (a
-            # resend) are settled together.
-            by_sender: dict[int, list[_Item]] = {}
-            for item in items:
-                by_sender.setdefault(item.sender, []).append(item)
-            for sender_id, copies in by_sender.items():
-                self._settle(sender_id, msg_id, copies)
+            (item,) = items
+            self.messages_delivered += 1
+            if item.file_id is None:
+                self._delivered_live(item.sender, msg_id)
+            else:
+                self._remove_stored(item.sender, msg_id, [item.file_id])
         self._maybe_refill(state)
 
-    def _settle(self, sender_id: int, msg_id: bytes, copies: list[_Item]) -> None:
-        """The recipient acknowledged ``msg_id``: answer its sender once for these copies."""
-        self.messages_delivered += 1
-        stored = [i.file_id for i in copies if i.file_id is not None]
-        if stored:
+    def _acknowledge_copies(self, msg_id: bytes, items: list[_Item]) -> None:
+        """One RECEIVED for several items: one answer per sender.  The copies
+        of one sender's message (a resend) are settled together."""
+        by_sender: dict[int, list[_Item]] = {}
+        for item in items:
+            by_sender.setdefault(item.sender, []).append(item)
+        for sender_id, copies in by_sender.items():
+            self.messages_delivered += 1
+            stored = [i.file_id for i in copies if i.file_id is not None]
+            if not stored:
+                self._delivered_live(sender_id, msg_id)
+                continue
             if len(stored) < len(copies):  # a live resend too: it is acknowledged
                 self._tell(sender_id, checked_accepted(msg_id))
             self._remove_stored(sender_id, msg_id, stored)
-            return
+
+    def _delivered_live(self, sender_id: int, msg_id: bytes) -> None:
+        """A message delivered without being stored: ACCEPTED and DELIVERED."""
         sender = self._online.get(sender_id)
         if sender is not None and not sender.closed:
             # msg_id came from a decoded RECEIVED: 16 bytes.
