@@ -31,6 +31,7 @@ from enclaves.inner import (
     decode_all,
 )
 from enclaves.server.router import REVOKED_UNREAD
+from enclaves.storage.interface import StoredMessage
 from tests.server.harness import Harness, RawClient
 from tests.server.test_router_order import HeldStores, harness
 
@@ -315,3 +316,19 @@ def test_resend_waiting_for_the_recipients_login_gets_one_error_on_revocation() 
         Error(int(ErrorCode.UNKNOWN_RECIPIENT), mid(1), "the recipient was revoked"),  # once
         Removed(B),
     ]
+
+
+def test_copies_stored_twice_by_an_older_server_are_delivered_and_answered_once() -> None:
+    """A data directory from before resends were recognised may hold two
+    copies of one message: one DELIVER, both deleted, one DELIVERED."""
+    h = Harness()
+    ka, kb = h.add_user(A), h.add_user(B)
+    for file_id in (1, 2):  # as the old server stored them, bypassing today's check
+        h.storage._messages[file_id] = StoredMessage(file_id, B, A, mid(1), b"m1")
+    a = h.raw(A, ka)
+    login(a)
+    b = h.raw(B, kb)
+    assert login(b) == [Directory((A, B)), Deliver(mid(1), A, b"m1")]
+    b.send(Received(mid(1)))
+    assert a.received() == [Delivered(mid(1))]
+    assert copies(h) == []
