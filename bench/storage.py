@@ -16,7 +16,9 @@ meaningless):
 * ``ratio`` = storage / bare (target >= 0.7), median over ``--rounds``
   interleaved rounds (and its minimum), and the ratio to the loop without the
   directory fsync for reference;
-* ``index``: ``FileStorage.load()`` over ``--index-size`` pending messages.
+* ``index``: ``FileStorage.load()`` over ``--index-size`` pending messages, and
+  the memory the index takes per pending message (a second load, traced by
+  ``tracemalloc``).
 
 Not run in CI.
 """
@@ -30,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from statistics import median
 
@@ -99,7 +102,22 @@ def index_time(data_dir: Path, size: int) -> dict[str, float]:
     storage.load()
     seconds = time.perf_counter() - started
     storage._release_lock()
-    return {"messages": size, "seconds": round(seconds, 3), "per_second": round(size / seconds)}
+    del storage
+    tracemalloc.start()
+    try:
+        storage = FileStorage(data_dir, keys)
+        before = tracemalloc.get_traced_memory()[0]
+        storage.load()
+        held = tracemalloc.get_traced_memory()[0] - before
+        storage._release_lock()
+    finally:
+        tracemalloc.stop()
+    return {
+        "messages": size,
+        "seconds": round(seconds, 3),
+        "per_second": round(size / seconds),
+        "bytes_per_message": round(held / size),
+    }
 
 
 def main() -> None:

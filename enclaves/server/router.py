@@ -5,7 +5,9 @@ protocol (``user_id``, ``send``, ``close``) and to the disk through
 :class:`~enclaves.storage.interface.IStorage`.  The delivery guarantee of
 DESIGN.md §4 lives here: ACCEPTED is sent only after the recipient's RECEIVED
 or after the storage Deferred fired (fsynced); a message in flight to a
-recipient who disconnects is stored, or its sender gets an ERROR.
+recipient who disconnects is stored, or its sender gets an ERROR.  A resend
+of a message the server still holds (being stored, stored, or out to the
+recipient) is answered from that copy, never stored or delivered twice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -199,6 +201,9 @@ class Router:
         # (arrival order, docs/protocol.rst).
         self._storing: dict[int, int] = {}
         self._settle_waiters: dict[int, list[Deferred[None]]] = {}
+        # The same stores by message, (recipient, sender, msg_id): a resend of a
+        # message being stored waits for that store's outcome instead.
+        self._storing_messages: set[tuple[int, int, bytes]] = set()
         self.connections = 0
         self.messages_routed = 0
         self.messages_stored = 0
@@ -328,8 +333,10 @@ class Router:
         state.closed = True
         items = [i for items in state.inflight.values() for i in items] + state.backlog
         state.inflight, state.backlog = {}, []
+        told: set[tuple[int, bytes]] = set()
         for item in items:
-            if item.file_id is None:
+            if item.file_id is None and (item.sender, item.msg_id) not in told:
+                told.add((item.sender, item.msg_id))  # a resend waiting too: one ERROR
                 self._notify(item.sender, _error(ErrorCode.UNKNOWN_RECIPIENT, reason, item.msg_id))
 
     async def _directory_users(self) -> list[int]:
@@ -546,6 +553,12 @@ class Router:
 
     def _offer(self, state: _Online, item: _Item) -> None:
         """Deliver now if the window allows, else leave the message to storage."""
+        if (
+            item.file_id is None
+            and (self._storing_messages or item.msg_id in state.inflight)
+            and self._is_resend(state, item)
+        ):
+            return
         if not state.ready:
             state.backlog.append(item)
         elif item.file_id is None and self._storing.get(state.peer.user_id):
@@ -563,6 +576,26 @@ class Router:
         else:  # already stored: a refill will pick it up
             state.spilled = True
             state.missed = state.missed or state.refilling
+
+    def _is_resend(self, state: _Online, item: _Item) -> bool:
+        """Is the live ``item`` a resend of a message from its sender that is
+        being stored for this recipient, or is already out to it?  Then it is
+        not sent or stored again: the copy answers it.  A store's ACCEPTED or
+        ERROR goes to the sender's session of that moment; a stored copy out
+        to the recipient is on disk, so the resend is ACCEPTED now (DELIVERED
+        follows the RECEIVED); for a live one the RECEIVED, or the store if
+        the session ends first, answers both."""
+        if (
+            self._storing_messages
+            and (state.peer.user_id, item.sender, item.msg_id) in self._storing_messages
+        ):
+            return True
+        for twin in state.inflight.get(item.msg_id, ()):
+            if twin.sender == item.sender:
+                if twin.file_id is not None:
+                    self._tell(item.sender, Accepted(item.msg_id))
+                return True
+        return False
 
     def _refill(self, state: _Online) -> None:
         """Deliver spilled messages from storage, in order, as the window drains."""
@@ -637,10 +670,18 @@ class Router:
         state.peer.send(checked_deliver(item.msg_id, item.sender, item.blob))
 
     def _store(self, item: _Item, recipient: int) -> None:
+        message = (recipient, item.sender, item.msg_id)
+        if message in self._storing_messages:
+            # A resend (after the sender reconnected) of a message still being
+            # written: that store's ACCEPTED or ERROR, sent to the sender's
+            # session then, answers this one too.  Nothing is stored twice.
+            return
+        self._storing_messages.add(message)
         self._storing[recipient] = self._storing.get(recipient, 0) + 1
 
         def settled() -> _Online | None:
             """One store fewer in flight; the recipient's live state, if any."""
+            self._storing_messages.discard(message)
             left = self._storing.pop(recipient) - 1
             if left:
                 self._storing[recipient] = left
@@ -688,29 +729,51 @@ class Router:
         items = state.inflight.pop(msg_id, None)
         if not items:
             return  # a duplicate or stray RECEIVED is harmless
-        for item in items:
+        if len(items) > 1:
+            self._acknowledge_copies(msg_id, items)
+        else:
+            (item,) = items
             self.messages_delivered += 1
             if item.file_id is None:
-                sender = self._online.get(item.sender)
-                if sender is not None and not sender.closed:
-                    # msg_id came from a decoded RECEIVED: 16 bytes.
-                    sender.peer.send(checked_accepted(msg_id))
-                    sender.peer.send(checked_delivered(msg_id))
-                else:  # no ACCEPTED (the outbox resends); DELIVERED kept as a notice
-                    self._notify(item.sender, Delivered(msg_id))
+                self._delivered_live(item.sender, msg_id)
             else:
-                self._remove_stored(item)
+                self._remove_stored(item.sender, msg_id, [item.file_id])
         self._maybe_refill(state)
 
-    def _remove_stored(self, item: _Item) -> None:
-        assert item.file_id is not None
+    def _acknowledge_copies(self, msg_id: bytes, items: list[_Item]) -> None:
+        """One RECEIVED for several items: one answer per sender.  The copies
+        of one sender's message (a resend) are settled together."""
+        by_sender: dict[int, list[_Item]] = {}
+        for item in items:
+            by_sender.setdefault(item.sender, []).append(item)
+        for sender_id, copies in by_sender.items():
+            self.messages_delivered += 1
+            stored = [i.file_id for i in copies if i.file_id is not None]
+            if not stored:
+                self._delivered_live(sender_id, msg_id)
+                continue
+            if len(stored) < len(copies):  # a live resend too: it is acknowledged
+                self._tell(sender_id, checked_accepted(msg_id))
+            self._remove_stored(sender_id, msg_id, stored)
 
-        def removed(_: None) -> None:
-            self._notify(item.sender, Delivered(item.msg_id))
+    def _delivered_live(self, sender_id: int, msg_id: bytes) -> None:
+        """A message delivered without being stored: ACCEPTED and DELIVERED."""
+        sender = self._online.get(sender_id)
+        if sender is not None and not sender.closed:
+            # msg_id came from a decoded RECEIVED: 16 bytes.
+            sender.peer.send(checked_accepted(msg_id))
+            sender.peer.send(checked_delivered(msg_id))
+        else:  # no ACCEPTED (the outbox resends); DELIVERED kept as a notice
+            self._notify(sender_id, Delivered(msg_id))
 
-        def failed(failure: Failure) -> None:
-            # The copy stays and is delivered again; the recipient drops the duplicate.
-            # A refusing disk is a condition storage already logged, not a bug.
+    def _remove_stored(self, sender: int, msg_id: bytes, file_ids: list[int]) -> None:
+        """Delete the delivered stored copies (one, but for copies stored twice
+        by a server before resends were recognised); DELIVERED once all are gone."""
+
+        def failed(failure: Failure) -> Failure:
+            # The copy stays and is delivered again; the recipient drops the duplicate,
+            # and its RECEIVED then brings the DELIVERED.  A refusing disk is a
+            # condition storage already logged, not a bug.
             if failure.check(StorageError):
                 self.log.warn(
                     "delivered message kept (it will be delivered again): {error}",
@@ -718,8 +781,13 @@ class Router:
                 )
             else:
                 self.log.failure("could not delete a delivered message", failure)
+            return failure
 
-        self.storage.remove_message(item.file_id).addCallbacks(removed, failed)
+        def removed(_: object) -> None:
+            self._notify(sender, Delivered(msg_id))
+
+        removals = [self.storage.remove_message(n).addErrback(failed) for n in file_ids]
+        gatherResults(removals, consumeErrors=True).addCallbacks(removed, lambda _: None)
 
     def _rotate(self, state: _Online, rotate: Rotate) -> None:
         uid = state.peer.user_id

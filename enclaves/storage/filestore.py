@@ -125,12 +125,20 @@ def storage_failed(error: BaseException, what: str) -> StorageFailed:
     return StorageFailed(f"could not {what}: {reason}")
 
 
+def _message_key(sender: int, msg_id: bytes) -> bytes:
+    """What makes a pending message for one recipient the same message again:
+    ``u64 sender || msg_id`` (24 bytes; docs/storage.rst, "Resent messages")."""
+    return sender.to_bytes(8, "big") + msg_id
+
+
 @define
 class _Pending:
     """One indexed pending message."""
 
     recipient: int
     size: int
+    #: Its :func:`_message_key`, the key of ``FileStorage._keys[recipient]``.
+    key: bytes = field(repr=False)
 
 
 @define
@@ -162,8 +170,18 @@ class _Store:
     sender: int
     msg_id: bytes
     blob: bytes = field(repr=False)
+    key: bytes = field(repr=False)
     #: Fires with None once the store has finished, either way.
     done: Deferred[None] = field(factory=Deferred)
+    #: The callers waiting for its outcome: the one who asked, then any who
+    #: asked to store the same message again meanwhile; fired in that order.
+    waiters: list[Deferred[int]] = field(factory=list)
+
+    def follow(self) -> Deferred[int]:
+        """A Deferred that fires with this store's file id, or fails as it fails."""
+        waiter: Deferred[int] = Deferred()
+        self.waiters.append(waiter)
+        return waiter
 
 
 _Op = TypeVar("_Op")
@@ -373,6 +391,9 @@ class FileStorage(Service):
         self._enrollment: dict[int, int] = {}
         self._files: dict[int, _Pending] = {}
         self._by_recipient: dict[int, list[int]] = {}
+        # recipient -> message key -> file id, for messages stored and being
+        # stored: a resend of one is not stored again.
+        self._keys: dict[int, dict[bytes, int]] = {}
         self._sizes: dict[int, int] = {}
         self._next_seq = 1
         self._notices: dict[int, _Notice] = {}
@@ -419,7 +440,7 @@ class FileStorage(Service):
             return
         started = time.monotonic()
         self._users, self._enrollment = {}, {}
-        self._files, self._by_recipient, self._sizes = {}, {}, {}
+        self._files, self._by_recipient, self._sizes, self._keys = {}, {}, {}, {}
         self._notices, self._notices_by_user = {}, {}
         try:
             for directory in (
@@ -558,8 +579,12 @@ class FileStorage(Service):
                 continue
             except OSError as error:
                 raise storage_failed(error, f"read {entry.path}") from None
-            self._files[file_id] = _Pending(record.recipient, len(record.blob))
+            key = _message_key(record.sender, record.msg_id)
+            self._files[file_id] = _Pending(record.recipient, len(record.blob), key)
             self._by_recipient.setdefault(record.recipient, []).append(file_id)
+            keys = self._keys.setdefault(record.recipient, {})
+            if keys.get(key, file_id) >= file_id:  # copies stored twice (before): the oldest
+                keys[key] = file_id
             self._sizes[record.recipient] = self._sizes.get(record.recipient, 0) + len(record.blob)
             max_seq = max(max_seq, file_id >> SEQ_SHIFT)
         for ids in self._by_recipient.values():
@@ -911,6 +936,16 @@ class FileStorage(Service):
             return fail(error)
         if recipient not in self._users:
             return fail(UnknownUser(f"no user {recipient}"))
+        key = _message_key(sender, bytes(msg_id))
+        known = self._keys.get(recipient, {}).get(key)
+        if known is not None:
+            # A resend: the copy stored (or being stored) answers it, and
+            # nothing more is stored or counted against the quota.
+            if known in self._files:
+                return succeed(known)
+            for twin in self._stores.get(recipient, ()):
+                if twin.file_id == known:
+                    return self._track(twin.follow())
         in_flight = self._stores.setdefault(recipient, [])
         count = len(self._by_recipient.get(recipient, ())) + len(in_flight)
         size = self._sizes.get(recipient, 0) + sum(s.size for s in in_flight)
@@ -941,21 +976,29 @@ class FileStorage(Service):
             sender,
             bytes(msg_id),
             bytes(blob),
+            key,
         )
         in_flight.append(store)
-        d: Deferred[int] = self._queue.add(store).addCallback(lambda _: file_id)
+        self._keys.setdefault(recipient, {})[key] = file_id
+        answer = self._track(store.follow())
 
-        def finished(result: Any) -> Any:
+        def finished(result: Failure | None) -> None:
             flight = self._stores.get(recipient, [])
             if store in flight:
                 flight.remove(store)
             if not flight:
                 self._stores.pop(recipient, None)
+            if isinstance(result, Failure):
+                self._forget_key(recipient, key, file_id)
             store.done.callback(None)
-            return result
+            for waiter in store.waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(file_id)
 
-        d.addBoth(finished)
-        return self._track(d)
+        self._queue.add(store).addBoth(finished)
+        return answer
 
     def _apply_batch(self, ops: list[_Store | int]) -> list[BaseException | None]:
         """On the pool: seal the new message files and group-commit the batch
@@ -977,7 +1020,7 @@ class FileStorage(Service):
         )
 
     def _index(self, store: _Store) -> None:
-        self._files[store.file_id] = _Pending(store.recipient, store.size)
+        self._files[store.file_id] = _Pending(store.recipient, store.size, store.key)
         insort(self._by_recipient.setdefault(store.recipient, []), store.file_id)
         self._sizes[store.recipient] = self._sizes.get(store.recipient, 0) + store.size
 
@@ -989,9 +1032,18 @@ class FileStorage(Service):
         if file_id in ids:
             ids.remove(file_id)
         self._sizes[pending.recipient] = self._sizes.get(pending.recipient, 0) - pending.size
+        self._forget_key(pending.recipient, pending.key, file_id)
         if not ids:
             self._by_recipient.pop(pending.recipient, None)
             self._sizes.pop(pending.recipient, None)
+
+    def _forget_key(self, recipient: int, key: bytes, file_id: int) -> None:
+        """``key`` no longer names ``file_id`` (gone, or its store failed)."""
+        keys = self._keys.get(recipient)
+        if keys is not None and keys.get(key) == file_id:
+            del keys[key]
+            if not keys:
+                del self._keys[recipient]
 
     def pending_for(self, recipient: int) -> Deferred[list[StoredMessage]]:
         ids = list(self._by_recipient.get(recipient, ()))

@@ -131,7 +131,13 @@ class IStorage(Interface):
     def store_message(recipient: int, sender: int, msg_id: bytes, blob: bytes) -> Deferred[int]:
         """Store a pending message durably (fsynced before the Deferred fires).
         Fires with its file id; QuotaExceeded, UnknownUser or StorageFailed
-        otherwise, and then nothing is stored."""
+        otherwise, and then nothing is stored.
+
+        A message from ``sender`` with this ``msg_id`` already stored for
+        ``recipient`` (a resend) is not stored again and is not counted against
+        the quota: the Deferred fires with that copy's file id — for a copy
+        still being stored, once it is durable, or it fails as that store
+        fails.  Once the copy is removed, the same message is stored anew."""
 
     def pending_for(recipient: int) -> Deferred[list[StoredMessage]]:
         """Fires with the recipient's :class:`StoredMessage` list in arrival order."""

@@ -125,6 +125,9 @@ class MemoryStorage(Service):
         if recipient not in self._users:
             return fail(UnknownUser(f"no user {recipient}"))
         held = [m for m in self._messages.values() if m.recipient == recipient]
+        for message in held:
+            if message.sender == sender and message.msg_id == msg_id:
+                return succeed(message.file_id)  # a resend: stored already
         if (
             len(held) + 1 > self.max_pending_count
             or sum(len(m.blob) for m in held) + len(blob) > self.max_pending_bytes

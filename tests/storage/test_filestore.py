@@ -421,3 +421,114 @@ async def test_a_user_revoked_while_rotating_stays_revoked(data_dir: Path, keys:
         assert await again.list_users() == []
     finally:
         await again.stopService()
+
+
+def pending_names(data_dir: Path) -> list[str]:
+    return sorted(n for n in os.listdir(data_dir / PENDING_DIR) if n.endswith(".msg"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resent_message_is_stored_once_and_not_counted_again(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    """A client resends what was not ACCEPTED, with the same msg_id: the copy
+    already stored answers it (docs/storage.rst, "Resent messages")."""
+    storage = make_storage(data_dir, keys, max_pending_count=2)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        first = await storage.store_message(A, B, msg_id(1), b"one")
+        second = await storage.store_message(A, B, msg_id(2), b"two")
+        # The quota is full, yet the resends are answered with their copies.
+        assert await storage.store_message(A, B, msg_id(1), b"one") == first
+        assert await storage.store_message(A, B, msg_id(2), b"two") == second
+        assert pending_names(data_dir) == sorted([f"{first}.msg", f"{second}.msg"])
+        assert (await storage.pending_summary())[A] == PendingSummary(2, 6)
+        # The same msg_id from another sender is another message.
+        with pytest.raises(QuotaExceeded):
+            await storage.store_message(A, C, msg_id(1), b"one")
+        # Once the copy is gone (delivered), the same message is stored anew.
+        await storage.remove_message(first)
+        again = await storage.store_message(A, B, msg_id(1), b"one")
+        assert again != first and again >> SEQ_SHIFT > second >> SEQ_SHIFT
+        assert [m.msg_id for m in await storage.pending_for(A)] == [msg_id(2), msg_id(1)]
+        # A revoked recipient's copies are forgotten with it.
+        await storage.remove_user(A)
+        await storage.add_user(A, KeyPair.generate(), None)
+        fresh = await storage.store_message(A, B, msg_id(2), b"two")
+        assert fresh not in (first, second, again)
+        assert pending_names(data_dir) == [f"{fresh}.msg"]
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resend_during_the_store_gets_that_stores_outcome(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    storage = make_storage(data_dir, keys, max_pending_count=1)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        order: list[str] = []
+        first = storage.store_message(A, B, msg_id(1), b"x")
+        first.addCallback(lambda n: order.append("first") or n)
+        resend = storage.store_message(A, B, msg_id(1), b"x")  # quota 1: not counted
+        resend.addCallback(lambda n: order.append("resend") or n)
+        file_id = await first
+        assert await resend == file_id
+        assert order == ["first", "resend"]
+        assert pending_names(data_dir) == [f"{file_id}.msg"]
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resend_during_a_failing_store_fails_as_it_does(
+    data_dir: Path, keys: KeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    storage = make_storage(data_dir, keys)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        monkeypatch.setattr(
+            FileStorage,
+            "_apply_batch",
+            lambda self, ops: [OSError(errno.ENOSPC, "No space left on device") for _ in ops],
+        )
+        first = storage.store_message(A, B, msg_id(1), b"x")
+        resend = storage.store_message(A, B, msg_id(1), b"x")
+        for d in (first, resend):
+            with pytest.raises(StorageFailed, match="disk is full"):
+                await d
+        monkeypatch.undo()
+        # Nothing was stored, and nothing is remembered: the next attempt stores.
+        assert await storage.pending_for(A) == []
+        stored = await storage.store_message(A, B, msg_id(1), b"x")
+        assert pending_names(data_dir) == [f"{stored}.msg"]
+    finally:
+        await storage.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resend_after_a_restart_finds_the_stored_copy(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    """The start-up index knows the sender and msg_id of every file."""
+    storage = make_storage(data_dir, keys, max_pending_count=2)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        ids = [await storage.store_message(A, B, msg_id(i), b"m%d" % i) for i in range(2)]
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys, max_pending_count=2)
+    try:
+        assert [await again.store_message(A, B, msg_id(i), b"m%d" % i) for i in range(2)] == ids
+        assert pending_names(data_dir) == sorted(f"{n}.msg" for n in ids)
+        with pytest.raises(QuotaExceeded):
+            await again.store_message(A, B, msg_id(5), b"new")
+        await again.remove_message(ids[0])
+        later = await again.store_message(A, B, msg_id(0), b"m0")
+        assert later not in ids
+        assert [m.file_id for m in await again.pending_for(A)] == [ids[1], later]
+    finally:
+        await again.stopService()
