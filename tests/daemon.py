@@ -59,6 +59,16 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-m", "twisted"]
 
 
+class DaemonHung(AssertionError):
+    """A daemon did not exit in time after a signal; carries its threads'
+    stacks (faulthandler) and the end of its log."""
+
+    def __init__(self, stacks: str, log: str) -> None:
+        super().__init__(
+            f"twistd did not exit in time; its threads were at:\n{stacks}\nend of its log:\n{log}"
+        )
+
+
 class Daemon:
     """A ``twistd -n enclaves`` child with its own data directory and log file."""
 
@@ -86,6 +96,9 @@ class Daemon:
         env = dict(os.environ)
         # Test the source tree, dropin included.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        # A daemon that does not stop in time is sent SIGABRT (see stop):
+        # faulthandler then writes every thread's stack to its stderr.
+        env["PYTHONFAULTHANDLER"] = "1"
         return env
 
     def start(self, timeout: float = 20.0) -> None:
@@ -130,11 +143,20 @@ class Daemon:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
+            raise DaemonHung(self._stacks_and_kill(), self.log_text()[-4000:]) from None
         self.process.communicate()
         return self.process.returncode
+
+    def _stacks_and_kill(self) -> str:
+        """SIGABRT (faulthandler's stack dump, see env), then SIGKILL; the dump."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGABRT)
+        try:
+            _out, err = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _out, err = self.process.communicate()
+        return err.decode(errors="replace")[-8000:]
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
