@@ -145,30 +145,30 @@ class FrameDecoder:
         if max_frame < 2:
             raise ValueError("max_frame must allow at least a header")
         self.max_frame = max_frame
-        # The start of a frame whose rest has not come yet, in the pieces it
-        # came in (joined once the whole frame is there: no quadratic copying
-        # for a frame that trickles in), their total size, and the size at
-        # which a frame (or at least its length prefix) is complete.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        # The start of a frame whose rest has not come yet (one bytearray: a
+        # frame that trickles in a byte at a time costs about its size, and
+        # appending is amortised), and the size at which that frame (or at
+        # least its length prefix) is complete.
+        self._pending = bytearray()
         self._need = 4
         self._failed: FrameError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held while waiting for the rest of a frame."""
-        return self._pending_size
+        return len(self._pending)
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._failed is not None:
             raise self._failed
-        data = bytes(data)
-        if self._pending:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size < self._need:
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) < self._need:
                 return []
-            data = b"".join(self._pending)
+            data = bytes(pending)
+        else:
+            data = bytes(data)
         frames: list[Frame] = []
         append = frames.append
         unpack = _HEADER.unpack_from
@@ -191,14 +191,9 @@ class FrameDecoder:
                 offset = end
         except FrameError as error:
             self._failed = error
-            self._pending, self._pending_size = [], 0
+            self._pending = bytearray()
             raise
-        rest = available - offset
-        if rest:
-            self._pending = [data[offset:] if offset else data]
-        else:
-            self._pending = []
-        self._pending_size = rest
+        self._pending = bytearray(data[offset:]) if offset < available else bytearray()
         self._need = need
         return frames
 

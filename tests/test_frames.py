@@ -111,20 +111,6 @@ def test_any_split_gives_the_same_frames(
     assert all(type(frame.payload) is bytes for frame in out)
 
 
-def test_a_frame_that_trickles_in_is_kept_in_pieces_until_whole() -> None:
-    """A frame sent a byte at a time is joined once, when it is complete (no
-    copy of the whole buffer per byte, which would be quadratic)."""
-    wire = encode_frame(FrameType.SEALED, bytes(range(256)) * 40)
-    decoder = FrameDecoder()
-    for i in range(len(wire) - 1):
-        assert decoder.feed(wire[i : i + 1]) == []
-    assert decoder.buffered == len(wire) - 1
-    # The length prefix, then one piece per byte: not one growing copy.
-    assert len(decoder._pending) == 1 + len(wire) - 1 - 4
-    assert decoder.feed(wire[-1:]) == [Frame(FrameType.SEALED, bytes(range(256)) * 40)]
-    assert decoder.buffered == 0
-
-
 # -- inner messages -----------------------------------------------------------------
 
 MSG_ID = bytes(range(16))
