@@ -106,8 +106,8 @@ class Options(usage.Options):
             None,
             "Most connections from one address (IPv6: one /64) not logged in yet; "
             f"more get RATE_LIMITED (default: {DEFAULT_MAX_HANDSHAKES_PER_ADDRESS}, "
-            "or a quarter of --max-connections if less)",
-            _positive_int("max-handshakes-per-address", 1, 1_000_000),
+            "or a quarter of --max-connections if less; 0: no such limit)",
+            _positive_int("max-handshakes-per-address", 0, 1_000_000),
         ],
         [
             "handshake-timeout",

@@ -96,5 +96,8 @@ def test_max_handshakes_per_address_defaults_to_the_factory_rule() -> None:
     options = Options()
     options.parseOptions(["--max-handshakes-per-address=500"])
     assert options["max-handshakes-per-address"] == 500
+    options = Options()
+    options.parseOptions(["--max-handshakes-per-address=0"])  # 0: no share at all
+    assert options["max-handshakes-per-address"] == 0
     with pytest.raises(usage.UsageError):
-        Options().parseOptions(["--max-handshakes-per-address=0"])
+        Options().parseOptions(["--max-handshakes-per-address=-1"])

@@ -7,7 +7,16 @@ from collections import OrderedDict
 
 from attrs import define
 
-__all__ = ["FailureLimiter", "TokenBucket", "source_key"]
+__all__ = ["FailureLimiter", "TokenBucket", "is_ip_address", "source_key"]
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether a peer's host is an IP address (a UNIX socket's peer has none)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def source_key(host: str) -> str:
@@ -36,7 +45,10 @@ class FailureLimiter:
 
     The first ``free`` failures cost nothing; each further one blocks the source
     for ``base * 2**k`` seconds (k = failures beyond ``free``), at most ``cap``.
-    A source is forgotten ``forget`` seconds after its last failure.  Only the
+    The count goes down by one every ``decay`` seconds without a failure (so
+    the honest failures of many users behind one address, a network cut
+    mid-login each, do not add up over an afternoon), and a source is
+    forgotten ``forget`` seconds after its last failure.  Only the
     source is slowed down: a user is never locked out by someone else.
     Sources are keyed by :func:`source_key`; the table is kept in order of
     last failure, so pruning only ever looks at its front (O(1) amortised).
@@ -49,8 +61,10 @@ class FailureLimiter:
         cap: float = 300.0,
         forget: float = 900.0,
         max_sources: int = 100_000,
+        decay: float = 60.0,
     ) -> None:
         self.free, self.base, self.cap, self.forget = free, base, cap, forget
+        self.decay = decay
         self.max_sources = max_sources
         self._sources: OrderedDict[str, _Failures] = OrderedDict()
 
@@ -74,6 +88,7 @@ class FailureLimiter:
             entry = self._sources[source] = _Failures(0, now, 0.0)
         else:
             self._sources.move_to_end(source)
+            entry.count = max(0, entry.count - int((now - entry.last) // self.decay))
         entry.count += 1
         entry.last = now
         beyond = entry.count - self.free

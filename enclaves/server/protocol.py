@@ -31,7 +31,7 @@ from enclaves.frames import (
 )
 from enclaves.handshake import HandshakeError, ServerHandshake
 from enclaves.inner import NO_MSG_ID, Error, InnerMessage, Ping
-from enclaves.server.limits import FailureLimiter, source_key
+from enclaves.server.limits import FailureLimiter, is_ip_address, source_key
 from enclaves.server.router import Router
 from enclaves.session import Session, SessionError
 from enclaves.storage.interface import IStorage, UserRecord
@@ -127,7 +127,11 @@ class ServerProtocol(Protocol, TimeoutMixin):
         self._linger: Any = None
         # Its source (a key of ServerFactory.handshaking) while the connection
         # is accepted and neither live nor ended.
-        self._source: str | None = None
+        self._source: str | None = None  # counted in its source's share, until the end
+        # Per-source limits (backoff, share) apply to IP peers only: a UNIX
+        # socket's peers have no address, and one key would make a stranger's
+        # failures everyone's.
+        self._per_source = False
         self._heard = False  # the peer sent at least one byte
 
     def __repr__(self) -> str:
@@ -155,6 +159,10 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if len(factory.protocols) > factory.max_connections:
             factory.router.connection_refused("busy")
             self.fail(ErrorCode.SERVER_BUSY, "the server has too many connections")
+            return
+        self._per_source = is_ip_address(self._host)
+        if not self._per_source:
+            self.setTimeout(factory.handshake_timeout)
             return
         wait = factory.limiter.blocked_for(self._host, factory.clock.seconds())
         if wait > 0:
@@ -315,11 +323,13 @@ class ServerProtocol(Protocol, TimeoutMixin):
         """The connection leaves the handshake (live, refused, timed out or gone);
         it leaves its source's share of handshakes, and a failure counts against
         the source's backoff, once."""
-        if self._source is None:
+        if not self._per_source:
             return
         factory = self.factory
-        factory.handshake_ended(self._source)
-        self._source = None
+        if self._source is not None:
+            factory.handshake_ended(self._source)
+            self._source = None
+        self._per_source = False  # once
         if not failed:
             return
         now = factory.clock.seconds()
@@ -525,7 +535,7 @@ class ServerFactory(Factory):
         or None if that source already has its share."""
         source = source_key(host)
         count = self.handshaking.get(source, 0)
-        if count >= self.max_handshakes_per_address:
+        if self.max_handshakes_per_address and count >= self.max_handshakes_per_address:
             return None
         self.handshaking[source] = count + 1
         return source
