@@ -210,6 +210,10 @@ class Router:
         self.messages_delivered = 0
         self.notices_kept = 0
         self.refused = {"busy": 0, "backoff": 0, "share": 0}
+        # Ids revoked since start: a connection that authenticated just before
+        # (its record loaded, WELCOME sent) must not go live after.  Ids are
+        # random and never reused; revocations are the admin's, so few.
+        self._revoked: set[int] = set()
         self.started_at = float(self.clock.seconds())
 
     # -- admin surface ------------------------------------------------------------
@@ -245,6 +249,7 @@ class Router:
         no such user."""
 
         def removed(gone: list[tuple[int, bytes]], announced: bool) -> int:
+            self._revoked.add(user_id)
             state = self._online.pop(user_id, None)
             if state is not None:
                 self._abandon(state, "the recipient was revoked")
@@ -291,8 +296,13 @@ class Router:
         self.refused[why] += 1
 
     def login(self, peer: Peer, record: UserRecord) -> None:
-        """A session authenticated as ``record``; a previous one is REPLACED."""
+        """A session authenticated as ``record``; a previous one is REPLACED.
+        One whose user was revoked since its record was read is closed REVOKED."""
         uid = record.user_id
+        if uid in self._revoked:
+            self.log.info("user {user_id} was revoked while logging in", user_id=uid)
+            peer.close(ErrorCode.REVOKED, "the admin revoked this account")
+            return
         state = _Online(
             peer,
             record.enrolling,

@@ -664,3 +664,20 @@ def test_every_session_end_is_logged_with_its_reason(h: Harness) -> None:
         globalLogPublisher.removeObserver(events.append)
     ended = [formatEvent(e) for e in events if "ended" in e.get("log_format", "")]
     assert len(ended) == 1 and ended[0].startswith(f"session of user {A} ("), ended
+
+
+def test_a_user_revoked_between_welcome_and_the_first_sealed_frame_does_not_go_live() -> None:
+    """A connection past WELCOME when its user is revoked (its HELLO was
+    checked against the keys just deleted) must not go live on its first
+    SEALED frame with the stale record, nor SEND as the revoked user: it is
+    closed REVOKED (found by the review of 2026-12-07)."""
+    h = Harness()
+    ka, _kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.welcome()
+    _result(h.router.revoke(A))
+    a.send(Ping(1), Send(mid(5), B, b"from a revoked user"))
+    assert not h.router.is_online(A)
+    pending = _result(h.storage.pending_for(B))
+    assert pending == [], pending
+    assert ErrorCode.REVOKED in _codes(a.received())
