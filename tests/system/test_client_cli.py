@@ -157,6 +157,24 @@ class Pty:
     def type(self, data: str) -> None:
         os.write(self.master, data.encode())
 
+    def press_at_prompt(self, key: str) -> None:
+        """Type ``key`` once the client sleeps in its read of the terminal.
+
+        A ^C that lands after the prompt is written but before the read
+        starts sets Python's signal flag while no bytecode runs, and the
+        read that follows then waits for ever (the line discipline has
+        dropped the input): a window of microseconds for a person, hit
+        by a test on a loaded machine.  So wait until the process sleeps."""
+        deadline = time.monotonic() + 20.0
+        asleep = 0
+        while asleep < 3:
+            assert time.monotonic() < deadline, f"never waited at the prompt:\n{self.text}"
+            with open(f"/proc/{self.process.pid}/stat") as stat:
+                state = stat.read().rpartition(")")[2].split()[0]
+            asleep = asleep + 1 if state == "S" else 0
+            time.sleep(0.02)
+        self.type(key)
+
     def wait(self, timeout: float = 20.0) -> int:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None:
@@ -182,7 +200,7 @@ def test_ctrl_c_and_ctrl_d_at_the_passphrase_prompt(
     before = path.read_bytes()
     term = Pty(["--keystore", str(path), "--server", nowhere()])
     term.wait_for("Keystore passphrase:")
-    term.type(key)
+    term.press_at_prompt(key)
     assert term.wait() == status, term.text
     assert "Traceback" not in term.text and "internal error" not in term.text, term.text
     assert "ReactorNotRunning" not in term.text
@@ -203,7 +221,7 @@ def test_an_enroll_aborted_at_a_prompt_leaves_nothing(
     if prompt != "Enrollment token:":
         term.type(token + "\n")
         term.wait_for(prompt)
-    term.type(key)
+    term.press_at_prompt(key)
     assert term.wait() == (130 if key == CTRL_C else 1), term.text
     assert "Traceback" not in term.text and "internal error" not in term.text, term.text
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no keystore, no lock file
