@@ -542,13 +542,7 @@ class Router:
     def _route(self, state: _Online, send: Send) -> None:
         sender = state.peer.user_id
         if len(send.blob) > self.max_blob:
-            state.peer.send(
-                _error(
-                    ErrorCode.MESSAGE_TOO_LARGE,
-                    f"this server takes messages of at most {self.max_blob} bytes, encrypted",
-                    send.msg_id,
-                )
-            )
+            self._too_large(sender, send)
             return
         if send.recipient == 0:
             state.peer.send(_error(ErrorCode.UNKNOWN_RECIPIENT, "no such user", send.msg_id))
@@ -560,6 +554,39 @@ class Router:
             self._store(item, send.recipient)
         else:
             self._offer(target, item)
+
+    def _too_large(self, sender: int, send: Send) -> None:
+        """MESSAGE_TOO_LARGE for ``send``, unless it is the resend of a copy
+        this server holds, stored while its --max-frame was larger: that copy
+        answers it (ACCEPTED), as for any resend."""
+        recipient, msg_id = send.recipient, send.msg_id
+        refusal = _error(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"this server takes messages of at most {self.max_blob} bytes, encrypted",
+            msg_id,
+        )
+        target = self._online.get(recipient)
+        item = _Item(sender, msg_id, send.blob)
+        if (recipient, sender, msg_id) in self._storing_messages or (
+            target is not None and not target.closed and self._is_resend(target, item)
+        ):
+            return  # the copy's store, or its RECEIVED, answers it
+        if recipient == 0:
+            self._tell(sender, refusal)
+            return
+
+        def looked_up(file_id: int | None) -> None:
+            self._tell(sender, Accepted(msg_id) if file_id is not None else refusal)
+
+        def failed(failure: Failure) -> None:
+            # The copy's own store failed: its ERROR went to the sender.
+            self.log.info(
+                "a resend from {sender}: its copy's store failed ({why})",
+                sender=sender,
+                why=failure.getErrorMessage(),
+            )
+
+        self.storage.held_message(recipient, sender, msg_id).addCallbacks(looked_up, failed)
 
     def _offer(self, state: _Online, item: _Item) -> None:
         """Deliver now if the window allows, else leave the message to storage."""

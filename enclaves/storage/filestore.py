@@ -926,6 +926,17 @@ class FileStorage(Service):
 
     # -- pending messages --------------------------------------------------------
 
+    def held_message(self, recipient: int, sender: int, msg_id: bytes) -> Deferred[int | None]:
+        known = self._keys.get(recipient, {}).get(_message_key(sender, bytes(msg_id)))
+        if known is None:
+            return succeed(None)
+        if known in self._files:
+            return succeed(known)
+        for twin in self._stores.get(recipient, ()):
+            if twin.file_id == known:
+                return cast("Deferred[int | None]", self._track(twin.follow()))
+        return succeed(None)
+
     def store_message(
         self, recipient: int, sender: int, msg_id: bytes, blob: bytes
     ) -> Deferred[int]:

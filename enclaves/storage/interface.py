@@ -139,6 +139,11 @@ class IStorage(Interface):
         still being stored, once it is durable, or it fails as that store
         fails.  Once the copy is removed, the same message is stored anew."""
 
+    def held_message(recipient: int, sender: int, msg_id: bytes) -> Deferred[int | None]:
+        """Fires with the file id of the copy of ``sender``'s ``msg_id`` held
+        for ``recipient`` (stored; or being stored, once durable), or None.
+        Reads only the index in memory; writes nothing."""
+
     def pending_for(recipient: int) -> Deferred[list[StoredMessage]]:
         """Fires with the recipient's :class:`StoredMessage` list in arrival order."""
 

@@ -117,6 +117,12 @@ class MemoryStorage(Service):
             }
         )
 
+    def held_message(self, recipient: int, sender: int, msg_id: bytes) -> Deferred[int | None]:
+        for message in self._messages.values():
+            if (message.recipient, message.sender, message.msg_id) == (recipient, sender, msg_id):
+                return succeed(message.file_id)
+        return succeed(None)
+
     def store_message(
         self, recipient: int, sender: int, msg_id: bytes, blob: bytes
     ) -> Deferred[int]:

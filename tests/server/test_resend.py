@@ -31,6 +31,7 @@ from enclaves.inner import (
     decode_all,
 )
 from enclaves.server.router import REVOKED_UNREAD
+from enclaves.session import max_blob_size
 from enclaves.storage.interface import StoredMessage
 from tests.server.harness import Harness, RawClient
 from tests.server.test_router_order import HeldStores, harness
@@ -332,3 +333,65 @@ def test_copies_stored_twice_by_an_older_server_are_delivered_and_answered_once(
     b.send(Received(mid(1)))
     assert a.received() == [Delivered(mid(1))]
     assert copies(h) == []
+
+
+# -- a copy stored while --max-frame was larger ---------------------------------
+
+SMALL = 16384
+LARGE_BLOB = bytes(30_000)  # fits a 65,536-byte frame, not a 16,384-byte one
+
+
+def lowered_max_frame() -> tuple[Harness, Any, Any]:
+    """A server now at --max-frame 16384 holding A's 30,000-byte message to B,
+    stored while it ran at 65536 (A's connection ended before the ACCEPTED)."""
+    h = Harness(router={"max_frame": SMALL}, max_frame=SMALL)
+    h.storage.max_pending_bytes = 1 << 20
+    ka, kb = h.add_user(A), h.add_user(B)
+    assert max_blob_size(SMALL) < len(LARGE_BLOB) <= max_blob_size(65536)
+    assert isinstance(_result(h.storage.store_message(B, A, mid(1), LARGE_BLOB)), int)
+    return h, ka, kb
+
+
+def too_large(messages: list[InnerMessage]) -> list[tuple[int, bytes]]:
+    return [(m.code, m.msg_id) for m in messages if isinstance(m, Error)]
+
+
+def test_resend_of_a_copy_above_a_lowered_max_frame_is_accepted_by_its_copy() -> None:
+    """The protocol's answer to a resend: its copy answers it.  Without that
+    A's client would mark as failed for good a message B then gets."""
+    h, ka, kb = lowered_max_frame()
+    a = h.raw(A, ka)
+    login(a)
+    a.send(Send(mid(1), B, LARGE_BLOB))  # the outbox resends it
+    assert a.received() == [Accepted(mid(1))]
+    assert copies(h) == [mid(1)]  # not stored again
+    b = h.raw(B, kb)
+    assert [m.msg_id for m in login(b) if isinstance(m, Deliver)] == [mid(1)]
+    b.send(Received(mid(1)))
+    assert a.received() == [Delivered(mid(1))]
+    assert copies(h) == []
+
+
+def test_a_new_message_above_the_lowered_max_frame_is_still_too_large() -> None:
+    h, ka, _ = lowered_max_frame()
+    a = h.raw(A, ka)
+    login(a)
+    a.send(Send(mid(2), B, LARGE_BLOB))  # another msg_id
+    a.send(Send(mid(1), 33, LARGE_BLOB))  # the same msg_id to another recipient
+    a.send(Send(mid(1), 0, LARGE_BLOB))  # to nobody
+    code = int(ErrorCode.MESSAGE_TOO_LARGE)
+    assert too_large(a.received()) == [(code, mid(2)), (code, mid(1)), (code, mid(1))]
+    assert copies(h) == [mid(1)]
+
+
+def test_resend_above_a_lowered_max_frame_while_the_copy_is_out_to_the_recipient() -> None:
+    h, ka, kb = lowered_max_frame()
+    b = h.raw(B, kb)
+    assert [m.msg_id for m in login(b) if isinstance(m, Deliver)] == [mid(1)]  # in flight
+    a = h.raw(A, ka)
+    login(a)
+    a.send(Send(mid(1), B, LARGE_BLOB))
+    assert a.received() == [Accepted(mid(1))]
+    assert b.received() == []  # not delivered twice
+    b.send(Received(mid(1)))
+    assert a.received() == [Delivered(mid(1))]

@@ -462,6 +462,37 @@ async def test_a_resent_message_is_stored_once_and_not_counted_again(
 
 
 @pytest_twisted.ensureDeferred
+async def test_held_message_finds_a_copy_in_flight_stored_and_after_a_restart(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    """``held_message`` answers from the index: the copy's file id (a store in
+    flight: once durable), None for any other sender, msg_id or recipient,
+    and None once the copy is gone.  It stores and counts nothing."""
+    storage = make_storage(data_dir, keys, max_pending_count=1)
+    try:
+        await storage.add_user(A, KeyPair.generate(), None)
+        assert await storage.held_message(A, B, msg_id(1)) is None
+        storing = storage.store_message(A, B, msg_id(1), b"x")
+        while_storing = storage.held_message(A, B, msg_id(1))
+        file_id = await storing
+        assert await while_storing == file_id
+        assert await storage.held_message(A, B, msg_id(1)) == file_id
+        assert await storage.held_message(A, C, msg_id(1)) is None
+        assert await storage.held_message(A, B, msg_id(2)) is None
+        assert await storage.held_message(C, B, msg_id(1)) is None
+        assert pending_names(data_dir) == [f"{file_id}.msg"]
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.held_message(A, B, msg_id(1)) == file_id
+        await again.remove_message(file_id)
+        assert await again.held_message(A, B, msg_id(1)) is None
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_resend_during_the_store_gets_that_stores_outcome(
     data_dir: Path, keys: KeyPair
 ) -> None:

@@ -50,12 +50,16 @@ def test_contract() -> None:
         _result(store.store_message(5, 9, b"c" * 16, b""))
     # A resend (same sender and msg_id) is answered by its copy, quota full or not.
     assert _result(store.store_message(5, 9, b"a" * 16, b"12345")) == first
+    assert _result(store.held_message(5, 9, b"a" * 16)) == first
+    assert _result(store.held_message(5, 8, b"a" * 16)) is None
+    assert _result(store.held_message(6, 9, b"a" * 16)) is None
     with pytest.raises(QuotaExceeded):  # another sender's message
         _result(store.store_message(5, 8, b"a" * 16, b"12345"))
     assert [m.msg_id for m in _result(store.pending_for(5))] == [b"a" * 16, b"b" * 16]
     assert _result(store.pending_summary()) == {5: PendingSummary(2, 10)}
     _result(store.remove_message(first))
     _result(store.remove_message(first))
+    assert _result(store.held_message(5, 9, b"a" * 16)) is None
     store.fail_writes = True
     with pytest.raises(StorageFailed):
         _result(store.store_message(5, 9, b"c" * 16, b""))
