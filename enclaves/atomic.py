@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "write_atomic", "create_exclusive", "fsync_dir", "temp_name"]
+__all__ = [
+    "TEMP_SUFFIX",
+    "NotSynced",
+    "create_exclusive",
+    "fsync_dir",
+    "temp_name",
+    "write_atomic",
+]
 
 TEMP_SUFFIX = ".tmp"
 # A fresh name, never an existing file or a symlink planted at a guessable name.
@@ -27,6 +34,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class NotSynced(OSError):
+    """The new file is in place (every reader sees it) but the fsync of its
+    directory failed: a crash of the machine could still bring back the old
+    one.  An OSError with the directory fsync's errno and strerror."""
+
+
+def _sync_dir_after(path: Path) -> None:
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise NotSynced(e.errno, e.strerror) from e
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -35,7 +55,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file.
+
+    Raises :class:`NotSynced` if only the last step, the directory's fsync,
+    failed: ``path`` then already holds ``data``."""
     path = Path(path)
     temp = temp_name(path)
     fd = os.open(temp, _TEMP_FLAGS, mode)
@@ -53,14 +76,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    _sync_dir_after(path)
 
 
 def create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write a new file durably; raises FileExistsError if ``path`` exists.
 
     The data is written to a temporary file first and then hard-linked into
-    place, so no reader ever sees a partly written file.
+    place, so no reader ever sees a partly written file.  Raises
+    :class:`NotSynced` if only the directory's fsync failed (the file is there).
     """
     path = Path(path)
     temp = temp_name(path)
@@ -78,4 +102,4 @@ def create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.unlink(temp)
         except FileNotFoundError:
             pass
-    fsync_dir(path.parent)
+    _sync_dir_after(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from enclaves.atomic import create_exclusive, temp_name, write_atomic
+from enclaves.atomic import NotSynced, create_exclusive, temp_name, write_atomic
 
 
 def _plant_symlinks(path: Path, victim: Path) -> None:
@@ -43,3 +43,31 @@ def test_no_temp_file_left_behind(tmp_path: Path) -> None:
     write_atomic(path, b"2")
     create_exclusive(tmp_path / "g", b"3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "g"]
+
+
+@pytest.mark.parametrize("write", [write_atomic, create_exclusive])
+def test_a_failed_directory_sync_after_the_rename_is_not_synced_with_the_file_in_place(
+    tmp_path: Path, write: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the last step failed: NotSynced (an OSError with that errno), and
+    the new file is what every reader sees; a failure before the rename is a
+    plain OSError with the old file untouched."""
+    import errno
+
+    import enclaves.atomic
+
+    def dir_fsync_fails(directory: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = tmp_path / "state"
+    monkeypatch.setattr(enclaves.atomic, "fsync_dir", dir_fsync_fails)
+    with pytest.raises(NotSynced) as raised:
+        write(path, b"new")  # type: ignore[operator]
+    assert isinstance(raised.value, OSError) and raised.value.errno == errno.EIO
+    assert raised.value.strerror == "Input/output error"
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    monkeypatch.undo()
+    with pytest.raises(OSError) as before_rename:
+        write_atomic(tmp_path / "missing-dir" / "f", b"x")
+    assert not isinstance(before_rename.value, NotSynced)

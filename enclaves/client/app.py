@@ -26,6 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from enclaves.atomic import NotSynced
 from enclaves.client.connection import (
     ClientConnection,
     LoginFailed,
@@ -199,6 +200,9 @@ class ClientApp:
         self._incoming: list[tuple[ClientConnection, InnerMessage]] = []
         self._unsaved = False  # changes in memory the keystore file lacks
         self.save_error: str | None = None  # why the last save failed; None: it worked
+        # The last save failed only at its last step (the directory's fsync):
+        # the file holds the state, though a crash of the machine could undo it.
+        self._save_written = False
         # Sends whose save failed: in memory only, so they may not leave yet
         # ("save, then send"); they go once a save succeeds, or are lost.
         self._held: dict[bytes, Send] = {}
@@ -482,10 +486,12 @@ class ClientApp:
         except OSError as e:
             self._unsaved = True
             self.save_error = e.strerror or str(e)
+            self._save_written = isinstance(e, NotSynced)
             if not quiet:
                 self.out("error", f"could not save the keystore: {self.save_error}")
             return False
         self._unsaved = False
+        self._save_written = False
         if self.save_error is not None:
             self.save_error = None
             if not self._stopping:
@@ -531,6 +537,16 @@ class ClientApp:
             for entry in self.core.outbox()
             if entry.msg_id in self._held and entry.kind == "message"
         ]
+        if lost and self._save_written:
+            # In the file's outbox after all: the next run sends them.
+            self.out(
+                "warn",
+                f"{len(lost)} message(s) not sent ({', '.join(lost)}): the keystore was "
+                f"written but its directory could not be synced ({self.save_error}); they "
+                "are in its outbox and sent next time, unless a crash of this machine "
+                "undoes that write",
+            )
+            return False
         if lost:
             self.out(
                 "error",
@@ -1015,6 +1031,16 @@ class ClientApp:
         yield
         changed = self.core.state() != before.state or self._pending_keys is not keys
         if changed and not self._save(quiet=True):
+            if self._save_written:
+                # The file already holds the change: undoing it in memory would
+                # tell the user it was not made while a restart shows it made.
+                self.out(
+                    "warn",
+                    "the keystore was written, but its directory could not be synced "
+                    f"({self.save_error}): the change is kept, and a crash of this machine "
+                    "before the next save could undo it",
+                )
+                return
             self.core.rollback(before)
             self._pending_keys = keys
             raise NotSaved(not_done, self.save_error)

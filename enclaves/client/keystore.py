@@ -21,7 +21,7 @@ from pathlib import Path
 from attrs import frozen
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from enclaves.atomic import create_exclusive, write_atomic
+from enclaves.atomic import NotSynced, create_exclusive, write_atomic
 from enclaves.client.state import ClientState, StateError, decode_state, encode_state
 from enclaves.crypto import CryptoError, KeyPair, Sealer
 
@@ -291,5 +291,10 @@ class Keystore:
         salt = os.urandom(SALT_SIZE)
         header = encode_header(params, salt)
         sealer = Sealer(derive_keys(passphrase, salt, params))
-        write_atomic(self.path, seal_file(sealer, header, encode_state(state)))
+        try:
+            write_atomic(self.path, seal_file(sealer, header, encode_state(state)))
+        except NotSynced:
+            # The file is under the new passphrase already: so are later saves.
+            self._header, self._sealer = header, sealer
+            raise
         self._header, self._sealer = header, sealer

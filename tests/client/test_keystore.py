@@ -159,6 +159,31 @@ def test_change_passphrase_draws_a_new_salt(store: Path, tmp_path: Path) -> None
     assert Keystore.unlock(path, "new passphrase")[1] == state
 
 
+def test_a_passphrase_change_that_missed_the_directory_sync_keeps_the_new_keys(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is under the new passphrase (only the directory's sync
+    failed): later saves must use it too, not write under the old one."""
+    import errno
+
+    import enclaves.atomic
+    from enclaves.atomic import NotSynced
+
+    def dir_fsync_fails(directory: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = copy(store, tmp_path)
+    keystore, state = Keystore.unlock(path, PASS)
+    monkeypatch.setattr(enclaves.atomic, "fsync_dir", dir_fsync_fails)
+    with pytest.raises(NotSynced):
+        keystore.change_passphrase("new passphrase", state)
+    monkeypatch.undo()
+    keystore.save(state)
+    with pytest.raises(BadPassphrase):
+        Keystore.unlock(path, PASS)
+    assert Keystore.unlock(path, "new passphrase")[1] == state
+
+
 def test_passphrase_is_nfc_normalised(tmp_path: Path) -> None:
     composed = "caf\u00e9 \u00fcber"
     decomposed = unicodedata.normalize("NFD", composed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -363,6 +365,92 @@ def test_a_change_whose_save_fails_is_not_made(
     assert not any(line.startswith("[error] ") for line in out)
     assert _on_disk(tmp_path) != on_disk
     app.stop()
+
+
+@contextmanager
+def dir_syncs_fail() -> Iterator[None]:
+    """Every directory fsync in this block fails with EIO, after the rename:
+    the file is replaced, only the sync is missing (no way to make a real
+    directory's fsync fail here without root and a faulty device)."""
+    import errno
+
+    import enclaves.atomic
+
+    def dir_fsync_fails(directory: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(enclaves.atomic, "fsync_dir", dir_fsync_fails)
+        yield
+
+
+NOT_SYNCED = (
+    "[warn] the keystore was written, but its directory could not be synced (Input/output "
+    "error): the change is kept, and a crash of this machine before the next save could undo it"
+)
+
+
+@pytest.mark.parametrize(
+    "commands",
+    [[f"/name {B} bob"], [f"/verify {B}", "yes"], [f"/rekey {B}"], ["/rotate"]],
+    ids=["name", "verify", "rekey", "rotate"],
+)
+def test_a_change_whose_save_only_missed_the_directory_sync_is_kept_and_said(
+    ui, tmp_path: Path, commands: list[str]
+) -> None:
+    """The rename happened, the directory's fsync failed: the file already
+    holds the change, so it is kept in memory too (undoing it would tell the
+    user "nothing changed" while a restart shows it made), with a warning;
+    the periodic retry syncs it."""
+    lines, app, transport = ui
+    before = _on_disk(tmp_path)
+    with dir_syncs_fail():
+        out = typed(lines, transport, *commands)
+    assert NOT_SYNCED in out and not any(line.startswith("[error] ") for line in out), out
+    assert _on_disk(tmp_path) == app.state() != before  # what a restart loads: what was said
+    transport.clear()
+    app._tick()  # the periodic retry of a failed save
+    assert transport.value().decode().splitlines() == ["[info] the keystore could be saved again"]
+    app.stop()
+
+
+def test_a_verify_that_missed_the_directory_sync_is_verified_in_memory_and_on_disk(
+    ui, tmp_path: Path
+) -> None:
+    from enclaves.client.contacts import Trust
+
+    lines, app, transport = ui
+    with dir_syncs_fail():
+        typed(lines, transport, f"/verify {B} yes")
+    assert app.core.contact(B).trust is Trust.VERIFIED
+    assert _on_disk(tmp_path).contacts[B].trust is Trust.VERIFIED
+    app.stop()
+
+
+def test_a_held_message_whose_last_save_missed_the_directory_sync_is_not_called_lost(
+    tmp_path: Path,
+) -> None:
+    """At the end, a message held for a failed save that is in the file's
+    outbox after all (only the directory's sync failed) is not reported lost:
+    the next run sends it.  The exit status stays 0."""
+    from twisted.internet.defer import ensureDeferred
+
+    from enclaves.client.cli import _finish
+
+    lines, app, transport = script_ui(tmp_path)
+    app.connected_once = app.directory_handled = True
+    with saves_fail():
+        typed(lines, transport, f"/msg {B} reply", "yes")  # held: not saved
+    with dir_syncs_fail():
+        transport.clear()
+        ensureDeferred(_finish(app, lines, 15.0, []))
+    out = transport.value().decode().splitlines()
+    assert not any("lost" in line for line in out), out
+    assert any(
+        line.startswith("[warn] 1 message(s) not sent (") and "sent next time" in line
+        for line in out
+    ), out
+    assert [e.kind for e in _on_disk(tmp_path).outbox] == ["message"]
 
 
 def test_a_script_whose_import_could_not_be_saved_exits_1(tmp_path: Path) -> None:
