@@ -142,12 +142,16 @@ class _Online:
     missed: bool = False
     inflight: dict[bytes, list[_Item]] = field(factory=dict)
     sent_files: set[int] = field(factory=set)
+    keys: KeyPair | None = None  # what it logged in with
 
 
 # The largest blob whose DELIVER fits a frame every client accepts.  One stored
 # under a larger --max-frame than now goes alone in a frame up to this size
 # (enclaves.session.Session.seal).
 _MAX_DELIVERABLE = max_blob_size(MAX_FRAME)
+
+# Why a session that logged in with keys a ROTATE has replaced is closed.
+STALE_KEYS = "this account's keys were replaced while this session logged in"
 
 # The ERROR a sender gets for an accepted message deleted unread by a revocation.
 REVOKED_UNREAD = "the recipient was revoked before reading it"
@@ -214,6 +218,10 @@ class Router:
         # (its record loaded, WELCOME sent) must not go live after.  Ids are
         # random and never reused; revocations are the admin's, so few.
         self._revoked: set[int] = set()
+        # The keys each ROTATE since start stored: a connection that logged in
+        # with a user's previous keys (the token's, or keys replaced because a
+        # device was suspect) must not go live, or stay live, after.
+        self._rotated: dict[int, KeyPair] = {}
         self.started_at = float(self.clock.seconds())
 
     # -- admin surface ------------------------------------------------------------
@@ -303,11 +311,17 @@ class Router:
             self.log.info("user {user_id} was revoked while logging in", user_id=uid)
             peer.close(ErrorCode.REVOKED, "the admin revoked this account")
             return
+        rotated = self._rotated.get(uid)
+        if rotated is not None and record.keys != rotated:
+            self.log.info("user {user_id} logged in with keys replaced meanwhile", user_id=uid)
+            peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
+            return
         state = _Online(
             peer,
             record.enrolling,
             record.enrollment_expires_ms,
             TokenBucket(self.message_rate, max(self.message_rate, 1), self.clock.seconds()),
+            keys=record.keys,
         )
         old = self._online.get(uid)
         self._online[uid] = state
@@ -837,7 +851,13 @@ class Router:
             was_enrolling = state.enrolling
             state.enrolling = False
             state.expires_ms = None
+            state.keys = keys
+            self._rotated[uid] = keys
             self.log.info("user {user_id} rotated its keys", user_id=uid)
+            live = self._online.get(uid)
+            if live is not None and live is not state and not live.closed and live.keys != keys:
+                # It logged in with the old keys while this ROTATE was stored.
+                live.peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
             if state.closed:
                 if was_enrolling:
                     self.notify_joined(uid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -681,3 +682,56 @@ def test_a_user_revoked_between_welcome_and_the_first_sealed_frame_does_not_go_l
     pending = _result(h.storage.pending_for(B))
     assert pending == [], pending
     assert ErrorCode.REVOKED in _codes(a.received())
+
+
+def test_a_login_with_the_token_past_welcome_does_not_go_live_after_the_rotation() -> None:
+    """Someone else holding the token sends HELLO and waits after WELCOME;
+    the newcomer rotates.  The old keys can never log in again: on its first
+    SEALED frame that connection is closed AUTH_FAILED, and may not ROTATE
+    (an account takeover) or replace the real session."""
+    h = Harness()
+    ka, token_keys = h.add_user(A), h.add_user(C, enrolling_for=3600)
+    intruder = h.raw(C, token_keys)
+    intruder.welcome()
+    c = h.raw(C, token_keys)
+    assert c.login() == []
+    new = KeyPair.generate()
+    c.send(Rotate(new.enc, new.auth))
+    assert c.received()[0] == Rotated()
+    theirs = KeyPair.generate()
+    intruder.send(Ping(1), Rotate(theirs.enc, theirs.auth))
+    assert _codes(intruder.received()) == [ErrorCode.AUTH_FAILED]
+    assert intruder.closing
+    assert _result(h.storage.load_user(C)).keys == new  # type: ignore[union-attr]
+    assert h.router.is_online(C) and c.received() == [] and not c.closing
+    del ka
+
+
+def test_a_session_that_logged_in_with_old_keys_during_the_rotation_is_closed() -> None:
+    """The old keys' login goes live while the ROTATE is being stored (it
+    replaces the rotating session): once the new keys are stored, it is
+    closed AUTH_FAILED, not left live on keys that can no longer log in."""
+    h = Harness()
+    old = h.add_user(A)
+    a = h.raw(A, old)
+    a.login()
+    stores: list[Any] = []
+    real = h.storage.replace_user_keys
+
+    def held(user_id: int, keys: KeyPair) -> Any:  # a slow disk: stored later
+        d: Any = Deferred()
+        stores.append((user_id, keys, d))
+        return d
+
+    h.storage.replace_user_keys = held  # type: ignore[method-assign]
+    new = KeyPair.generate()
+    a.send(Rotate(new.enc, new.auth))
+    other = h.raw(A, old)
+    other.login()  # the old keys still log in: the rotation is not stored yet
+    assert ErrorCode.REPLACED in _codes(a.received())
+    ((uid, keys, d),) = stores
+    real(uid, keys).chainDeferred(d)
+    assert _codes(other.received()) == [ErrorCode.AUTH_FAILED] and other.closing
+    assert not h.router.is_online(A)
+    fresh = h.raw(A, new)
+    assert fresh.login() == [Directory((A,))]
