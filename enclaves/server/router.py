@@ -54,6 +54,7 @@ from enclaves.server.limits import TokenBucket
 from enclaves.session import max_blob_size, max_inner_size
 from enclaves.storage.interface import (
     IStorage,
+    KeysReplaced,
     QuotaExceeded,
     StorageError,
     UnknownUser,
@@ -872,6 +873,12 @@ class Router:
                 ).addErrback(lambda f: self.log.failure("directory after rotation", f))
 
         def failed(failure: Failure) -> None:
+            if failure.check(KeysReplaced):
+                # Another session's ROTATE was stored first: these keys are dead.
+                self.log.info("user {user_id}: ROTATE from replaced keys refused", user_id=uid)
+                if not state.closed:
+                    state.peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
+                return
             if not failure.check(StorageError):
                 self.log.failure("rotation of {user_id} failed", failure, user_id=uid)
             if not state.closed:
@@ -879,7 +886,7 @@ class Router:
                     _error(ErrorCode.STORAGE_FAILED, "the new keys could not be stored")
                 )
 
-        self.storage.replace_user_keys(uid, keys).addCallbacks(rotated, failed)
+        self.storage.replace_user_keys(uid, keys, state.keys).addCallbacks(rotated, failed)
 
     def _invite(self, state: _Online) -> None:
         if not self.allow_invites:

@@ -67,6 +67,7 @@ from enclaves.storage.interface import (
     NOTICE_LIFETIME,
     InventoryEntry,
     IStorage,
+    KeysReplaced,
     PendingSummary,
     QuotaExceeded,
     StorageError,
@@ -796,7 +797,9 @@ class FileStorage(Service):
         """From memory: cheap enough for every handshake."""
         return succeed(self._users.get(user_id))
 
-    def replace_user_keys(self, user_id: int, keys: KeyPair) -> Deferred[None]:
+    def replace_user_keys(
+        self, user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+    ) -> Deferred[None]:
         error = self._check_running("store the new keys")
         if error:
             return fail(error)
@@ -807,6 +810,9 @@ class FileStorage(Service):
         async def replace() -> None:
             if user_id not in self._users:
                 raise UnknownUser(f"no user {user_id}")
+            if replacing is not None and self._users[user_id].keys != replacing:
+                # Another rotation was stored first (under this same lock).
+                raise KeysReplaced(f"the keys of user {user_id} were replaced meanwhile")
             # Keys first: a crash in between leaves the new keys still
             # enrolling, never the token's keys enrolled.
             path = self._users_dir / user_file_name(user_id)

@@ -50,6 +50,10 @@ class UserExists(StorageError):
     """A user with this id already exists."""
 
 
+class KeysReplaced(StorageError):
+    """The user's keys are no longer the ones a rotation was to replace."""
+
+
 @frozen
 class UserRecord:
     """A user's current user-server key pair and, while enrolling, its token expiry."""
@@ -112,8 +116,13 @@ class IStorage(Interface):
     def load_user(user_id: int) -> Deferred[UserRecord | None]:
         """Fires with the :class:`UserRecord`, or None for an unknown id."""
 
-    def replace_user_keys(user_id: int, keys: KeyPair) -> Deferred[None]:
-        """Rotate: store ``keys`` durably and end enrollment.  Fires with None."""
+    def replace_user_keys(
+        user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+    ) -> Deferred[None]:
+        """Rotate: store ``keys`` durably and end enrollment.  Fires with None.
+        With ``replacing``: only if the user's keys are still those when the
+        write starts (rotations are stored one at a time); KeysReplaced if
+        not, and nothing is stored."""
 
     def remove_user(user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         """Delete the user, its pending messages and its notices.  Fires with

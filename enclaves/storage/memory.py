@@ -25,6 +25,7 @@ from enclaves.storage.interface import (
     NOTICE_LIFETIME,
     InventoryEntry,
     IStorage,
+    KeysReplaced,
     PendingSummary,
     QuotaExceeded,
     StorageFailed,
@@ -84,12 +85,16 @@ class MemoryStorage(Service):
     def load_user(self, user_id: int) -> Deferred[UserRecord | None]:
         return succeed(self._users.get(user_id))
 
-    def replace_user_keys(self, user_id: int, keys: KeyPair) -> Deferred[None]:
+    def replace_user_keys(
+        self, user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+    ) -> Deferred[None]:
         if refused := self._refuse_write():
             return refused
         record = self._users.get(user_id)
         if record is None:
             return fail(UnknownUser(f"no user {user_id}"))
+        if replacing is not None and record.keys != replacing:
+            return fail(KeysReplaced(f"the keys of user {user_id} were replaced meanwhile"))
         self._users[user_id] = evolve(record, keys=keys, enrollment_expires_ms=None)
         return succeed(None)
 

@@ -718,9 +718,9 @@ def test_a_session_that_logged_in_with_old_keys_during_the_rotation_is_closed() 
     stores: list[Any] = []
     real = h.storage.replace_user_keys
 
-    def held(user_id: int, keys: KeyPair) -> Any:  # a slow disk: stored later
+    def held(*args: Any) -> Any:  # a slow disk: stored later
         d: Any = Deferred()
-        stores.append((user_id, keys, d))
+        stores.append((args, d))
         return d
 
     h.storage.replace_user_keys = held  # type: ignore[method-assign]
@@ -729,9 +729,40 @@ def test_a_session_that_logged_in_with_old_keys_during_the_rotation_is_closed() 
     other = h.raw(A, old)
     other.login()  # the old keys still log in: the rotation is not stored yet
     assert ErrorCode.REPLACED in _codes(a.received())
-    ((uid, keys, d),) = stores
-    real(uid, keys).chainDeferred(d)
+    ((args, d),) = stores
+    real(*args).chainDeferred(d)
     assert _codes(other.received()) == [ErrorCode.AUTH_FAILED] and other.closing
     assert not h.router.is_online(A)
     fresh = h.raw(A, new)
     assert fresh.login() == [Directory((A,))]
+
+
+def test_a_rotate_from_a_session_whose_keys_were_replaced_meanwhile_stores_nothing() -> None:
+    """The newcomer's ROTATE is being stored when a token holder logs in
+    (replacing it) and sends its own ROTATE: that one is stored after, and
+    must not overwrite the newcomer's keys (a takeover); it fails, as the
+    session's keys are no longer the user's, and nothing is stored."""
+    h = Harness()
+    token_keys = h.add_user(C, enrolling_for=3600)
+    stores: list[Any] = []
+    real = h.storage.replace_user_keys
+
+    def held(*args: Any) -> Any:  # a slow disk: stored later, in order
+        d: Any = Deferred()
+        stores.append((args, d))
+        return d
+
+    c = h.raw(C, token_keys)
+    c.login()
+    h.storage.replace_user_keys = held  # type: ignore[method-assign]
+    new, theirs = KeyPair.generate(), KeyPair.generate()
+    c.send(Rotate(new.enc, new.auth))
+    intruder = h.raw(C, token_keys)
+    intruder.login()
+    intruder.send(Rotate(theirs.enc, theirs.auth))
+    assert len(stores) == 2
+    for args, d in stores:
+        real(*args).chainDeferred(d)
+    assert _result(h.storage.load_user(C)).keys == new  # type: ignore[union-attr]
+    assert intruder.closing and ErrorCode.AUTH_FAILED in _codes(intruder.received())
+    assert h.raw(C, new).login() == [Directory((C,))]

@@ -20,6 +20,7 @@ from enclaves.storage.filestore import (
 )
 from enclaves.storage.interface import (
     IStorage,
+    KeysReplaced,
     PendingSummary,
     QuotaExceeded,
     StorageFailed,
@@ -65,6 +66,34 @@ async def test_user_round_trip_and_rotation(data_dir: Path, keys: KeyPair) -> No
     try:
         assert await again.load_user(A) == UserRecord(A, new, None)
         assert await again.load_user(B) == UserRecord(B, kb, None)
+    finally:
+        await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rotation_replacing_keys_no_longer_current_stores_nothing(
+    data_dir: Path, keys: KeyPair
+) -> None:
+    """``replacing``: two rotations from the same keys (two sessions of one
+    token, say), stored one at a time: the first wins, the second fails
+    KeysReplaced and writes nothing; the user stays as the first left it."""
+    storage = make_storage(data_dir, keys)
+    try:
+        token, first, second = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+        await storage.add_user(A, token, 1_000_000)
+        one = storage.replace_user_keys(A, first, token)
+        two = storage.replace_user_keys(A, second, token)
+        await one
+        with pytest.raises(KeysReplaced, match="replaced meanwhile"):
+            await two
+        assert await storage.load_user(A) == UserRecord(A, first, None)
+        await storage.replace_user_keys(A, second, first)  # from the current keys: fine
+        assert await storage.load_user(A) == UserRecord(A, second, None)
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.load_user(A) == UserRecord(A, second, None)
     finally:
         await again.stopService()
 

@@ -11,6 +11,7 @@ from zope.interface.verify import verifyObject
 from enclaves.crypto import KeyPair
 from enclaves.storage.interface import (
     IStorage,
+    KeysReplaced,
     PendingSummary,
     QuotaExceeded,
     StorageFailed,
@@ -42,6 +43,9 @@ def test_contract() -> None:
     _result(store.replace_user_keys(5, new))
     record = _result(store.load_user(5))
     assert record.keys == new and not record.enrolling
+    with pytest.raises(KeysReplaced):  # from keys no longer the user's
+        _result(store.replace_user_keys(5, KeyPair.generate(), keys))
+    assert _result(store.load_user(5)).keys == new
     with pytest.raises(UnknownUser):
         _result(store.store_message(6, 5, bytes(16), b"x"))
     first = _result(store.store_message(5, 9, b"a" * 16, b"12345"))
