@@ -12,6 +12,7 @@ docs/client.rst ("Output lines").
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 import time
@@ -113,6 +114,9 @@ REFUSAL_TEXT = {
     ErrorCode.ENROLLMENT_REQUIRED: "enrollment is not complete yet",
 }
 
+# Save failures that freeing space (or raising a file size limit) cures.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 # Session endings that retrying can not fix, in plain words.
 FATAL_TEXT = {
     ErrorCode.REVOKED: "The admin has removed your account from this server.",
@@ -203,6 +207,7 @@ class ClientApp:
         # The last save failed only at its last step (the directory's fsync):
         # the file holds the state, though a crash of the machine could undo it.
         self._save_written = False
+        self.save_full = False  # the last save failed for want of space (or a size limit)
         # Sends whose save failed: in memory only, so they may not leave yet
         # ("save, then send"); they go once a save succeeds, or are lost.
         self._held: dict[bytes, Send] = {}
@@ -487,6 +492,7 @@ class ClientApp:
             self._unsaved = True
             self.save_error = e.strerror or str(e)
             self._save_written = isinstance(e, NotSynced)
+            self.save_full = e.errno in _NO_SPACE
             if not quiet:
                 self.out("error", f"could not save the keystore: {self.save_error}")
             return False

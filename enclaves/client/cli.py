@@ -618,7 +618,7 @@ async def _finish(app: ClientApp, ui: LineUI, grace: float, attached: list[Defer
     if failed:
         problems.append(
             f"{failed} message(s) refused by the server or lost (see the "
-            "[failed] lines; /retry ID sends a refused one again)"
+            "[failed] lines: each says whether /retry can send it again)"
         )
     undone = ui.commands_not_done()  # a script's; 0 in an interactive session
     if undone:

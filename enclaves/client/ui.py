@@ -419,7 +419,8 @@ class LineUI(LineReceiver):
             self.line(
                 "error",
                 f"{what} not sent: could not save the keystore ({app.save_error}); it is "
-                "kept in memory only and sent once a save succeeds (free some space); "
+                "kept in memory only and sent once a save succeeds"
+                f"{' (free some space)' if app.save_full else ''}; "
                 "quitting before then loses it",
             )
         elif app.online:

@@ -427,6 +427,18 @@ def test_a_verify_that_missed_the_directory_sync_is_verified_in_memory_and_on_di
     app.stop()
 
 
+def test_a_message_held_for_an_io_error_is_not_told_to_free_space(ui) -> None:
+    """ "(free some space)" is advice for a full disk or a size limit only."""
+    lines, app, transport = ui
+    with dir_syncs_fail():
+        out = typed(lines, transport, f"/msg {B} reply", "yes")
+    assert out[1].startswith("[error] id=") and out[1].endswith(
+        f" to {B} not sent: could not save the keystore (Input/output error); it is kept "
+        "in memory only and sent once a save succeeds; quitting before then loses it"
+    ), out
+    app.stop()
+
+
 def test_a_held_message_whose_last_save_missed_the_directory_sync_is_not_called_lost(
     tmp_path: Path,
 ) -> None:
