@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from enclaves.client.connection import ClientConnection
-from enclaves.inner import Deliver, InnerMessage, Received
+from enclaves.inner import Deliver, InnerMessage, Ping, Pong, Received
 from tests.adversarial.live import A, B, Live
 
 pytestmark = pytest.mark.system
@@ -79,12 +79,25 @@ class Recipient:
         self.raw: list[bytes] = []
         self.application: list[bytes] = []
         self.conn: ClientConnection | None = None
+        self._pongs: dict[int, Deferred[None]] = {}
 
     def attach(self, conn: ClientConnection) -> None:
         self.conn = conn
         conn.on_message = self.on_message
 
+    def barrier(self) -> Deferred[None]:
+        """Fires once the daemon answered a PING sent now: it has read every
+        RECEIVED sent before, and sent everything it had queued for us."""
+        nonce = int.from_bytes(os.urandom(8), "big")
+        waiter: Deferred[None] = Deferred()
+        self._pongs[nonce] = waiter
+        assert self.conn is not None
+        self.conn.send(Ping(nonce))
+        return waiter.addTimeout(10, reactor)
+
     def on_message(self, message: InnerMessage) -> None:
+        if isinstance(message, Pong) and message.nonce in self._pongs:
+            self._pongs.pop(message.nonce).callback(None)
         if isinstance(message, Deliver):
             self.raw.append(message.msg_id)
             if message.msg_id not in self.application:
@@ -93,16 +106,24 @@ class Recipient:
             self.conn.send(Received(message.msg_id))
 
 
-async def settle(recipient: Recipient, accepted: list[bytes], seconds: float = 0.5) -> None:
-    """Wait until every ACCEPTED message arrived and then nothing for ``seconds``
-    (bounded to 30 s; the assertions afterwards say what is missing)."""
+async def settle(live: Live, recipient: Recipient, accepted: list[bytes], ended: int) -> None:
+    """Wait until every ACCEPTED message arrived, the daemon has seen the
+    killed sender's session end (``ended`` such log lines: every frame it
+    sent is routed by then), and three PING round trips 0.2 s apart bring no
+    DELIVER: the daemon has read every RECEIVED, so nothing is in flight to
+    the recipient when it disconnects.  Bounded to 30 s; the assertions
+    afterwards say what is missing."""
     deadline = time.monotonic() + 30
     while not set(accepted) <= set(recipient.application) and time.monotonic() < deadline:
         await deferLater(reactor, 0.05)
-    seen = -1
-    while len(recipient.raw) != seen and time.monotonic() < deadline:
+    while live.log_text().count(f"session of user {A} (") < ended and time.monotonic() < deadline:
+        await deferLater(reactor, 0.05)
+    quiet_rounds = 0
+    while quiet_rounds < 3 and time.monotonic() < deadline:
         seen = len(recipient.raw)
-        await deferLater(reactor, seconds)
+        await recipient.barrier()
+        await deferLater(reactor, 0.2)
+        quiet_rounds = quiet_rounds + 1 if len(recipient.raw) == seen else 0
 
 
 @pytest_twisted.ensureDeferred
@@ -113,13 +134,13 @@ async def test_sender_killed_mid_send(tmp_path: Path) -> None:
     b.attach(await live.login(B))
     online = spawn(live, tag=1)
     await online.ended
-    await settle(b, online.accepted)
+    await settle(live, b, online.accepted, ended=1)
     assert b.conn is not None
     await b.conn.disconnect()
     offline = spawn(live, tag=2)
     await offline.ended
     b.attach(await live.login(B))
-    await settle(b, offline.accepted)
+    await settle(live, b, offline.accepted, ended=2)
     await b.conn.disconnect()
     for sender, tag in ((online, 1), (offline, 2)):
         assert sender.killed_at and sender.signal == signal.SIGKILL, "not killed mid-send"
