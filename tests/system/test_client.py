@@ -569,7 +569,13 @@ async def test_a_message_too_large_for_a_small_max_frame_fails_alone(tmp_path: P
         running.append(a)
         a.send("/outbox")
         a.expect(rf"^\[outbox\] id={too_large} message to \d+ failed: too large for this server")
-        time.sleep(1)
+        # A DELIVERED is live traffic, which comes after the login's DIRECTORY
+        # (docs/protocol.rst), and the outbox is resent when that is read: by
+        # this receipt, a resend of the refused message would have been said.
+        a.send(f"/msg {bob} after the restart")
+        again = a.expect(rf"^\[(?:sent|queued)\] id=([0-9a-f]{{8}}) to {bob}").group(1)
+        a.expect(rf"^\[delivered\] id={again} to {bob}$")
+        b.expect(r": after the restart$")
         assert not a.seen(r"queued item\(s\) from the outbox"), a.output()
         assert "FRAME_TOO_LARGE" not in daemon.log_text()
         for client in running:
