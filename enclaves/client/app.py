@@ -114,6 +114,14 @@ REFUSAL_TEXT = {
     ErrorCode.ENROLLMENT_REQUIRED: "enrollment is not complete yet",
 }
 
+# Why a message the server had accepted will never be delivered.
+LOST_TEXT = {
+    ErrorCode.UNKNOWN_RECIPIENT: "the recipient was removed from the server before reading it",
+    ErrorCode.MESSAGE_TOO_LARGE: (
+        "the server had stored it under a frame limit no client can receive, and deleted it"
+    ),
+}
+
 # Save failures that freeing space (or raising a file size limit) cures.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -792,10 +800,13 @@ class ClientApp:
             return []
         entry = self._outbox_entry(message.msg_id)
         if entry is None:
-            # Not in the outbox: accepted already.  The one ERROR that can
-            # follow ACCEPTED is UNKNOWN_RECIPIENT (revoked before reading it);
-            # any other is a repeated notice about an attempt since retried.
-            if code is ErrorCode.UNKNOWN_RECIPIENT:
+            # Not in the outbox: accepted already.  The ERRORs that can follow
+            # ACCEPTED are UNKNOWN_RECIPIENT (revoked before reading it) and
+            # MESSAGE_TOO_LARGE (a copy stored by a server once run above the
+            # protocol's frame limit, deleted unread); any other is a repeated
+            # notice about an attempt since retried.
+            why = LOST_TEXT.get(code) if code is not None else None
+            if why is not None:
                 recipient = self.core.on_lost(message.msg_id)
                 if recipient is not None:
                     self._save_soon()
@@ -803,8 +814,7 @@ class ClientApp:
                     self.out(
                         "failed",
                         f"id={short_id(message.msg_id)} message to {self._name(recipient)} "
-                        "was accepted but will never be delivered: the recipient was removed "
-                        "from the server before reading it",
+                        f"was accepted but will never be delivered: {why}",
                     )
             return []
         if entry.kind != "message" and code is ErrorCode.UNKNOWN_RECIPIENT:

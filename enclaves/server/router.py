@@ -154,6 +154,12 @@ _MAX_DELIVERABLE = max_blob_size(MAX_FRAME)
 # Why a session that logged in with keys a ROTATE has replaced is closed.
 STALE_KEYS = "this account's keys were replaced while this session logged in"
 
+# The ERROR a sender gets for an accepted message no frame can carry (deleted).
+UNDELIVERABLE = (
+    "accepted by an earlier run of this server, but larger than any client can "
+    "receive (65,536-byte frames): deleted unread"
+)
+
 # The ERROR a sender gets for an accepted message deleted unread by a revocation.
 REVOKED_UNREAD = "the recipient was revoked before reading it"
 
@@ -702,17 +708,7 @@ class Router:
                 return
             state.sent_files.add(item.file_id)
             if len(item.blob) > _MAX_DELIVERABLE:
-                # Only a server once run with a --max-frame above the protocol's
-                # limit stored these: no client can take its DELIVER.  Sending
-                # it would end the session at every login; it stays on disk.
-                self.log.error(
-                    "stored message {file_id} for {user_id} is {size} bytes, more than "
-                    "one frame can carry ({limit}); kept on disk, not delivered",
-                    file_id=item.file_id,
-                    user_id=state.peer.user_id,
-                    size=len(item.blob),
-                    limit=_MAX_DELIVERABLE,
-                )
+                self._drop_undeliverable(state.peer.user_id, item)
                 return
         waiting = state.inflight.get(item.msg_id)
         if waiting is not None:  # the same msg_id is already out: one ack settles both
@@ -720,6 +716,34 @@ class Router:
             return
         state.inflight[item.msg_id] = [item]
         state.peer.send(checked_deliver(item.msg_id, item.sender, item.blob))
+
+    def _drop_undeliverable(self, recipient: int, item: _Item) -> None:
+        """A stored message no frame can carry: only a server once run with a
+        --max-frame above the protocol's limit took these, and sending its
+        DELIVER would end the session at every login.  It is deleted, and its
+        sender, told ACCEPTED then, now gets MESSAGE_TOO_LARGE for it."""
+        self.log.error(
+            "stored message {file_id} for {user_id} is {size} bytes, more than one "
+            "frame can carry ({limit}): deleted unread, its sender told",
+            file_id=item.file_id,
+            user_id=recipient,
+            size=len(item.blob),
+            limit=_MAX_DELIVERABLE,
+        )
+
+        def removed(_: None) -> None:
+            self._notify(
+                item.sender, _error(ErrorCode.MESSAGE_TOO_LARGE, UNDELIVERABLE, item.msg_id)
+            )
+
+        def failed(failure: Failure) -> None:  # kept; the next login tries again
+            self.log.error(
+                "could not delete undeliverable message {file_id}: {error}",
+                file_id=item.file_id,
+                error=failure.getErrorMessage(),
+            )
+
+        self.storage.remove_message(item.file_id).addCallbacks(removed, failed)
 
     def _store(self, item: _Item, recipient: int) -> None:
         message = (recipient, item.sender, item.msg_id)

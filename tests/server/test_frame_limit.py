@@ -8,6 +8,7 @@ takes (docs/protocol.rst, "Frames" and "Limits").
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -175,19 +176,36 @@ def test_two_stored_large_delivers_are_never_one_frame() -> None:
     assert [m.msg_id for m in _open(b, frames) if isinstance(m, Deliver)] == [mid(1), mid(2)]
 
 
-def test_a_stored_message_no_frame_can_carry_is_skipped_not_fatal() -> None:
-    """Stored by an older server run above the protocol's limit: logged and
-    left on disk; the other messages are delivered and the session stays."""
+@pytest.mark.parametrize("sender_online", [False, True])
+def test_a_stored_message_no_frame_can_carry_is_deleted_and_its_sender_told(
+    sender_online: bool,
+) -> None:
+    """Stored by an older server run above the protocol's limit: no client
+    can take its DELIVER.  It is deleted unread, and its sender (told
+    ACCEPTED then) gets MESSAGE_TOO_LARGE for it, live or as a notice; the
+    other messages are delivered and the session stays."""
     h = _small_server()
     h.storage.max_pending_bytes = 1 << 20
-    kb = h.add_user(B)
-    h.add_user(A)
+    kb, ka = h.add_user(B), h.add_user(A)
     _store(h, B, A, 1, b"one")
     _store(h, B, A, 2, bytes(max_blob_size(MAX_FRAME) + 1))
     _store(h, B, A, 3, b"three")
+    a = h.raw(A, ka)
+    if sender_online:
+        a.answer_pings(a.login())
     b = h.raw(B, kb)
     assert [m.msg_id for m in b.login() if isinstance(m, Deliver)] == [mid(1), mid(3)]
     assert not b.closing and h.router.is_online(B)
+    pending: list[Any] = []
+    h.storage.pending_for(B).addBoth(pending.append)
+    assert [m.msg_id for m in pending[0]] == [mid(1), mid(3)]
+    told = a.received() if sender_online else a.answer_pings(a.login())
+    errors = [m for m in told if isinstance(m, Error)]
+    assert [(e.code, e.msg_id) for e in errors] == [(ErrorCode.MESSAGE_TOO_LARGE, mid(2))]
+    assert "deleted unread" in errors[0].text
+    b2 = h.raw(B, kb)  # nothing is tried again at the next login
+    b.lose()
+    assert [m.msg_id for m in b2.login() if isinstance(m, Deliver)] == [mid(1), mid(3)]
 
 
 @pytest.mark.parametrize("max_frame", [MAX_FRAME + 1, 131072])
