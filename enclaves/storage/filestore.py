@@ -41,7 +41,14 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from enclaves.atomic import TEMP_SUFFIX, create_exclusive, fsync_dir, temp_name, write_atomic
+from enclaves.atomic import (
+    TEMP_SUFFIX,
+    NotSynced,
+    create_exclusive,
+    fsync_dir,
+    temp_name,
+    write_atomic,
+)
 from enclaves.crypto import KeyPair, Sealer
 from enclaves.storage.formats import (
     MAX_NOTICE_DATA,
@@ -124,6 +131,16 @@ def storage_failed(error: BaseException, what: str) -> StorageFailed:
     else:
         reason = "internal storage error"
     return StorageFailed(f"could not {what}: {reason}")
+
+
+def _write_visible(path: Path, data: bytes) -> NotSynced | None:
+    """:func:`write_atomic` at 0600; the :class:`NotSynced` if the file is in
+    place but its directory's fsync failed (other errors raise)."""
+    try:
+        write_atomic(path, data, 0o600)
+    except NotSynced as error:
+        return error
+    return None
 
 
 def _message_key(sender: int, msg_id: bytes) -> bytes:
@@ -817,7 +834,24 @@ class FileStorage(Service):
             # enrolling, never the token's keys enrolled.
             path = self._users_dir / user_file_name(user_id)
             old = self._users[user_id]
-            await self._in_pool("store the new keys", write_atomic, path, data, 0o600)
+            unsynced = await self._in_pool("store the new keys", _write_visible, path, data)
+            if unsynced is not None:
+                # The new file is in place but might not survive a crash: a
+                # ROTATED now could leave the client with keys the server
+                # forgets.  Put the old file back and fail; if even that
+                # fails before its rename, memory follows the disk.
+                self.log.error(
+                    "could not store the new keys of user {user_id}: {error}",
+                    user_id=user_id,
+                    error=str(unsynced),
+                )
+                previous = encode_user(self._sealer, user_id, old.keys)
+                try:
+                    await self._in_pool("restore the old keys", _write_visible, path, previous)
+                except StorageError:
+                    if user_id in self._users:
+                        self._users[user_id] = UserRecord(user_id, keys, old.enrollment_expires_ms)
+                raise storage_failed(unsynced, "store the new keys")
             if user_id not in self._users:
                 # Revoked while the file was written (remove_user takes the
                 # user out of memory at once and deletes the file after us):

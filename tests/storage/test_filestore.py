@@ -98,6 +98,48 @@ async def test_a_rotation_replacing_keys_no_longer_current_stores_nothing(
         await again.stopService()
 
 
+@pytest.mark.parametrize("failing_syncs", [1, 1000])
+@pytest_twisted.ensureDeferred
+async def test_new_keys_whose_directory_sync_fails_are_taken_back(
+    data_dir: Path, keys: KeyPair, monkeypatch: pytest.MonkeyPatch, failing_syncs: int
+) -> None:
+    """The new ``.user`` is renamed into place but its directory's fsync
+    fails: ROTATED would promise keys a crash could take back.  The rotation
+    fails, the old file is put back (its own sync failing too, or not), and
+    memory and disk both keep the old keys, still enrolling."""
+    import errno
+
+    import enclaves.atomic
+
+    storage = make_storage(data_dir, keys)
+    token, new = KeyPair.generate(), KeyPair.generate()
+    try:
+        await storage.add_user(A, token, 1_000_000)
+        real = enclaves.atomic.fsync_dir
+        left = [failing_syncs]
+
+        def dir_fsync(directory: Path) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            real(directory)
+
+        monkeypatch.setattr(enclaves.atomic, "fsync_dir", dir_fsync)
+        with pytest.raises(StorageFailed, match="could not store the new keys"):
+            await storage.replace_user_keys(A, new, token)
+        monkeypatch.undo()
+        assert await storage.load_user(A) == UserRecord(A, token, 1_000_000)
+    finally:
+        await storage.stopService()
+    again = make_storage(data_dir, keys)
+    try:
+        assert await again.load_user(A) == UserRecord(A, token, 1_000_000)
+        await again.replace_user_keys(A, new, token)  # the disk is well again
+        assert await again.load_user(A) == UserRecord(A, new, None)
+    finally:
+        await again.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_enrollment_survives_restart(data_dir: Path, keys: KeyPair) -> None:
     storage = make_storage(data_dir, keys)
