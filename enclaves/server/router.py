@@ -144,6 +144,10 @@ class _Online:
     inflight: dict[bytes, list[_Item]] = field(factory=dict)
     sent_files: set[int] = field(factory=set)
     keys: KeyPair | None = None  # what it logged in with
+    # Keys of its ROTATEs still being stored: with ``keys``, what the user's
+    # keys may be when its next ROTATE is stored, if no other session rotated
+    # meanwhile.
+    rotating: tuple[KeyPair, ...] = ()
 
 
 # The largest blob whose DELIVER fits a frame every client accepts.  One stored
@@ -876,11 +880,20 @@ class Router:
             was_enrolling = state.enrolling
             state.enrolling = False
             state.expires_ms = None
-            state.keys = keys
             self._rotated[uid] = keys
+            # Current now: the login's keys and earlier requests are past.
+            state.keys = keys
+            if keys in state.rotating:
+                state.rotating = state.rotating[state.rotating.index(keys) + 1 :]
             self.log.info("user {user_id} rotated its keys", user_id=uid)
             live = self._online.get(uid)
-            if live is not None and live is not state and not live.closed and live.keys != keys:
+            if (
+                live is not None
+                and live is not state
+                and not live.closed
+                and live.keys != keys
+                and keys not in live.rotating
+            ):
                 # It logged in with the old keys while this ROTATE was stored.
                 live.peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
             if state.closed:
@@ -897,6 +910,9 @@ class Router:
                 ).addErrback(lambda f: self.log.failure("directory after rotation", f))
 
         def failed(failure: Failure) -> None:
+            if keys in state.rotating:  # not stored: it cannot be current
+                at = state.rotating.index(keys)
+                state.rotating = state.rotating[:at] + state.rotating[at + 1 :]
             if failure.check(KeysReplaced):
                 # Another session's ROTATE was stored first: these keys are dead.
                 self.log.info("user {user_id}: ROTATE from replaced keys refused", user_id=uid)
@@ -910,7 +926,11 @@ class Router:
                     _error(ErrorCode.STORAGE_FAILED, "the new keys could not be stored")
                 )
 
-        self.storage.replace_user_keys(uid, keys, state.keys).addCallbacks(rotated, failed)
+        # Its own earlier ROTATEs may be stored first (two /rotate in a row,
+        # or one resent): any of their keys, or the login's, may be current.
+        replacing = frozenset((state.keys, *state.rotating)) if state.keys is not None else None
+        state.rotating = (*state.rotating, keys)
+        self.storage.replace_user_keys(uid, keys, replacing).addCallbacks(rotated, failed)
 
     def _invite(self, state: _Online) -> None:
         if not self.allow_invites:

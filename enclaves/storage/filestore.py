@@ -21,7 +21,7 @@ import stat
 import struct
 import time
 from bisect import insort
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -815,7 +815,7 @@ class FileStorage(Service):
         return succeed(self._users.get(user_id))
 
     def replace_user_keys(
-        self, user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+        self, user_id: int, keys: KeyPair, replacing: Collection[KeyPair] | None = None
     ) -> Deferred[None]:
         error = self._check_running("store the new keys")
         if error:
@@ -827,7 +827,7 @@ class FileStorage(Service):
         async def replace() -> None:
             if user_id not in self._users:
                 raise UnknownUser(f"no user {user_id}")
-            if replacing is not None and self._users[user_id].keys != replacing:
+            if replacing is not None and self._users[user_id].keys not in replacing:
                 # Another rotation was stored first (under this same lock).
                 raise KeysReplaced(f"the keys of user {user_id} were replaced meanwhile")
             # Keys first: a crash in between leaves the new keys still

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -117,12 +119,12 @@ class IStorage(Interface):
         """Fires with the :class:`UserRecord`, or None for an unknown id."""
 
     def replace_user_keys(
-        user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+        user_id: int, keys: KeyPair, replacing: Collection[KeyPair] | None = None
     ) -> Deferred[None]:
         """Rotate: store ``keys`` durably and end enrollment.  Fires with None.
-        With ``replacing``: only if the user's keys are still those when the
-        write starts (rotations are stored one at a time); KeysReplaced if
-        not, and nothing is stored."""
+        With ``replacing``: only if the user's keys are one of those when the
+        write starts (rotations are stored one at a time, in order);
+        KeysReplaced if not, and nothing is stored."""
 
     def remove_user(user_id: int) -> Deferred[list[tuple[int, bytes]]]:
         """Delete the user, its pending messages and its notices.  Fires with

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from attrs import evolve
@@ -86,14 +86,14 @@ class MemoryStorage(Service):
         return succeed(self._users.get(user_id))
 
     def replace_user_keys(
-        self, user_id: int, keys: KeyPair, replacing: KeyPair | None = None
+        self, user_id: int, keys: KeyPair, replacing: Collection[KeyPair] | None = None
     ) -> Deferred[None]:
         if refused := self._refuse_write():
             return refused
         record = self._users.get(user_id)
         if record is None:
             return fail(UnknownUser(f"no user {user_id}"))
-        if replacing is not None and record.keys != replacing:
+        if replacing is not None and record.keys not in replacing:
             return fail(KeysReplaced(f"the keys of user {user_id} were replaced meanwhile"))
         self._users[user_id] = evolve(record, keys=keys, enrollment_expires_ms=None)
         return succeed(None)

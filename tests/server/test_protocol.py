@@ -766,3 +766,82 @@ def test_a_rotate_from_a_session_whose_keys_were_replaced_meanwhile_stores_nothi
     assert _result(h.storage.load_user(C)).keys == new  # type: ignore[union-attr]
     assert intruder.closing and ErrorCode.AUTH_FAILED in _codes(intruder.received())
     assert h.raw(C, new).login() == [Directory((C,))]
+
+
+def _hold(h: Harness, method: str) -> list[Any]:
+    """Replace ``h.storage.<method>`` by a slow one: each call is kept as
+    ``(args, deferred, real)`` and fires only when the test says."""
+    calls: list[Any] = []
+    real = getattr(h.storage, method)
+
+    def held(*args: Any) -> Any:
+        d: Any = Deferred()
+        calls.append((args, d, real))
+        return d
+
+    setattr(h.storage, method, held)
+    return calls
+
+
+def _release(calls: list[Any]) -> None:
+    """Let the held calls run, in the order they were made."""
+    for args, d, real in calls:
+        real(*args).chainDeferred(d)
+    calls.clear()
+
+
+def test_two_rotates_in_a_row_from_one_session_are_both_stored() -> None:
+    """A client sends ROTATE twice before the first is stored (/rotate typed
+    while the first was on its way): both come from this session, so the
+    second is no stale session's and is stored after the first (found by
+    the review of 2026-12-07: it was closed AUTH_FAILED)."""
+    h = Harness()
+    old = h.add_user(A)
+    a = h.raw(A, old)
+    a.login()
+    stores = _hold(h, "replace_user_keys")
+    first, second = KeyPair.generate(), KeyPair.generate()
+    a.send(Rotate(first.enc, first.auth), Rotate(second.enc, second.auth))
+    _release(stores)
+    got = a.received()
+    assert ErrorCode.AUTH_FAILED not in _codes(got) and not a.closing, got
+    assert got.count(Rotated()) == 2, got
+    assert _result(h.storage.load_user(A)).keys == second  # type: ignore[union-attr]
+    assert h.raw(A, second).login() == [Directory((A,))]
+
+
+def test_the_same_rotate_twice_from_one_session_is_stored_once_more() -> None:
+    """The reference client resends its pending keys' ROTATE (same keys) at
+    a session start and on /rotate: two in a row must not close the session."""
+    h = Harness()
+    a = h.raw(A, h.add_user(A))
+    a.login()
+    stores = _hold(h, "replace_user_keys")
+    new = KeyPair.generate()
+    a.send(Rotate(new.enc, new.auth), Rotate(new.enc, new.auth))
+    _release(stores)
+    got = a.received()
+    assert ErrorCode.AUTH_FAILED not in _codes(got) and not a.closing, got
+    assert _result(h.storage.load_user(A)).keys == new  # type: ignore[union-attr]
+
+
+def test_a_rotate_after_a_failed_one_from_the_same_session_is_stored() -> None:
+    """The first ROTATE's store fails (STORAGE_FAILED): the keys are still the
+    login's, and the next ROTATE of the session is stored."""
+    h = Harness()
+    old = h.add_user(A)
+    a = h.raw(A, old)
+    a.login()
+    stores = _hold(h, "replace_user_keys")
+    first, second = KeyPair.generate(), KeyPair.generate()
+    a.send(Rotate(first.enc, first.auth), Rotate(second.enc, second.auth))
+    (args, d, _real), later = stores
+    stores.remove(later)
+    h.storage.fail_writes = True
+    _real(*args).chainDeferred(d)
+    h.storage.fail_writes = False
+    _release([later])
+    got = a.received()
+    assert _codes(got) == [ErrorCode.STORAGE_FAILED] and not a.closing, got
+    assert got.count(Rotated()) == 1
+    assert _result(h.storage.load_user(A)).keys == second  # type: ignore[union-attr]

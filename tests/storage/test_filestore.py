@@ -81,13 +81,13 @@ async def test_a_rotation_replacing_keys_no_longer_current_stores_nothing(
     try:
         token, first, second = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
         await storage.add_user(A, token, 1_000_000)
-        one = storage.replace_user_keys(A, first, token)
-        two = storage.replace_user_keys(A, second, token)
+        one = storage.replace_user_keys(A, first, {token})
+        two = storage.replace_user_keys(A, second, {token})
         await one
         with pytest.raises(KeysReplaced, match="replaced meanwhile"):
             await two
         assert await storage.load_user(A) == UserRecord(A, first, None)
-        await storage.replace_user_keys(A, second, first)  # from the current keys: fine
+        await storage.replace_user_keys(A, second, {token, first})  # first is current: fine
         assert await storage.load_user(A) == UserRecord(A, second, None)
     finally:
         await storage.stopService()
@@ -126,7 +126,7 @@ async def test_new_keys_whose_directory_sync_fails_are_taken_back(
 
         monkeypatch.setattr(enclaves.atomic, "fsync_dir", dir_fsync)
         with pytest.raises(StorageFailed, match="could not store the new keys"):
-            await storage.replace_user_keys(A, new, token)
+            await storage.replace_user_keys(A, new, {token})
         monkeypatch.undo()
         assert await storage.load_user(A) == UserRecord(A, token, 1_000_000)
     finally:
@@ -134,7 +134,7 @@ async def test_new_keys_whose_directory_sync_fails_are_taken_back(
     again = make_storage(data_dir, keys)
     try:
         assert await again.load_user(A) == UserRecord(A, token, 1_000_000)
-        await again.replace_user_keys(A, new, token)  # the disk is well again
+        await again.replace_user_keys(A, new, {token})  # the disk is well again
         assert await again.load_user(A) == UserRecord(A, new, None)
     finally:
         await again.stopService()

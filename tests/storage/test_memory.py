@@ -44,7 +44,7 @@ def test_contract() -> None:
     record = _result(store.load_user(5))
     assert record.keys == new and not record.enrolling
     with pytest.raises(KeysReplaced):  # from keys no longer the user's
-        _result(store.replace_user_keys(5, KeyPair.generate(), keys))
+        _result(store.replace_user_keys(5, KeyPair.generate(), {keys}))
     assert _result(store.load_user(5)).keys == new
     with pytest.raises(UnknownUser):
         _result(store.store_message(6, 5, bytes(16), b"x"))
