@@ -265,14 +265,16 @@ class Router:
         REVOKED and tell everyone online REMOVED; the sender of each deleted
         message gets an ERROR for it (a notice if offline).  Fires with the
         number of pending messages deleted; fails with UnknownUser if there is
-        no such user."""
+        no such user.  The session ends, and no login of the user goes live,
+        from the moment storage starts removing it, not once it has."""
 
-        def removed(gone: list[tuple[int, bytes]], announced: bool) -> int:
-            self._revoked.add(user_id)
+        def end_session() -> None:
             state = self._online.pop(user_id, None)
             if state is not None:
                 self._abandon(state, "the recipient was revoked")
                 state.peer.close(ErrorCode.REVOKED, "the admin revoked this account")
+
+        def removed(gone: list[tuple[int, bytes]], announced: bool) -> int:
             if announced:  # a user that never finished enrolling was never listed
                 self._broadcast(Removed(user_id), exclude=user_id)
             for sender, msg_id in gone:
@@ -287,7 +289,32 @@ class Router:
 
         async def revoke() -> int:
             announced = user_id not in await self.storage.enrollments()
-            return removed(await self.storage.remove_user(user_id), announced)
+            removal = self.storage.remove_user(user_id)
+            refused: list[Failure] = []  # at once: nothing was removed
+
+            def note(failure: Failure) -> Failure:
+                refused.append(failure)
+                return failure
+
+            removal.addErrback(note)
+            # The revocation takes effect now, not once the files are deleted
+            # (that takes a while): the session ends, and no connection of the
+            # user goes live, so nothing more is done as this user.
+            first = not refused and user_id not in self._revoked
+            if not refused:
+                self._revoked.add(user_id)
+                end_session()
+            try:
+                gone = await removal
+            except UnknownUser:
+                raise  # gone all the same: it stays refused
+            except BaseException:
+                # Storage kept (or put back) the user and says why; the admin
+                # revokes again.  Until then it may log in again.
+                if first:
+                    self._revoked.discard(user_id)
+                raise
+            return removed(gone, announced)
 
         return ensureDeferred(revoke())
 

@@ -845,3 +845,55 @@ def test_a_rotate_after_a_failed_one_from_the_same_session_is_stored() -> None:
     assert _codes(got) == [ErrorCode.STORAGE_FAILED] and not a.closing, got
     assert got.count(Rotated()) == 1
     assert _result(h.storage.load_user(A)).keys == second  # type: ignore[union-attr]
+
+
+def test_a_session_being_revoked_cannot_act_while_its_removal_is_stored() -> None:
+    """The admin revokes A; deleting A's files takes a while (FileStorage:
+    behind the storage lock, then a pool job).  Meanwhile A's live session,
+    or a login of A past WELCOME, must not go on acting as A: no INVITE
+    token for a fresh account, no message to B."""
+    h = Harness(router={"allow_invites": True})
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    proving = h.raw(A, ka)
+    proving.welcome()
+    removals = _hold(h, "remove_user")
+    revoked = h.router.revoke(A)
+    assert len(removals) == 1
+    a.send(Invite(), Send(mid(1), B, b"from a user being revoked"))
+    proving.send(Ping(1), Invite(), Send(mid(2), B, b"also"))
+    got_a, got_proving = a.received(), proving.received()
+    assert not any(isinstance(m, InviteToken) for m in got_a + got_proving)
+    assert b.received() == []
+    assert not h.router.is_online(A)
+    _release(removals)
+    assert _result(revoked) == 0
+    assert ErrorCode.REVOKED in _codes(got_a + a.received())
+    assert ErrorCode.REVOKED in _codes(got_proving + proving.received())
+    assert b.received() == [Removed(A)]
+    assert _result(h.storage.list_users()) == [B]
+
+
+def test_a_revocation_storage_refuses_leaves_the_user_able_to_log_in() -> None:
+    """A removal refused at once (nothing deleted) leaves the live session
+    alone; one that fails later (storage put the user back and says why)
+    has ended the session, but a new login goes live: the admin revokes again."""
+    from enclaves.storage.interface import StorageFailed
+
+    h = Harness()
+    ka = h.add_user(A)
+    a = h.raw(A, ka)
+    a.login()
+    h.storage.fail_writes = True
+    assert _result(h.router.revoke(A)).check(StorageFailed)  # type: ignore[union-attr]
+    assert h.router.is_online(A) and not a.closing
+    h.storage.fail_writes = False
+    removals = _hold(h, "remove_user")
+    revoked = h.router.revoke(A)
+    assert ErrorCode.REVOKED in _codes(a.received()) and not h.router.is_online(A)
+    ((_, d, _),) = removals
+    d.errback(StorageFailed("the disk refused the write"))
+    assert _result(revoked).check(StorageFailed)  # type: ignore[union-attr]
+    again = h.raw(A, ka)
+    assert again.login() == [Directory((A,))] and h.router.is_online(A)
