@@ -967,15 +967,21 @@ class FileStorage(Service):
     # -- pending messages --------------------------------------------------------
 
     def held_message(self, recipient: int, sender: int, msg_id: bytes) -> Deferred[int | None]:
-        known = self._keys.get(recipient, {}).get(_message_key(sender, bytes(msg_id)))
+        held = self._held_copy(recipient, _message_key(sender, bytes(msg_id)))
+        return succeed(None) if held is None else cast("Deferred[int | None]", held)
+
+    def _held_copy(self, recipient: int, key: bytes) -> Deferred[int] | None:
+        """The file id of the copy indexed under ``key`` (a store in flight:
+        once durable, or its failure), or None if none is held."""
+        known = self._keys.get(recipient, {}).get(key)
         if known is None:
-            return succeed(None)
+            return None
         if known in self._files:
             return succeed(known)
         for twin in self._stores.get(recipient, ()):
             if twin.file_id == known:
-                return cast("Deferred[int | None]", self._track(twin.follow()))
-        return succeed(None)
+                return self._track(twin.follow())
+        return None
 
     def store_message(
         self, recipient: int, sender: int, msg_id: bytes, blob: bytes
@@ -988,15 +994,11 @@ class FileStorage(Service):
         if recipient not in self._users:
             return fail(UnknownUser(f"no user {recipient}"))
         key = _message_key(sender, bytes(msg_id))
-        known = self._keys.get(recipient, {}).get(key)
-        if known is not None:
+        held = self._held_copy(recipient, key)
+        if held is not None:
             # A resend: the copy stored (or being stored) answers it, and
             # nothing more is stored or counted against the quota.
-            if known in self._files:
-                return succeed(known)
-            for twin in self._stores.get(recipient, ()):
-                if twin.file_id == known:
-                    return self._track(twin.follow())
+            return held
         in_flight = self._stores.setdefault(recipient, [])
         count = len(self._by_recipient.get(recipient, ())) + len(in_flight)
         size = self._sizes.get(recipient, 0) + sum(s.size for s in in_flight)

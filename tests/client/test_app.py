@@ -296,9 +296,8 @@ def test_a_message_too_large_for_the_server_fails_with_its_limit_and_is_not_rese
 
 def test_a_repeated_refusal_never_fails_a_message_accepted_since(tmp_path: Path) -> None:
     """A kept ERROR may come again (its PONG was lost); the message was retried
-    and accepted meanwhile: it stays accepted. Only UNKNOWN_RECIPIENT (the
-    recipient revoked before reading it) and MESSAGE_TOO_LARGE (below) fail
-    an accepted message."""
+    and accepted meanwhile: it stays accepted. Only the ERRORs below fail an
+    accepted message."""
     core = keyed_with_2002()
     sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
     app, _reactor, out = start(tmp_path, core)
@@ -309,31 +308,34 @@ def test_a_repeated_refusal_never_fails_a_message_accepted_since(tmp_path: Path)
     out.clear()
     app._handle(refusal, 4.0)
     assert app.core.history(2002)[-1].status == "accepted" and out == []
-    lost = Error(int(ErrorCode.UNKNOWN_RECIPIENT), sent.msg_id, "server text, not shown")
-    app._handle(lost, 5.0)
-    app._handle(lost, 6.0)  # once only
-    assert app.core.history(2002)[-1].status == "failed"
-    assert out == [
-        (
-            "failed",
-            f"id={sent.msg_id.hex()[:8]} message to 2002 was accepted but will never be "
-            "delivered: the recipient was removed from the server before reading it",
-        )
-    ]
     app.stop()
 
 
-def test_an_accepted_message_the_server_deleted_as_undeliverable_fails_once(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        # The recipient was revoked before reading it.
+        (
+            ErrorCode.UNKNOWN_RECIPIENT,
+            "the recipient was removed from the server before reading it",
+        ),
+        # A copy stored by a server once run above the protocol's frame
+        # limit, which it then deleted unread.
+        (
+            ErrorCode.MESSAGE_TOO_LARGE,
+            "the server had stored it under a frame limit no client can receive, and deleted it",
+        ),
+    ],
+)
+def test_an_accepted_message_the_server_says_it_lost_fails_once(
+    tmp_path: Path, code: ErrorCode, why: str
 ) -> None:
-    """MESSAGE_TOO_LARGE after ACCEPTED: a copy stored by a server once run
-    above the protocol's frame limit, which it then deleted unread."""
     core = keyed_with_2002()
     sent = core.encrypt_message(2002, "hello", 2.0, confirmed=True)
     app, _reactor, out = start(tmp_path, core)
     app.core.on_accepted(sent.msg_id)
     out.clear()
-    lost = Error(int(ErrorCode.MESSAGE_TOO_LARGE), sent.msg_id, "server text, not shown")
+    lost = Error(int(code), sent.msg_id, "server text, not shown")
     app._handle(lost, 5.0)
     app._handle(lost, 6.0)  # once only
     assert app.core.history(2002)[-1].status == "failed"
@@ -341,8 +343,7 @@ def test_an_accepted_message_the_server_deleted_as_undeliverable_fails_once(
         (
             "failed",
             f"id={sent.msg_id.hex()[:8]} message to 2002 was accepted but will never be "
-            "delivered: the server had stored it under a frame limit no client can receive, "
-            "and deleted it",
+            f"delivered: {why}",
         )
     ]
     app.stop()

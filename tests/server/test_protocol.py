@@ -790,18 +790,23 @@ def _release(calls: list[Any]) -> None:
     calls.clear()
 
 
+def _rotates_held(h: Harness, *keys: KeyPair) -> tuple[Any, list[Any]]:
+    """A logged in, one ROTATE per ``keys`` sent in one frame, their stores held."""
+    a = h.raw(A, h.add_user(A))
+    a.login()
+    stores = _hold(h, "replace_user_keys")
+    a.send(*(Rotate(k.enc, k.auth) for k in keys))
+    return a, stores
+
+
 def test_two_rotates_in_a_row_from_one_session_are_both_stored() -> None:
     """A client sends ROTATE twice before the first is stored (/rotate typed
     while the first was on its way): both come from this session, so the
     second is no stale session's and is stored after the first (found by
     the review of 2026-12-07: it was closed AUTH_FAILED)."""
     h = Harness()
-    old = h.add_user(A)
-    a = h.raw(A, old)
-    a.login()
-    stores = _hold(h, "replace_user_keys")
     first, second = KeyPair.generate(), KeyPair.generate()
-    a.send(Rotate(first.enc, first.auth), Rotate(second.enc, second.auth))
+    a, stores = _rotates_held(h, first, second)
     _release(stores)
     got = a.received()
     assert ErrorCode.AUTH_FAILED not in _codes(got) and not a.closing, got
@@ -814,11 +819,8 @@ def test_the_same_rotate_twice_from_one_session_is_stored_once_more() -> None:
     """The reference client resends its pending keys' ROTATE (same keys) at
     a session start and on /rotate: two in a row must not close the session."""
     h = Harness()
-    a = h.raw(A, h.add_user(A))
-    a.login()
-    stores = _hold(h, "replace_user_keys")
     new = KeyPair.generate()
-    a.send(Rotate(new.enc, new.auth), Rotate(new.enc, new.auth))
+    a, stores = _rotates_held(h, new, new)
     _release(stores)
     got = a.received()
     assert ErrorCode.AUTH_FAILED not in _codes(got) and not a.closing, got
@@ -829,12 +831,8 @@ def test_a_rotate_after_a_failed_one_from_the_same_session_is_stored() -> None:
     """The first ROTATE's store fails (STORAGE_FAILED): the keys are still the
     login's, and the next ROTATE of the session is stored."""
     h = Harness()
-    old = h.add_user(A)
-    a = h.raw(A, old)
-    a.login()
-    stores = _hold(h, "replace_user_keys")
     first, second = KeyPair.generate(), KeyPair.generate()
-    a.send(Rotate(first.enc, first.auth), Rotate(second.enc, second.auth))
+    a, stores = _rotates_held(h, first, second)
     (args, d, _real), later = stores
     stores.remove(later)
     h.storage.fail_writes = True
