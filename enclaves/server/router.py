@@ -354,10 +354,13 @@ class Router:
             self.log.info("user {user_id} logged in with keys replaced meanwhile", user_id=uid)
             peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
             return
+        # A ROTATE stored since the record was read (to these keys, as just
+        # checked) ended the enrollment the record may still show.
+        enrolling = record.enrolling and rotated is None
         state = _Online(
             peer,
-            record.enrolling,
-            record.enrollment_expires_ms,
+            enrolling,
+            record.enrollment_expires_ms if enrolling else None,
             TokenBucket(self.message_rate, max(self.message_rate, 1), self.clock.seconds()),
             keys=record.keys,
         )
@@ -368,7 +371,7 @@ class Router:
             self._by_peer.pop(id(old.peer), None)
             self._detach(old)
             old.peer.close(ErrorCode.REPLACED, "a newer session of this user took over")
-        self.log.info("user {user_id} logged in", user_id=uid, enrolling=record.enrolling)
+        self.log.info("user {user_id} logged in", user_id=uid, enrolling=enrolling)
         if not state.enrolling:
             self._start(state, uid)
 
@@ -914,15 +917,15 @@ class Router:
                 state.rotating = state.rotating[state.rotating.index(keys) + 1 :]
             self.log.info("user {user_id} rotated its keys", user_id=uid)
             live = self._online.get(uid)
-            if (
-                live is not None
-                and live is not state
-                and not live.closed
-                and live.keys != keys
-                and keys not in live.rotating
-            ):
-                # It logged in with the old keys while this ROTATE was stored.
-                live.peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
+            if live is not None and live is not state and not live.closed:
+                if live.keys != keys and keys not in live.rotating:
+                    # It logged in with the old keys while this ROTATE was stored.
+                    live.peer.close(ErrorCode.AUTH_FAILED, STALE_KEYS)
+                elif live.enrolling and live.keys == keys:
+                    # It logged in with these keys while they were stored (the
+                    # record it read still said enrolling): enrolled now.
+                    live.enrolling, live.expires_ms = False, None
+                    self._start(live, uid)
             if state.closed:
                 if was_enrolling:
                     self.notify_joined(uid)

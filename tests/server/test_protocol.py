@@ -895,3 +895,44 @@ def test_a_revocation_storage_refuses_leaves_the_user_able_to_log_in() -> None:
     assert _result(revoked).check(StorageFailed)  # type: ignore[union-attr]
     again = h.raw(A, ka)
     assert again.login() == [Directory((A,))] and h.router.is_online(A)
+
+
+@pytest.mark.parametrize("live_first", [False, True])
+def test_a_login_on_keys_read_while_the_enrollment_ended_goes_live_enrolled(
+    live_first: bool,
+) -> None:
+    """FileStorage stores a ROTATE as the new .user (memory: new keys, still
+    enrolling), then the enrollment table.  A login with the new keys whose
+    HELLO is read in between (the newcomer's client reconnecting after its
+    connection broke) must not go live as *enrolling* once the rotation is
+    stored: it would never get DIRECTORY and every SEND would get
+    ENROLLMENT_REQUIRED, for as long as the session lasts; nor may one that
+    went live just before."""
+    from attrs import evolve
+
+    h = Harness()
+    ka = h.add_user(A)
+    token = h.add_user(C, enrolling_for=3600)
+    stores = _hold(h, "replace_user_keys")
+    c = h.raw(C, token)
+    c.login()
+    new = KeyPair.generate()
+    c.send(Rotate(new.enc, new.auth))
+    ((args, d, real),) = stores
+    # The .user file is written: memory holds the new keys, still enrolling.
+    record = h.storage._users[C]
+    h.storage._users[C] = evolve(record, keys=new)
+    c.lose()  # the newcomer's connection breaks before ROTATED
+    again = h.raw(C, new)
+    again.welcome()  # checked against the record read now
+    h.storage._users[C] = record
+    if live_first:  # it goes live before the enrollment entry is gone
+        again.send(Ping(1))
+    real(*args).chainDeferred(d)  # the enrollment entry is gone: stored
+    if not live_first:
+        again.send(Ping(1))
+    out = again.received()
+    assert Directory((A, C)) in out, out
+    again.send(Send(mid(1), A, b"hello"))
+    assert ErrorCode.ENROLLMENT_REQUIRED not in _codes(again.received())
+    del ka
