@@ -409,9 +409,9 @@ _BUILD_ID_PEER: dict[int, Any] = {
 _BUILD_ID_ONLY: dict[int, Any] = {
     kind: _slot_builder(cls, "msg_id") for kind, cls in _ID_ONLY_CLASS.items()
 }
-_build_deliver = _BUILD_ID_PEER[Kind.DELIVER]
-_build_accepted = _BUILD_ID_ONLY[Kind.ACCEPTED]
-_build_delivered = _BUILD_ID_ONLY[Kind.DELIVERED]
+_KIND_DELIVER, _KIND_ACCEPTED, _KIND_DELIVERED = (
+    int(Kind.DELIVER), int(Kind.ACCEPTED), int(Kind.DELIVERED)
+)  # fmt: skip
 
 
 def _msg_id_size(msg_id: bytes) -> None:
@@ -420,22 +420,26 @@ def _msg_id_size(msg_id: bytes) -> None:
         raise ValueError("msg_id must be 16 bytes")
 
 
-def checked_deliver(msg_id: bytes, sender: int, blob: bytes) -> Deliver:
-    """A DELIVER for ids taken from decoded or stored messages (a u64 sender)."""
-    _msg_id_size(msg_id)
-    return _build_deliver(msg_id, sender, blob)
-
-
 def checked_accepted(msg_id: bytes) -> Accepted:
     """ACCEPTED for a msg_id taken from a decoded message."""
     _msg_id_size(msg_id)
-    return _build_accepted(msg_id)
+    return _BUILD_ID_ONLY[_KIND_ACCEPTED](msg_id)
 
 
-def checked_delivered(msg_id: bytes) -> Delivered:
-    """DELIVERED for a msg_id taken from a decoded message."""
-    _msg_id_size(msg_id)
-    return _build_delivered(msg_id)
+def encoded_deliver(msg_id: bytes, sender: int, blob: bytes) -> bytes:
+    """``encode(Deliver(msg_id, sender, blob))`` without building the message,
+    for ids taken from decoded or stored messages (a u64 sender)."""
+    if len(msg_id) != MSG_ID_SIZE:  # _msg_id_size, inline: the hot path
+        raise ValueError("msg_id must be 16 bytes")
+    return _ID_PEER_HEAD.pack(len(blob) + 25, _KIND_DELIVER, msg_id, sender) + blob
+
+
+def encoded_accepted_delivered(msg_id: bytes) -> bytes:
+    """``encode(Accepted(msg_id)) + encode(Delivered(msg_id))`` without building
+    them: a live delivery's two receipts, for a msg_id taken from a decoded message."""
+    if len(msg_id) != MSG_ID_SIZE:
+        raise ValueError("msg_id must be 16 bytes")
+    return _ID_ONLY.pack(17, _KIND_ACCEPTED, msg_id) + _ID_ONLY.pack(17, _KIND_DELIVERED, msg_id)
 
 
 def decode_all(data: bytes) -> list[InnerMessage]:

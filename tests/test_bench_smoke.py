@@ -126,6 +126,19 @@ def test_partner_graph_is_symmetric_with_the_asked_degree() -> None:
     assert small == {1: [2, 3], 2: [1, 3], 3: [1, 2]}
 
 
+def test_server_turn_bench_routes_every_message_it_times() -> None:
+    """bench/server_turn.py fails unless every timed message was delivered and
+    acknowledged; its JSON holds both sizes and the baseline."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.server_turn", "--turns", "40", "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for size in ("messages_1", "messages_8"):
+        assert result[size]["server_us_per_turn"] > result[size]["baseline_crypto_us_per_turn"] > 0
+
+
 @pytest.mark.system
 def test_routing_bench_drives_every_server_and_both_arrival_patterns() -> None:
     """bench/routing.py with its raw-socket generator: every run moved messages

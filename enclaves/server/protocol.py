@@ -117,7 +117,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def __init__(self) -> None:
         self._state = _HANDSHAKE
         self._session: Session | None = None
-        self._queue: list[InnerMessage] = []
+        self._queue: list[InnerMessage | bytes] = []  # bytes: already encoded
         self._flush_soon = False  # in the factory's list of protocols to flush
         self._pinged = False
         self._peer = "?"
@@ -183,6 +183,16 @@ class ServerProtocol(Protocol, TimeoutMixin):
         if self._state == _CLOSED:
             return
         self._heard = self._heard or bool(data)
+        factory = self.factory
+        factory.reading += 1
+        try:
+            self._frames_received(data)
+        finally:
+            factory.reading -= 1
+            if not factory.reading:
+                factory.flush_all()
+
+    def _frames_received(self, data: bytes) -> None:
         try:
             frames = self._decoder.feed(data)
         except FrameError as error:
@@ -192,7 +202,6 @@ class ServerProtocol(Protocol, TimeoutMixin):
             if self._state == _CLOSED:
                 return
             self._frame_received(frame)
-        self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         was_session = self._live
@@ -355,6 +364,15 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._flush_soon = True
             self.factory.flush_soon(self)
 
+    def send_encoded(self, data: bytes) -> None:
+        """Queue inner messages already encoded; sealed with the others."""
+        if self._state != _SESSION:
+            return
+        self._queue.append(data)
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.factory.flush_soon(self)
+
     def _flush(self) -> None:
         if not self._queue or self._session is None or self._state == _CLOSED:
             return
@@ -511,14 +529,21 @@ class ServerFactory(Factory):
         self.lingering: set[ServerProtocol] = set()  # closed, waiting for the peer's close
         self.max_lingering = max_lingering
         self._to_flush: list[ServerProtocol] = []
+        # Reads under way (dataReceived, nested or not): output queued meanwhile
+        # is flushed when the outermost one ends, with no timed call.
+        self.reading = 0
 
     def flush_soon(self, protocol: ServerProtocol) -> None:
-        """Seal ``protocol``'s queued output on the next reactor turn, with all others."""
-        if not self._to_flush:
-            self.clock.callLater(0, self._flush_all)
+        """Seal ``protocol``'s queued output with all others: at the end of the
+        read under way, or else on the next reactor turn."""
+        if not self._to_flush and not self.reading:
+            self.clock.callLater(0, self.flush_all)
         self._to_flush.append(protocol)
 
-    def _flush_all(self) -> None:
+    def flush_all(self) -> None:
+        """Seal and write every session's queued output, one frame each where it fits."""
+        if not self._to_flush:
+            return
         protocols, self._to_flush = self._to_flush, []
         for protocol in protocols:
             protocol._flush_soon = False
