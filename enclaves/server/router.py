@@ -571,11 +571,10 @@ class Router:
                     or not target.ready
                     or target.spilled
                     or target.refilling
-                    or self._storing_messages
+                    or self._storing_messages  # any store in flight, for anyone
                     or msg_id in target.inflight
                     or len(target.inflight) >= self.max_inflight
                     or len(blob) > self.max_blob
-                    or self._storing.get(send.recipient)
                 ):
                     self._route(state, send)
                     continue
