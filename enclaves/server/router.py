@@ -120,6 +120,9 @@ class _Item:
     msg_id: bytes
     blob: bytes = field(repr=False)
     file_id: int | None = None
+    # Acknowledged while its store (begun when the window filled) was in
+    # flight: the copy is deleted once written.
+    acked: bool = False
 
 
 @define(eq=False)
@@ -589,6 +592,7 @@ class Router:
                     or len(items) != 1
                     or items[0].file_id is not None
                     or state.spilled
+                    or self._storing_messages
                 ):
                     self._acknowledge(state, msg_id)
                     continue
@@ -701,18 +705,33 @@ class Router:
         elif item.file_id is None and self._storing.get(state.peer.user_id):
             # Older messages for this recipient are still being stored: this
             # one goes behind them, and a refill delivers all in order.
-            state.spilled = True
+            self._spill(state)
             self._store(item, state.peer.user_id)
         elif (
             not state.spilled and not state.refilling and len(state.inflight) < self.max_inflight
         ) or item.msg_id in state.inflight:
             self._deliver(state, item)
         elif item.file_id is None:
-            state.spilled = True
+            self._spill(state)
             self._store(item, state.peer.user_id)
         else:  # already stored: a refill will pick it up
-            state.spilled = True
+            self._spill(state)
             state.missed = state.missed or state.refilling
+
+    def _spill(self, state: _Online) -> None:
+        """New messages for ``state`` wait in storage from now on.  At the start
+        of a spill the live messages out to it are stored first, in the order
+        they went out, so that if its connection drops they stay ahead of the
+        ones that wait: its next login gets all in order.  Their senders get
+        ACCEPTED when they are stored, DELIVERED on RECEIVED as ever."""
+        if state.spilled:
+            return
+        state.spilled = True
+        uid = state.peer.user_id
+        for items in list(state.inflight.values()):
+            for item in items:
+                if item.file_id is None:
+                    self._store(item, uid)
 
     def _is_resend(self, state: _Online, item: _Item) -> bool:
         """Is the live ``item`` a resend of a message from its sender that is
@@ -848,10 +867,21 @@ class Router:
         def stored(file_id: int) -> None:
             self.messages_stored += 1
             item.file_id = file_id
+            if item.acked:  # its RECEIVED came first: ACCEPTED and DELIVERED went then
+                settled()
+                self.storage.remove_message(file_id).addErrback(self._removal_failed).addErrback(
+                    lambda _: None
+                )
+                self._wake(recipient)
+                return
             self._tell(item.sender, Accepted(item.msg_id))
             target = settled()
             if target is not None:
-                if target.ready and self._storing.get(recipient):
+                if any(out is item for out in target.inflight.get(item.msg_id, ())):
+                    # Stored while out to this session (a spill began): its
+                    # RECEIVED deletes the copy; a refill must not resend it.
+                    target.sent_files.add(file_id)
+                elif target.ready and self._storing.get(recipient):
                     target.spilled = True  # the last store to finish refills, in order
                 else:
                     self._offer(target, item)
@@ -873,6 +903,14 @@ class Router:
             self.log.info(
                 "message for {recipient} not stored: {code}", recipient=recipient, code=code.name
             )
+            if item.acked or (
+                target is not None
+                and any(out is item for out in target.inflight.get(item.msg_id, ()))
+            ):
+                # A spill's copy of a message out live, or already answered:
+                # that delivery stands (a dropped connection stores it again).
+                self._wake(recipient)
+                return
             self._notify(item.sender, _error(code, text, item.msg_id))
             self._wake(recipient)
 
@@ -884,6 +922,11 @@ class Router:
         items = state.inflight.pop(msg_id, None)
         if not items:
             return  # a duplicate or stray RECEIVED is harmless
+        if self._storing_messages:  # stored since it went out (a spill began)?
+            uid = state.peer.user_id
+            for item in items:
+                if item.file_id is None and (uid, item.sender, msg_id) in self._storing_messages:
+                    item.acked = True  # answered now as live; the copy goes once written
         if len(items) > 1:
             self._acknowledge_copies(msg_id, items)
         else:
@@ -920,27 +963,30 @@ class Router:
         else:  # no ACCEPTED (the outbox resends); DELIVERED kept as a notice
             self._notify(sender_id, Delivered(msg_id))
 
+    def _removal_failed(self, failure: Failure) -> Failure:
+        """A delivered message's copy could not be deleted: it stays and is
+        delivered again; the recipient drops the duplicate, and its RECEIVED
+        then brings the DELIVERED.  A refusing disk is a condition storage
+        already logged, not a bug."""
+        if failure.check(StorageError):
+            self.log.warn(
+                "delivered message kept (it will be delivered again): {error}",
+                error=str(failure.value),
+            )
+        else:
+            self.log.failure("could not delete a delivered message", failure)
+        return failure
+
     def _remove_stored(self, sender: int, msg_id: bytes, file_ids: list[int]) -> None:
         """Delete the delivered stored copies (one, but for copies stored twice
         by a server before resends were recognised); DELIVERED once all are gone."""
 
-        def failed(failure: Failure) -> Failure:
-            # The copy stays and is delivered again; the recipient drops the duplicate,
-            # and its RECEIVED then brings the DELIVERED.  A refusing disk is a
-            # condition storage already logged, not a bug.
-            if failure.check(StorageError):
-                self.log.warn(
-                    "delivered message kept (it will be delivered again): {error}",
-                    error=str(failure.value),
-                )
-            else:
-                self.log.failure("could not delete a delivered message", failure)
-            return failure
-
         def removed(_: object) -> None:
             self._notify(sender, Delivered(msg_id))
 
-        removals = [self.storage.remove_message(n).addErrback(failed) for n in file_ids]
+        removals = [
+            self.storage.remove_message(n).addErrback(self._removal_failed) for n in file_ids
+        ]
         gatherResults(removals, consumeErrors=True).addCallbacks(removed, lambda _: None)
 
     def _rotate(self, state: _Online, rotate: Rotate) -> None:

@@ -9,8 +9,7 @@ client reads only when told), so sends, acknowledgements and logins overlap
 the router's waits.  At the end everyone logs in and reads until quiet:
 each message sent has been delivered to its recipient (possibly more than
 once on the wire: the client drops duplicates by ``msg_id``), with its own
-blob, first in the order its sender sent it (but see test_known_defects.py),
-and its sender has had
+blob, first in the order its sender sent it, and its sender has had
 DELIVERED for it; nobody got an ERROR, and no more DELIVERs than the window
 were ever unacknowledged, and no message is left in storage.
 """
@@ -38,7 +37,7 @@ WINDOW = 4
 user = st.sampled_from(USERS)
 op = st.one_of(
     st.tuples(st.just("login"), user),
-    st.tuples(st.just("lose"), user),
+    st.tuples(st.just("lose"), user, st.booleans()),
     st.tuples(st.just("send"), user, user, st.integers(1, 5)),
     st.tuples(st.just("resend"), user, st.integers(0, 40)),
     st.tuples(st.just("ack"), user, st.integers(0, 4)),
@@ -90,7 +89,10 @@ class Model:
         self.unacked: dict[int, list[bytes]] = {u: [] for u in USERS}
         self.told_delivered: set[bytes] = set()
         self.errors: list[Error] = []
-        self.dropped: set[int] = set()  # users whose connection was lost once
+        # Senders whose connection dropped with output unread: a DELIVERED
+        # can be lost with it (their client's outbox resends, which the
+        # server answers; not modelled).
+        self.deaf: set[int] = set()
 
     def take(self, uid: int, messages: list[InnerMessage]) -> None:
         pongs = []
@@ -135,9 +137,12 @@ class Model:
             self.unacked[uid] = []  # a new session: the server resends what was out
             self.take(uid, client.login())
         elif kind == "lose" and client is not None:
+            if step[2]:  # what the server wrote before the drop reached the client
+                self.take(uid, client.received())
+            else:  # lost on the way: receipts among it are gone for good
+                self.deaf.add(uid)
             client.lose()
             del self.online[uid]
-            self.dropped.add(uid)
         elif kind == "send" and client is not None and len(self.sent) < 40:
             sends = []
             for _ in range(step[3]):
@@ -163,11 +168,10 @@ class Model:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op, min_size=10, max_size=80), st.randoms(use_true_random=False))
-def test_every_message_is_delivered_and_its_sender_told(
-    steps: list[tuple], rng: random.Random
-) -> None:
-    model = Model(rng)
+@given(st.lists(op, min_size=10, max_size=80), st.integers(0, 2**32))
+def test_every_message_is_delivered_and_its_sender_told(steps: list[tuple], seed: int) -> None:
+    # A plain Random: hypothesis's own would end a test from inside the router.
+    model = Model(random.Random(seed))
     for step in steps:
         model.apply(step)
     for uid in USERS:
@@ -184,13 +188,10 @@ def test_every_message_is_delivered_and_its_sender_told(
     assert model.errors == []
     for msg_id, (_, recipient, _) in model.sent.items():
         assert msg_id in model.delivered[recipient], msg_id
-    assert model.told_delivered == set(model.sent)
-    # In order: each sender's messages reach a recipient first in the order
-    # sent; but for a recipient whose connection dropped (known defect:
-    # test_known_defects.py).
+    told = {m for m, (sender, _, _) in model.sent.items() if sender not in model.deaf}
+    assert told <= model.told_delivered
+    # In order: each sender's messages reach a recipient first in the order sent.
     for recipient, firsts in model.first_order.items():
-        if recipient in model.dropped:
-            continue
         for sender in USERS:
             mine = [m for m in firsts if model.sent[m][0] == sender]
             assert mine == sorted(mine, key=model.order.index), (sender, recipient)
