@@ -136,6 +136,8 @@ class Model:
             client = self.online[uid] = self.h.raw(uid, self.keys[uid])
             self.unacked[uid] = []  # a new session: the server resends what was out
             self.take(uid, client.login())
+            for _ in range(3):  # the session starts (storage answers late)
+                self.h.clock.advance(0.001)
         elif kind == "lose" and client is not None:
             if step[2]:  # what the server wrote before the drop reached the client
                 self.take(uid, client.received())
