@@ -355,8 +355,9 @@ class ServerProtocol(Protocol, TimeoutMixin):
 
     # -- output -----------------------------------------------------------------------
 
-    def send(self, message: InnerMessage) -> None:
-        """Queue an inner message; queued messages are sealed together shortly."""
+    def send(self, message: InnerMessage | bytes) -> None:
+        """Queue an inner message (or ``bytes``: messages already encoded);
+        queued messages are sealed together shortly."""
         if self._state != _SESSION:
             return
         self._queue.append(message)
@@ -364,14 +365,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
             self._flush_soon = True
             self.factory.flush_soon(self)
 
-    def send_encoded(self, data: bytes) -> None:
-        """Queue inner messages already encoded; sealed with the others."""
-        if self._state != _SESSION:
-            return
-        self._queue.append(data)
-        if not self._flush_soon:
-            self._flush_soon = True
-            self.factory.flush_soon(self)
+    send_encoded = send  # the router's Peer.send_encoded: the queue takes both
 
     def _flush(self) -> None:
         if not self._queue or self._session is None or self._state == _CLOSED:

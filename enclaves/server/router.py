@@ -574,7 +574,8 @@ class Router:
                     or not target.ready
                     or target.spilled
                     or target.refilling
-                    or self._storing_messages  # any store in flight, for anyone
+                    or self._storing.get(send.recipient)
+                    or (send.recipient, peer.user_id, msg_id) in self._storing_messages
                     or msg_id in target.inflight
                     or len(target.inflight) >= self.max_inflight
                     or len(blob) > self.max_blob
@@ -592,7 +593,7 @@ class Router:
                     or len(items) != 1
                     or items[0].file_id is not None
                     or state.spilled
-                    or self._storing_messages
+                    or (peer.user_id, items[0].sender, msg_id) in self._storing_messages
                 ):
                     self._acknowledge(state, msg_id)
                     continue
