@@ -15,12 +15,20 @@ client).  What it accepts is the decoder's business, and is always
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from enclaves.crypto import BLOCK, TAG_SIZE, CryptoError, StreamSealer
 from enclaves.frames import MAX_FRAME, VERSION, ErrorCode, FrameType
 from enclaves.handshake import SessionKeys
-from enclaves.inner import InnerError, InnerMessage, decode_all, encode
+from enclaves.inner import (
+    InnerError,
+    InnerMessage,
+    ServerInbound,
+    decode_all,
+    decode_routed,
+    encode,
+)
 
 __all__ = [
     "SessionError",
@@ -30,6 +38,7 @@ __all__ = [
     "sealed_aad",
 ]
 
+T = TypeVar("T")
 _U64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IBB")
 _SEALED_AAD_PREFIX = bytes((VERSION, FrameType.SEALED))
@@ -160,6 +169,13 @@ class Session:
 
     def open(self, payload: bytes) -> list[InnerMessage]:
         """Check seq, tag, then decode; any defect raises :class:`SessionError`."""
+        return self._open(payload, decode_all)
+
+    def open_routed(self, payload: bytes) -> list[ServerInbound]:
+        """:meth:`open` with :func:`~enclaves.inner.decode_routed`: the server's."""
+        return self._open(payload, decode_routed)
+
+    def _open(self, payload: bytes, decode: Callable[[bytes], list[T]]) -> list[T]:
         if len(payload) < 8:
             raise SessionError(ErrorCode.BAD_SESSION_FRAME, "sealed frame too short")
         (seq,) = _U64.unpack_from(payload)
@@ -176,6 +192,6 @@ class Session:
             ) from None
         self._recv_seq = seq + 1
         try:
-            return decode_all(plaintext)
+            return decode(plaintext)
         except InnerError as error:
             raise SessionError(error.code, str(error)) from None

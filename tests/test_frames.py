@@ -232,6 +232,64 @@ def test_inner_decoder_never_raises_anything_else(data: bytes) -> None:
         pass
 
 
+def _decoded_or_error(decode: object, data: bytes) -> object:
+    try:
+        return decode(data)  # type: ignore[operator]
+    except inner.InnerError as error:
+        return (error.code, str(error))
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=10).map(inner.encode_all),
+        # A good frame with damage: any byte changed, or cut anywhere.
+        st.tuples(
+            st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=6).map(inner.encode_all),
+            st.integers(0, 10_000),
+            st.integers(1, 255),
+            st.booleans(),
+        ).map(
+            lambda t: (
+                t[0][: t[1] % len(t[0])]
+                if t[3]
+                else t[0][: t[1] % len(t[0])]
+                + bytes((t[0][t[1] % len(t[0])] ^ t[2],))
+                + t[0][t[1] % len(t[0]) + 1 :]
+            )
+        ),
+    )
+)
+def test_the_servers_decoder_is_decode_all_with_plain_sends_and_receiveds(data: bytes) -> None:
+    """decode_routed: the same messages, or the same error, as decode_all;
+    SEND comes as (msg_id, recipient, blob), RECEIVED as its msg_id."""
+    routed = _decoded_or_error(inner.decode_routed, data)
+    full = _decoded_or_error(inner.decode_all, data)
+    if isinstance(full, tuple):
+        assert routed == full
+        return
+    assert isinstance(routed, list) and isinstance(full, list)
+    assert [inner.routed_message(item) for item in routed] == full
+    for item, message in zip(routed, full, strict=True):
+        if isinstance(message, inner.Send):
+            assert item == (message.msg_id, message.recipient, message.blob)
+            assert type(item) is tuple
+        elif isinstance(message, inner.Received):
+            assert item == message.msg_id and type(item) is bytes
+        else:
+            assert type(item) is type(message)  # its own class
+
+
+def test_routed_send_and_message_build_valid_messages() -> None:
+    send = inner.routed_send((MSG_ID, 7, b"blob"))
+    assert send == inner.Send(MSG_ID, 7, b"blob") and type(send) is inner.Send
+    attrs.validate(send)
+    received = inner.routed_message(MSG_ID)
+    assert received == inner.Received(MSG_ID) and type(received) is inner.Received
+    ping = inner.Ping(3)
+    assert inner.routed_message(ping) is ping
+
+
 @given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=10))
 def test_inner_coalesced(messages: list[inner.InnerMessage]) -> None:
     assert inner.decode_all(inner.encode_all(messages)) == messages

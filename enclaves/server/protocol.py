@@ -318,7 +318,7 @@ class ServerProtocol(Protocol, TimeoutMixin):
     def _sealed_received(self, payload: bytes) -> None:
         assert self._session is not None
         try:
-            messages = self._session.open(payload)
+            messages = self._session.open_routed(payload)
         except SessionError as error:
             self.close(error.code, error.text)
             return

@@ -42,12 +42,15 @@ from enclaves.inner import (
     Rotate,
     Rotated,
     Send,
+    ServerInbound,
     checked_accepted,
     decode_all,
     encode,
     encoded_accepted_delivered,
     encoded_deliver,
     kind_name,
+    routed_message,
+    routed_send,
     split_directory,
 )
 from enclaves.server.limits import TokenBucket
@@ -540,13 +543,16 @@ class Router:
 
     # -- inner messages ---------------------------------------------------------
 
-    def messages_received(self, peer: Peer, messages: list[InnerMessage]) -> None:
-        """The inner messages of one sealed frame from ``peer``'s live session, in order."""
+    def messages_received(self, peer: Peer, messages: list[ServerInbound]) -> None:
+        """The inner messages of one sealed frame from ``peer``'s live session,
+        in order, as :func:`~enclaves.inner.decode_routed` gives them."""
         state = self._by_peer.get(id(peer))
         if state is None:
             return
         now = self.clock.seconds()
         online = self._online
+        storing = self._storing_messages  # the messages whose stores are in flight
+        message: Any  # a SEND's tuple and RECEIVED's bytes are told apart by type
         for message in messages:
             if state.closed:
                 return  # an earlier message ended the session
@@ -557,16 +563,15 @@ class Router:
             # else takes the long way.
             cls = type(message)
             if state.enrolling:
-                self._other_message(state, message)
-            elif cls is Send:
+                self._other_message(state, routed_message(message))
+            elif cls is tuple:  # SEND: (msg_id, recipient, blob)
                 if not state.bucket.take(now):
                     peer.close(
                         ErrorCode.MESSAGE_RATE, f"more than {self.message_rate} messages a second"
                     )
                     return
-                send: Send = message  # type: ignore[assignment]
-                msg_id, blob = send.msg_id, send.blob
-                target = online.get(send.recipient)
+                msg_id, recipient, blob = message
+                target = online.get(recipient)
                 if (
                     target is None
                     or target.closed
@@ -574,26 +579,26 @@ class Router:
                     or not target.ready
                     or target.spilled
                     or target.refilling
-                    or self._storing.get(send.recipient)
-                    or (send.recipient, peer.user_id, msg_id) in self._storing_messages
+                    or self._storing.get(recipient)
+                    or (storing and (recipient, peer.user_id, msg_id) in storing)
                     or msg_id in target.inflight
                     or len(target.inflight) >= self.max_inflight
                     or len(blob) > self.max_blob
                 ):
-                    self._route(state, send)
+                    self._route(state, routed_send(message))
                     continue
                 self.messages_routed += 1
                 target.inflight[msg_id] = [_Item(peer.user_id, msg_id, blob)]
                 target.peer.send_encoded(encoded_deliver(msg_id, peer.user_id, blob))
-            elif cls is Received:
-                msg_id = message.msg_id  # type: ignore[union-attr]
+            elif cls is bytes:  # RECEIVED: its msg_id
+                msg_id = message
                 items = state.inflight.get(msg_id)
                 if (
                     items is None
                     or len(items) != 1
                     or items[0].file_id is not None
                     or state.spilled
-                    or (peer.user_id, items[0].sender, msg_id) in self._storing_messages
+                    or (storing and (peer.user_id, items[0].sender, msg_id) in storing)
                 ):
                     self._acknowledge(state, msg_id)
                     continue
