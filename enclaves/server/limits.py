@@ -118,9 +118,12 @@ class TokenBucket:
 
     def take(self, now: float, count: float = 1.0) -> bool:
         """Spend ``count`` tokens if there are enough; False if the rate is exceeded."""
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        tokens = self._tokens + (now - self._last) * self.rate
+        if tokens > self.burst:  # not min(): a call per SEND on the hot path
+            tokens = self.burst
         self._last = now
-        if self._tokens < count:
+        if tokens < count:
+            self._tokens = tokens
             return False
-        self._tokens -= count
+        self._tokens = tokens - count
         return True

@@ -1,11 +1,11 @@
-"""FailureLimiter: keyed by IPv4 address or IPv6 /64, bounded, oldest-failure eviction."""
+"""FailureLimiter (per IPv4 address or IPv6 /64, bounded, oldest evicted); TokenBucket."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclaves.server.limits import FailureLimiter, source_key
+from enclaves.server.limits import FailureLimiter, TokenBucket, source_key
 
 
 def test_source_key() -> None:
@@ -52,3 +52,25 @@ def test_never_over_capacity(events: list[tuple[int, float]]) -> None:
         now += step / 100
         limiter.failed(f"10.0.0.{host}", now)
         assert len(limiter._sources) <= 8
+
+
+def test_token_bucket_spends_its_burst_then_refills_at_its_rate_up_to_the_burst() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert not bucket.take(0.05)  # half a token back
+    assert bucket.take(0.1) and not bucket.take(0.1)  # one whole token
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped
+    assert bucket.take(100.2, count=2.0) and not bucket.take(100.2)
+
+
+@given(st.lists(st.tuples(st.floats(0, 2), st.sampled_from([1.0, 2.0])), max_size=60))
+def test_token_bucket_never_allows_more_than_burst_plus_rate_times_time(
+    steps: list[tuple[float, float]],
+) -> None:
+    bucket = TokenBucket(rate=5.0, burst=4.0, now=0.0)
+    now = spent = 0.0
+    for wait, count in steps:
+        now += wait
+        if bucket.take(now, count):
+            spent += count
+        assert spent <= 4.0 + 5.0 * now + 1e-9
