@@ -874,7 +874,11 @@ class Router:
             self.messages_stored += 1
             item.file_id = file_id
             if item.acked:  # its RECEIVED came first: ACCEPTED and DELIVERED went then
-                settled()
+                target = settled()
+                if target is not None:
+                    # Listed by pending_for until its removal is written: a
+                    # refill must not send it again.
+                    target.sent_files.add(file_id)
                 self.storage.remove_message(file_id).addErrback(self._removal_failed).addErrback(
                     lambda _: None
                 )

@@ -156,7 +156,11 @@ class IStorage(Interface):
         Reads only the index in memory; writes nothing."""
 
     def pending_for(recipient: int) -> Deferred[list[StoredMessage]]:
-        """Fires with the recipient's :class:`StoredMessage` list in arrival order."""
+        """Fires with the recipient's :class:`StoredMessage` list in arrival order.
+
+        A message is listed from the moment its ``store_message`` fires until
+        its ``remove_message`` fires (a store or a removal still in flight does
+        not change the list yet): the router relies on this."""
 
     def remove_message(file_id: int) -> Deferred[None]:
         """Delete one pending message durably.  Fires with None (also if absent)."""

@@ -34,6 +34,7 @@ from enclaves.inner import (
 from enclaves.server.router import REVOKED_UNREAD
 from enclaves.session import max_blob_size
 from enclaves.storage.interface import UnknownUser
+from enclaves.storage.memory import MemoryStorage
 from enclaves.token import parse_token
 from tests.server.harness import NOW, Harness
 
@@ -525,6 +526,76 @@ def test_slow_recipient_window_spills_to_storage_in_order() -> None:
     b.received()
     assert _pending(h, B) == []
     assert len(h.router._online[B].inflight) == 0
+
+
+class _Held:
+    """Storage calls held until :meth:`release`, then made and answered in the
+    order asked: as with FileStorage, a store takes effect (its message listed
+    by ``pending_for``) when it answers, not before."""
+
+    def __init__(self, h: Harness, *names: str) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred]] = []
+        for name in names:
+            real = getattr(h.storage, name)
+
+            def held(*args: Any, real: Any = real) -> Deferred:
+                out: Deferred = Deferred()
+                self.calls.append((real, args, out))
+                return out
+
+            setattr(h.storage, name, held)
+
+    def release(self) -> None:
+        while self.calls:
+            real, args, out = self.calls.pop(0)
+            real(*args).chainDeferred(out)
+
+
+@pytest.mark.parametrize("acks", [1, 4])  # a window of 4: no refill until 2 are out
+@pytest.mark.parametrize(
+    "held",
+    [(), ("pending_for",), ("store_message",), ("pending_for", "store_message", "remove_message")],
+)
+def test_live_sends_while_a_spilled_window_drains_keep_their_order(
+    held: tuple[str, ...], acks: int
+) -> None:
+    """After a window spilled, new SENDs to its recipient wait behind the
+    stored ones while the window drains: sent between acknowledgements (of
+    one message, or of the window), while its refill reads storage or copies
+    are still being written, every message reaches B once, in the order A
+    sent them, and A hears DELIVERED for each."""
+    h = Harness(router={"max_inflight": 4})
+    ka, kb = h.add_user(A), h.add_user(B)
+    a, b = h.raw(A, ka), h.raw(B, kb)
+    a.login(), b.login()
+    storage = _Held(h, *held)
+    a.send(*(Send(mid(i), B, b"%d" % i) for i in range(8)))  # the window fills and spills
+    sent, delivered, told = 8, [], set()
+    unacked: list[bytes] = []
+    for _ in range(100):
+        new = [m.msg_id for m in b.received() if isinstance(m, Deliver)]
+        delivered += new
+        unacked += new
+        if len(delivered) == sent == 20:
+            break
+        if sent < 20:
+            a.send(Send(mid(sent), B, b"%d" % sent))  # before the acknowledgement is read
+            sent += 1
+        b.send(*(Received(m) for m in unacked[:acks]))
+        del unacked[:acks]
+        if sent < 20:
+            a.send(Send(mid(sent), B, b"%d" % sent))  # after it, before storage answers
+            sent += 1
+        storage.release()
+        told |= {m.msg_id for m in a.received() if isinstance(m, Delivered)}
+    assert [int.from_bytes(m, "big") for m in delivered] == list(range(20))
+    b.send(*(Received(m) for m in unacked))
+    storage.release()
+    told |= {m.msg_id for m in a.received() if isinstance(m, Delivered)}
+    assert told == {mid(i) for i in range(20)}
+    assert not _codes(a.received() + b.received())
+    pending = _result(MemoryStorage.pending_for(h.storage, B))
+    assert pending == [] and len(h.router._online[B].inflight) == 0
 
 
 def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
