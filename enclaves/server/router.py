@@ -150,6 +150,9 @@ class _Online:
     spilled: bool = False
     refilling: bool = False
     missed: bool = False
+    # A stored message waits for this msg_id's RECEIVED: another sender's
+    # message under the same msg_id is out (see Router._twin_out).
+    collision: bytes | None = None
     inflight: dict[bytes, list[_Item]] = field(factory=dict)
     sent_files: set[int] = field(factory=set)
     keys: KeyPair | None = None  # what it logged in with
@@ -713,9 +716,12 @@ class Router:
             # one goes behind them, and a refill delivers all in order.
             self._spill(state)
             self._store(item, state.peer.user_id)
-        elif (
-            not state.spilled and not state.refilling and len(state.inflight) < self.max_inflight
-        ) or item.msg_id in state.inflight:
+        elif self._twin_out(state, item) or (
+            not state.spilled
+            and not state.refilling
+            and len(state.inflight) < self.max_inflight
+            and item.msg_id not in state.inflight
+        ):
             self._deliver(state, item)
         elif item.file_id is None:
             self._spill(state)
@@ -723,6 +729,17 @@ class Router:
         else:  # already stored: a refill will pick it up
             self._spill(state)
             state.missed = state.missed or state.refilling
+            if item.msg_id in state.inflight:  # another sender's, not a copy
+                state.collision = item.msg_id  # refill once that one is acknowledged
+
+    @staticmethod
+    def _twin_out(state: _Online, item: _Item) -> bool:
+        """Is a copy of ``item`` from its own sender out to ``state``?  Then
+        one RECEIVED settles both.  Another sender's message under the same
+        msg_id (the ids are the senders' own) is not a copy: RECEIVED names
+        only the msg_id, so ``item`` waits in storage until that one is
+        acknowledged, and what follows it waits behind it."""
+        return any(out.sender == item.sender for out in state.inflight.get(item.msg_id, ()))
 
     def _spill(self, state: _Online) -> None:
         """New messages for ``state`` wait in storage from now on.  At the start
@@ -769,6 +786,7 @@ class Router:
             if state.closed:
                 return
             state.spilled, state.missed = state.missed, False
+            state.collision = None
             for stored in pending:
                 if stored.file_id not in state.sent_files:
                     self._offer(
@@ -803,6 +821,7 @@ class Router:
             and not state.refilling
             and not state.closed
             and len(state.inflight) <= self.max_inflight // 2
+            and (state.collision is None or state.collision not in state.inflight)
         ):
             self._refill(state)
 
@@ -815,7 +834,7 @@ class Router:
                 self._drop_undeliverable(state.peer.user_id, item)
                 return
         waiting = state.inflight.get(item.msg_id)
-        if waiting is not None:  # the same msg_id is already out: one ack settles both
+        if waiting is not None:  # its own copy is out (_twin_out): one ack settles both
             waiting.append(item)
             return
         state.inflight[item.msg_id] = [item]

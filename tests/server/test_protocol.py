@@ -598,6 +598,31 @@ def test_live_sends_while_a_spilled_window_drains_keep_their_order(
     assert pending == [] and len(h.router._online[B].inflight) == 0
 
 
+def test_two_senders_choosing_the_same_msg_id_each_reach_the_recipient(h: Harness) -> None:
+    """msg_ids are the senders' own: two may collide (by chance, 2**-128; or
+    on purpose, by a sender who learnt another's msg_id). RECEIVED names only
+    the msg_id, so the second waits in storage until the first is
+    acknowledged, then goes out, with what its sender sent after it behind
+    it; each sender hears DELIVERED once its own message was received.
+    (The second used to join the first as its "copy": never sent, and
+    B's one RECEIVED told both senders DELIVERED.)"""
+    ka, kb, kc = h.add_user(A), h.add_user(B), h.add_user(C)
+    a, b, c = h.raw(A, ka), h.raw(B, kb), h.raw(C, kc)
+    a.login(), b.login(), c.login()
+    a.send(Send(mid(1), B, b"from a"))
+    c.send(Send(mid(1), B, b"from c"), Send(mid(2), B, b"then c"))
+    assert b.received() == [Deliver(mid(1), A, b"from a")]
+    assert c.received() == [Accepted(mid(1)), Accepted(mid(2))]  # stored
+    b.send(Received(mid(1)))
+    assert a.received() == [Accepted(mid(1)), Delivered(mid(1))]  # A's copy stored too
+    assert b.received() == [Deliver(mid(1), C, b"from c"), Deliver(mid(2), C, b"then c")]
+    assert c.received() == []
+    b.send(Received(mid(1)), Received(mid(2)))
+    assert c.received() == [Delivered(mid(1)), Delivered(mid(2))]
+    assert a.received() == [] and not _codes(b.received())
+    assert h.router._online[B].inflight == {} and _pending(h, B) == []
+
+
 def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
     """A recorded HELLO gets a WELCOME but no login: no REPLACED, nothing delivered."""
     ka, kb = h.add_user(A), h.add_user(B)
