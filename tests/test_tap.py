@@ -101,3 +101,43 @@ def test_max_handshakes_per_address_defaults_to_the_factory_rule() -> None:
     assert options["max-handshakes-per-address"] == 0
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--max-handshakes-per-address=-1"])
+
+
+def test_the_signal_handler_only_hands_the_stop_to_the_reactor() -> None:
+    """A signal handler may run inside the log observer, which holds a lock:
+    it must not log (that deadlocked a twistd in CI). It queues the stop; the
+    reactor's turn logs and stops, once even if the signal comes twice."""
+    import signal
+
+    from twisted.internet.error import ReactorNotRunning
+    from twisted.logger import globalLogPublisher
+
+    from enclaves.server.lifecycle import CleanExitOnSignals
+
+    class Reactor:  # what the service uses of one: its thread queue and stop
+        def __init__(self) -> None:
+            self.queued: list = []  # type: ignore[type-arg]
+            self.stops = 0
+
+        def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+            self.queued.append((f, args))
+
+        def stop(self) -> None:
+            self.stops += 1
+            if self.stops > 1:
+                raise ReactorNotRunning()
+
+    events: list[dict] = []  # type: ignore[type-arg]
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor = Reactor()
+        service = CleanExitOnSignals(reactor)
+        service._stop(signal.SIGTERM, None)
+        service._stop(signal.SIGTERM, None)
+        assert events == [] and reactor.stops == 0 and len(reactor.queued) == 2
+        for f, args in reactor.queued:
+            f(*args)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert reactor.stops == 2
+    assert [e["log_format"] for e in events] == ["received {signal}, shutting down"] * 2

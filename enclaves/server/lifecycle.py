@@ -8,6 +8,7 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 __all__ = ["CleanExitOnSignals", "DisconnectOnStop", "FreezeStartupObjects"]
@@ -39,8 +40,18 @@ class CleanExitOnSignals(Service):
             signal.signal(number, self._stop)
 
     def _stop(self, number: int, frame: FrameType | None) -> None:
+        # A signal handler runs between any two bytecodes of the main thread,
+        # perhaps inside the log observer while it holds its lock: logging
+        # here could deadlock (it did, in CI). It only hands the stop to the
+        # reactor, which logs and stops on its own turn.
+        self._reactor.callFromThread(self._stopping, number)
+
+    def _stopping(self, number: int) -> None:
         self.log.info("received {signal}, shutting down", signal=signal.Signals(number).name)
-        self._reactor.callFromThread(self._reactor.stop)
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:  # a second signal while stopping
+            pass
 
 
 class DisconnectOnStop(Service):
