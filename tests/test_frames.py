@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import pytest
@@ -232,9 +234,9 @@ def test_inner_decoder_never_raises_anything_else(data: bytes) -> None:
         pass
 
 
-def _decoded_or_error(decode: object, data: bytes) -> object:
+def _decoded_or_error(decode: Callable[[bytes], list[Any]], data: bytes) -> object:
     try:
-        return decode(data)  # type: ignore[operator]
+        return decode(data)
     except inner.InnerError as error:
         return (error.code, str(error))
 

@@ -968,20 +968,18 @@ class Router:
         self._maybe_refill(state)
 
     def _acknowledge_copies(self, msg_id: bytes, items: list[_Item]) -> None:
-        """One RECEIVED for several items: one answer per sender.  The copies
-        of one sender's message (a resend) are settled together."""
-        by_sender: dict[int, list[_Item]] = {}
-        for item in items:
-            by_sender.setdefault(item.sender, []).append(item)
-        for sender_id, copies in by_sender.items():
-            self.messages_delivered += 1
-            stored = [i.file_id for i in copies if i.file_id is not None]
-            if not stored:
-                self._delivered_live(sender_id, msg_id)
-                continue
-            if len(stored) < len(copies):  # a live resend too: it is acknowledged
-                self._tell(sender_id, checked_accepted(msg_id))
-            self._remove_stored(sender_id, msg_id, stored)
+        """One RECEIVED for a message out more than once: a resend's copies,
+        all from its one sender (only such copies share a msg_id in flight:
+        :meth:`_twin_out`), are settled together."""
+        sender_id = items[0].sender
+        self.messages_delivered += 1
+        stored = [i.file_id for i in items if i.file_id is not None]
+        if not stored:
+            self._delivered_live(sender_id, msg_id)
+            return
+        if len(stored) < len(items):  # a live resend too: it is acknowledged
+            self._tell(sender_id, checked_accepted(msg_id))
+        self._remove_stored(sender_id, msg_id, stored)
 
     def _delivered_live(self, sender_id: int, msg_id: bytes) -> None:
         """A message delivered without being stored: ACCEPTED and DELIVERED."""
