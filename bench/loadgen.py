@@ -12,8 +12,9 @@ It does what the server needs from real clients and nothing more:
   DELIVERs of a frame with one frame of RECEIVEDs.  Senders read and drop
   what the server sends them (ACCEPTED, DELIVERED) unopened: opening it is
   the client's cost, not the server's.
-- Baselines: a login frame with the user id, then one frame per message, in
-  the clear (``bare``) or sealed one by one (``naive``); no receipts.
+- Baselines: a login frame with the user id, then a sender's turn as one
+  frame in the clear (``bare``, framed as for Enclaves) or one sealed frame
+  per message (``naive``); no receipts.
 
 Closed loop (``rate`` 0): each sender keeps ``window`` messages in flight and
 sends one more for each one its receiver gets.  Open loop: every 5 ms each
@@ -150,7 +151,10 @@ def run(
     prefix, counter = struct.pack(">Q", os.getpid()), itertools.count(1)
     latencies: list[float] = []
     sent = 0  # messages stamped inside the measured window
-    coalesce = mode == "enclaves"
+    # Enclaves and the bare relay: a sender's turn is one frame; naive: one
+    # frame per message.  Only Enclaves' receivers answer with RECEIVEDs.
+    coalesce = mode != "naive"
+    acknowledge = mode == "enclaves"
 
     def send(sender: Conn, how_many: int, when: float) -> None:
         nonlocal sent
@@ -165,13 +169,12 @@ def run(
             for _ in range(how_many)
         ]
         session = sender.session
-        if coalesce:
-            assert session is not None
+        if session is None:  # bare: in the clear
+            data = encode_frame(FrameType.SEALED, b"".join(messages))
+        elif coalesce:
             data = session.seal_frame(b"".join(messages))
-        elif session is not None:
-            data = b"".join(session.seal_frame(m) for m in messages)
         else:
-            data = b"".join(encode_frame(FrameType.SEALED, m) for m in messages)
+            data = b"".join(session.seal_frame(m) for m in messages)
         sender.write(data, poller)
 
     def received(receiver: Conn, data: bytes) -> None:
@@ -193,7 +196,7 @@ def run(
                 (stamp,) = _STAMP.unpack_from(message.blob)
                 if t_measure <= stamp < t_end:  # sent in the window, received whenever
                     latencies.append(now - stamp)
-                if coalesce:
+                if acknowledge:
                     acks.append(_RECEIVED.pack(17, _KIND_RECEIVED, message.msg_id))
         if acks:
             assert receiver.session is not None

@@ -1,9 +1,13 @@
 """Baseline relays for bench/routing.py: same framing and inner codec, no sessions.
 
-``bare``: frames carry plain inner messages; no crypto at all (the ceiling).
+``bare``: the ceiling.  Frames carry plain inner messages, no crypto at all,
+and the output is coalesced as Enclaves coalesces it: a read's DELIVERs to
+one receiver go out as one frame, written at once (``write_now``).  What
+Enclaves adds to it is the cost of its crypto, receipts and guarantees.
 ``naive``: every frame is sealed and opened one by one (no coalescing), with
-fixed per-user keys instead of a handshake.  Both start with a login frame
-carrying the user id.  Run: ``python -m bench.relay MODE PORT``.
+fixed per-user keys instead of a handshake, and plain buffered writes.  Both
+start with a login frame carrying the user id.  Run:
+``python -m bench.relay MODE PORT``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from enclaves.crypto import KeyPair, sha256
 from enclaves.frames import MAX_FRAME, FrameDecoder, FrameType, encode_frame
 from enclaves.handshake import SessionKeys
 from enclaves.session import Session
+from enclaves.transport import write_now
+
+_LIMIT = MAX_FRAME - 2  # the most inner bytes one frame carries
 
 
 def bench_keys(user_id: int) -> SessionKeys:
@@ -38,30 +45,57 @@ class RelayProtocol(Protocol):
         self.decoder = FrameDecoder(MAX_FRAME)
         self.user_id = 0
         self.session: Session | None = None
+        self.queue: list[bytes] = []  # bare: encoded DELIVERs of the read under way
 
     def dataReceived(self, data: bytes) -> None:
+        online = self.factory.online
+        targets: list[RelayProtocol] = []  # bare: receivers with a queue to write
         for frame in self.decoder.feed(data):
             if self.user_id == 0:
                 (self.user_id,) = struct.unpack(">Q", frame.payload)
-                self.factory.online[self.user_id] = self
+                online[self.user_id] = self
                 if self.factory.mode == "naive":
                     self.session = Session(bench_keys(self.user_id), "server", MAX_FRAME)
                 continue
-            if self.session is None:
-                messages = inner.decode_all(frame.payload)
-            else:
-                messages = self.session.open(frame.payload)
-            for message in messages:
-                if isinstance(message, inner.Send):
-                    target = self.factory.online.get(message.recipient)
+            if self.session is not None:
+                for message in self.session.open(frame.payload):
+                    if isinstance(message, inner.Send):
+                        target = online.get(message.recipient)
+                        if target is not None:
+                            deliver = inner.Deliver(message.msg_id, self.user_id, message.blob)
+                            target.deliver(deliver)
+                continue
+            for item in inner.decode_routed(frame.payload):
+                if type(item) is tuple:  # SEND: (msg_id, recipient, blob)
+                    msg_id, recipient, blob = item
+                    target = online.get(recipient)
                     if target is not None:
-                        target.deliver(inner.Deliver(message.msg_id, self.user_id, message.blob))
+                        if not target.queue:
+                            targets.append(target)
+                        target.queue.append(inner.encoded_deliver(msg_id, self.user_id, blob))
+        for target in targets:
+            target.write_queue()
 
     def deliver(self, message: inner.Deliver) -> None:
-        if self.session is None:
-            self.transport.write(encode_frame(FrameType.SEALED, inner.encode(message)))
-        else:
-            self.transport.write(self.session.seal([message]))
+        """Naive: one DELIVER, sealed alone."""
+        assert self.session is not None
+        self.transport.write(self.session.seal([message]))
+
+    def write_queue(self) -> None:
+        """Bare: the queued DELIVERs in as few frames as fit, written now."""
+        queue, self.queue = self.queue, []
+        chunk: list[bytes] = []
+        size = 0
+        out = []
+        for raw in queue:
+            if size + len(raw) > _LIMIT:
+                out.append(encode_frame(FrameType.SEALED, b"".join(chunk)))
+                chunk, size = [], 0
+            chunk.append(raw)
+            size += len(raw)
+        out.append(encode_frame(FrameType.SEALED, b"".join(chunk)))
+        if self.transport is not None:
+            write_now(self.transport, b"".join(out))
 
     def connectionLost(self, reason: object = None) -> None:
         if self.factory.online.get(self.user_id) is self:
