@@ -162,6 +162,14 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         pending = self._pending
+        size = len(data)
+        if not pending and size >= 6 and _HEADER.unpack_from(data)[0] == size - 4 <= self.max_frame:
+            # Exactly one whole frame and nothing held: the usual read.
+            try:
+                return [_frame(data[4], data[5], bytes(data[6:]))]
+            except FrameError as error:
+                self._failed = error
+                raise
         if pending:
             pending += data
             if len(pending) < self._need:

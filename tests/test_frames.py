@@ -113,6 +113,49 @@ def test_any_split_gives_the_same_frames(
     assert all(type(frame.payload) is bytes for frame in out)
 
 
+def _outcome(decoder: FrameDecoder, reads: list[bytes]) -> tuple[Any, ...]:
+    """What ``reads`` give: the frames, or the error's class and text; then
+    whether the decoder still works (takes a good frame) afterwards."""
+    try:
+        result: Any = [frame for data in reads for frame in decoder.feed(data)]
+    except FrameError as error:
+        result = (type(error), str(error))
+    try:
+        after: Any = decoder.feed(encode_frame(FrameType.SEALED, b""))
+    except FrameError as error:
+        after = (type(error), str(error))
+    return result, after
+
+
+@given(
+    st.integers(0, 3),
+    st.integers(0, 255),
+    st.binary(max_size=300),
+    st.integers(0, 310),
+    st.integers(2, 300),
+)
+def test_one_whole_frame_in_one_read_is_decoded_as_byte_by_byte(
+    version: int, type_byte: int, payload: bytes, size: int, limit: int
+) -> None:
+    """A read holding exactly one whole frame (the decoder's short path) gives
+    what the same bytes give a byte at a time: the same frame, or the same
+    error (a bad version, an unknown type, a frame over the limit) with the
+    decoder dead afterwards."""
+    body = bytes((version, type_byte)) + payload[: max(0, size - 2)]
+    wire = struct.pack(">I", len(body)) + body
+    whole = _outcome(FrameDecoder(limit), [wire])
+    trickled = _outcome(FrameDecoder(limit), [wire[i : i + 1] for i in range(len(wire))])
+    assert whole == trickled
+
+
+def test_one_whole_frame_over_the_limit_is_refused() -> None:
+    decoder = FrameDecoder(100)
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(encode_frame(FrameType.SEALED, bytes(99)))
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(encode_frame(FrameType.SEALED, b""))
+
+
 # -- inner messages -----------------------------------------------------------------
 
 MSG_ID = bytes(range(16))

@@ -65,6 +65,7 @@ def default_handshakes_per_address(max_connections: int) -> int:
     return max(1, min(DEFAULT_MAX_HANDSHAKES_PER_ADDRESS, max_connections // 4))
 
 
+_SEALED = FrameType.SEALED
 _HANDSHAKE, _LOOKUP, _PROVING, _SESSION, _CLOSED = (
     "handshake",
     "lookup",
@@ -186,22 +187,23 @@ class ServerProtocol(Protocol, TimeoutMixin):
         factory = self.factory
         factory.reading += 1
         try:
-            self._frames_received(data)
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError as error:
+                self._error(error.code, str(error))
+                return
+            for frame in frames:
+                state = self._state
+                if state == _SESSION and frame.type is _SEALED:  # nearly every frame
+                    self._sealed_received(frame.payload)
+                elif state == _CLOSED:
+                    return
+                else:
+                    self._frame_received(frame)
         finally:
             factory.reading -= 1
             if not factory.reading:
                 factory.flush_all()
-
-    def _frames_received(self, data: bytes) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except FrameError as error:
-            self._error(error.code, str(error))
-            return
-        for frame in frames:
-            if self._state == _CLOSED:
-                return
-            self._frame_received(frame)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         was_session = self._live
