@@ -231,6 +231,10 @@ class Router:
         # The same stores by message, (recipient, sender, msg_id): a resend of a
         # message being stored waits for that store's outcome instead.
         self._storing_messages: set[tuple[int, int, bytes]] = set()
+        # Stored copies whose removal is being written: storage lists them
+        # until it is, and a login's or a refill's read must not send them
+        # again (a recipient that reconnects just after acknowledging).
+        self._removing: set[int] = set()
         self.connections = 0
         self.messages_routed = 0
         self.messages_stored = 0
@@ -450,7 +454,10 @@ class Router:
                 return
             state.ready = True
             for stored in pending:
-                self._offer(state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id))
+                if stored.file_id not in self._removing:
+                    self._offer(
+                        state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
+                    )
             backlog, state.backlog = state.backlog, []
             if any(i.file_id is not None and i.file_id not in state.sent_files for i in backlog):
                 # Stored after the read above: storage holds the order now.
@@ -788,7 +795,7 @@ class Router:
             state.spilled, state.missed = state.missed, False
             state.collision = None
             for stored in pending:
-                if stored.file_id not in state.sent_files:
+                if stored.file_id not in state.sent_files and stored.file_id not in self._removing:
                     self._offer(
                         state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
                     )
@@ -866,7 +873,8 @@ class Router:
                 error=failure.getErrorMessage(),
             )
 
-        self.storage.remove_message(item.file_id).addCallbacks(removed, failed)
+        assert item.file_id is not None  # called for stored messages only
+        self._remove_file(item.file_id).addCallbacks(removed, failed)
 
     def _store(self, item: _Item, recipient: int) -> None:
         message = (recipient, item.sender, item.msg_id)
@@ -898,7 +906,7 @@ class Router:
                     # Listed by pending_for until its removal is written: a
                     # refill must not send it again.
                     target.sent_files.add(file_id)
-                self.storage.remove_message(file_id).addErrback(self._removal_failed).addErrback(
+                self._remove_file(file_id).addErrback(self._removal_failed).addErrback(
                     lambda _: None
                 )
                 self._wake(recipient)
@@ -1004,6 +1012,19 @@ class Router:
             self.log.failure("could not delete a delivered message", failure)
         return failure
 
+    def _remove_file(self, file_id: int) -> Deferred[None]:
+        """``storage.remove_message``, with ``file_id`` in ``_removing`` until
+        it answers.  A removal that fails leaves the copy listed again, and
+        the next login or refill delivers it again."""
+        self._removing.add(file_id)
+
+        def settled(result: Any) -> Any:
+            self._removing.discard(file_id)
+            return result
+
+        removal: Deferred[None] = self.storage.remove_message(file_id)
+        return removal.addBoth(settled)
+
     def _remove_stored(self, sender: int, msg_id: bytes, file_ids: list[int]) -> None:
         """Delete the delivered stored copies (one, but for copies stored twice
         by a server before resends were recognised); DELIVERED once all are gone."""
@@ -1011,9 +1032,7 @@ class Router:
         def removed(_: object) -> None:
             self._notify(sender, Delivered(msg_id))
 
-        removals = [
-            self.storage.remove_message(n).addErrback(self._removal_failed) for n in file_ids
-        ]
+        removals = [self._remove_file(n).addErrback(self._removal_failed) for n in file_ids]
         gatherResults(removals, consumeErrors=True).addCallbacks(removed, lambda _: None)
 
     def _rotate(self, state: _Online, rotate: Rotate) -> None:

@@ -33,7 +33,7 @@ from enclaves.inner import (
 )
 from enclaves.server.router import REVOKED_UNREAD
 from enclaves.session import max_blob_size
-from enclaves.storage.interface import UnknownUser
+from enclaves.storage.interface import StorageError, UnknownUser
 from enclaves.storage.memory import MemoryStorage
 from enclaves.token import parse_token
 from tests.server.harness import NOW, Harness
@@ -621,6 +621,71 @@ def test_two_senders_choosing_the_same_msg_id_each_reach_the_recipient(h: Harnes
     assert c.received() == [Delivered(mid(1)), Delivered(mid(2))]
     assert a.received() == [] and not _codes(b.received())
     assert h.router._online[B].inflight == {} and _pending(h, B) == []
+
+
+@pytest.mark.parametrize("removal", ["written", "refused"])
+def test_a_copy_whose_removal_is_being_written_is_not_sent_again_at_the_next_login(
+    removal: str,
+) -> None:
+    """B acknowledges a stored message and logs in again before the copy's
+    removal is written: storage still lists the copy, and the new session is
+    not sent it again (it was: thousands at once, after a fast reconnect, more
+    than B's window).  A removal that storage refuses leaves the copy, and a
+    later login delivers it again (the client drops the duplicate)."""
+    h = Harness()
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(Send(mid(1), B, b"kept"))  # B is offline: stored
+    assert a.received() == [Accepted(mid(1))]
+    b = h.raw(B, kb)
+    assert [m for m in b.login() + b.received() if isinstance(m, Deliver)] == [
+        Deliver(mid(1), A, b"kept")
+    ]
+    held = _Held(h, "remove_message")
+    b.send(Received(mid(1)))
+    assert len(held.calls) == 1 and _pending(h, B) != []  # still listed
+    b.lose()
+    again = h.raw(B, kb)
+    assert not [m for m in again.login() + again.received() if isinstance(m, Deliver)]
+    if removal == "written":
+        held.release()
+        assert a.received() == [Delivered(mid(1))]
+        assert _pending(h, B) == []
+    else:
+        (_real, _args, out) = held.calls.pop()
+        out.errback(StorageError("the disk refused"))
+        assert a.received() == [] and _pending(h, B) != []
+    again.lose()
+    last = h.raw(B, kb)
+    redelivered = [m for m in last.login() + last.received() if isinstance(m, Deliver)]
+    assert redelivered == ([] if removal == "written" else [Deliver(mid(1), A, b"kept")])
+
+
+def test_a_refill_does_not_resend_a_copy_whose_removal_is_being_written() -> None:
+    """The same for a refill's read: B's first session acknowledged message 0,
+    and its removal is still being written while B's next session drains a
+    spilled window (of 2): the refill lists it again, and skips it."""
+    h = Harness(router={"max_inflight": 2})
+    ka, kb = h.add_user(A), h.add_user(B)
+    a = h.raw(A, ka)
+    a.login()
+    a.send(*(Send(mid(i), B, b"%d" % i) for i in range(5)))  # B is offline: stored
+    b = h.raw(B, kb)
+    first = [m.msg_id for m in b.login() + b.received() if isinstance(m, Deliver)]
+    assert first == [mid(0), mid(1)]  # the window
+    held = _Held(h, "remove_message")
+    b.send(Received(mid(0)))
+    b.lose()
+    again = h.raw(B, kb)
+    got = [m.msg_id for m in again.login() + again.received() if isinstance(m, Deliver)]
+    assert got == [mid(1), mid(2)]  # not 0: its removal is in flight
+    again.send(Received(mid(1)))  # the window drains: a refill reads storage
+    got = [m.msg_id for m in again.received() if isinstance(m, Deliver)]
+    assert got == [mid(3)] and len(held.calls) == 2  # 0 is listed, and skipped
+    again.send(Received(mid(2)), Received(mid(3)))
+    held.release()
+    assert [m.msg_id for m in again.received() if isinstance(m, Deliver)] == [mid(4)]
 
 
 def test_replayed_hello_never_replaces_the_live_session(h: Harness) -> None:
