@@ -133,17 +133,18 @@ def _outcome(decoder: FrameDecoder, reads: list[bytes]) -> tuple[Any, ...]:
     st.binary(max_size=300),
     st.integers(0, 310),
     st.integers(2, 300),
+    st.sampled_from([bytes, bytearray, memoryview]),
 )
 def test_one_whole_frame_in_one_read_is_decoded_as_byte_by_byte(
-    version: int, type_byte: int, payload: bytes, size: int, limit: int
+    version: int, type_byte: int, payload: bytes, size: int, limit: int, kind: Any
 ) -> None:
     """A read holding exactly one whole frame (the decoder's short path) gives
     what the same bytes give a byte at a time: the same frame, or the same
-    error (a bad version, an unknown type, a frame over the limit) with the
-    decoder dead afterwards."""
-    body = bytes((version, type_byte)) + payload[: max(0, size - 2)]
+    error (a body shorter than its header, a bad version, an unknown type, a
+    frame over the limit) with the decoder dead afterwards."""
+    body = (bytes((version, type_byte)) + payload)[:size]
     wire = struct.pack(">I", len(body)) + body
-    whole = _outcome(FrameDecoder(limit), [wire])
+    whole = _outcome(FrameDecoder(limit), [kind(wire)])
     trickled = _outcome(FrameDecoder(limit), [wire[i : i + 1] for i in range(len(wire))])
     assert whole == trickled
 
