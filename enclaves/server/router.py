@@ -453,11 +453,7 @@ class Router:
             if state.closed:
                 return
             state.ready = True
-            for stored in pending:
-                if stored.file_id not in self._removing:
-                    self._offer(
-                        state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
-                    )
+            self._offer_stored(state, pending)
             backlog, state.backlog = state.backlog, []
             if any(i.file_id is not None and i.file_id not in state.sent_files for i in backlog):
                 # Stored after the read above: storage holds the order now.
@@ -794,11 +790,7 @@ class Router:
                 return
             state.spilled, state.missed = state.missed, False
             state.collision = None
-            for stored in pending:
-                if stored.file_id not in state.sent_files and stored.file_id not in self._removing:
-                    self._offer(
-                        state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id)
-                    )
+            self._offer_stored(state, pending)
             self._maybe_refill(state)
 
         def failed(failure: Failure) -> None:
@@ -806,6 +798,14 @@ class Router:
             self.log.failure("could not read pending messages of {user_id}", failure, user_id=uid)
 
         self.storage.pending_for(uid).addCallbacks(loaded, failed)
+
+    def _offer_stored(self, state: _Online, pending: list[Any]) -> None:
+        """Offer what a read of storage listed, in order, but for copies sent
+        to this session already or whose removal is being written (listed
+        until it is: ``IStorage.pending_for``)."""
+        for stored in pending:
+            if stored.file_id not in state.sent_files and stored.file_id not in self._removing:
+                self._offer(state, _Item(stored.sender, stored.msg_id, stored.blob, stored.file_id))
 
     def _stores_settled(self, user_id: int) -> Deferred[None]:
         """Fires once no store for ``user_id`` is in flight."""
@@ -901,11 +901,9 @@ class Router:
             self.messages_stored += 1
             item.file_id = file_id
             if item.acked:  # its RECEIVED came first: ACCEPTED and DELIVERED went then
-                target = settled()
-                if target is not None:
-                    # Listed by pending_for until its removal is written: a
-                    # refill must not send it again.
-                    target.sent_files.add(file_id)
+                settled()
+                # Listed by pending_for until its removal is written, which
+                # _remove_file keeps a refill from sending again.
                 self._remove_file(file_id).addErrback(self._removal_failed).addErrback(
                     lambda _: None
                 )
